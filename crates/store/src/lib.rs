@@ -1,0 +1,137 @@
+//! Storage: one [`Store`] trait for ordered key-value transactions with conditional commits,
+//! and its backends.
+//!
+//! - [`Embedded`] (redb): the default. Durable: `commit` returns only after the data is synced
+//!   to disk, so anything acknowledged after a commit survives `kill -9` and power loss.
+//! - [`Memory`]: tests and simulation only; nothing survives the process.
+//!
+//! Every commit carries preconditions ([`Expect`]): the shard leader makes each batch
+//! conditional on its lease epoch still being current and on the account versions it read.
+//! A precondition that does not hold fails the whole commit with [`CommitError::Conflict`] and
+//! writes nothing; that is how a stale leader is fenced (I5).
+//!
+//! [`conformance`] is one test suite every backend must pass.
+
+pub mod conformance;
+mod embedded;
+pub mod key;
+mod memory;
+
+use std::sync::Arc;
+
+pub use embedded::Embedded;
+pub use memory::Memory;
+
+/// What a key must hold for a commit to go ahead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key must exist and hold exactly these bytes.
+    Equals(Vec<u8>),
+    /// The key must exist and its value must start with these bytes (e.g. a version header).
+    Prefix(Vec<u8>),
+}
+
+impl Expect {
+    fn holds(&self, current: Option<&[u8]>) -> bool {
+        match (self, current) {
+            (Expect::Absent, None) => true,
+            (Expect::Equals(want), Some(have)) => want.as_slice() == have,
+            (Expect::Prefix(want), Some(have)) => have.starts_with(want),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+/// One atomic transaction: all preconditions are checked, then all writes applied, or nothing.
+#[derive(Clone, Debug, Default)]
+pub struct WriteBatch {
+    pub preconditions: Vec<(Vec<u8>, Expect)>,
+    pub writes: Vec<Write>,
+}
+
+impl WriteBatch {
+    pub fn expect(&mut self, key: Vec<u8>, expect: Expect) {
+        self.preconditions.push((key, expect));
+    }
+
+    pub fn put(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.push(Write::Put(key, value));
+    }
+
+    pub fn delete(&mut self, key: Vec<u8>) {
+        self.writes.push(Write::Delete(key));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.preconditions.is_empty() && self.writes.is_empty()
+    }
+
+    /// Bytes written, for metrics and batch limits.
+    pub fn size_bytes(&self) -> usize {
+        self.writes
+            .iter()
+            .map(|w| match w {
+                Write::Put(k, v) => k.len() + v.len(),
+                Write::Delete(k) => k.len(),
+            })
+            .sum()
+    }
+}
+
+/// Errors of reads and of the store itself.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The store could not be opened: another process holds it, the file is not a database,
+    /// or the directory is not usable. The message says which.
+    #[error("cannot open the store at {path}: {reason}")]
+    Open { path: String, reason: String },
+    /// An I/O or storage-engine failure. The operation did not complete.
+    #[error("storage failure: {0}")]
+    Io(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CommitError {
+    /// A precondition did not hold; nothing was written. For a leader this means it was fenced
+    /// (its epoch is no longer current) or its view of an account is stale: it must step down
+    /// and reload.
+    #[error("precondition failed on key {key:?}; nothing was written")]
+    Conflict { key: Vec<u8> },
+    /// The commit failed before it could take effect; nothing was written.
+    #[error("commit failed, nothing was written: {0}")]
+    NotCommitted(String),
+    /// The commit may or may not have taken effect (FoundationDB's commit_unknown_result, or an
+    /// fsync error). Resolve by re-reading; retry transfers with the same ids.
+    #[error("commit outcome unknown: {0}")]
+    Unknown(String),
+}
+
+/// Ordered key-value storage with atomic conditional commits.
+///
+/// Reads see committed data only. Implementations are shared between threads; each shard
+/// leader is the only writer of its own key range.
+pub trait Store: Send + Sync + 'static {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+
+    /// Up to `limit` pairs with `start <= key < end`, ascending.
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+
+    /// Checks every precondition and applies every write atomically. When it returns `Ok`, the
+    /// commit is durable (for durable backends).
+    fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError>;
+
+    /// A short name for logs ("embedded", "memory").
+    fn kind(&self) -> &'static str;
+}
+
+pub type SharedStore = Arc<dyn Store>;
