@@ -1,1 +1,80 @@
-//! placeholder
+//! The shard: the single writer of one slice of the accounts.
+//!
+//! - [`engine`]: the sans-IO ledger engine of one shard. Inputs (client commands, messages from
+//!   other shards, time) go in; a batch's store writes, replies and outgoing messages come out.
+//!   It also holds the cross-shard two-phase commit, both as coordinator and as participant,
+//!   because both need the shard's account locks.
+//! - [`runtime`]: the thread that owns an engine: takes the lease (epoch), drains the queue,
+//!   group-commits each batch durably, and only then replies and sends messages.
+//! - [`node`]: all shards of this process, their queues, and message delivery between them.
+//! - [`read`]: reads of committed state (balances, statements, transfers) straight from the
+//!   store, without going through the leader.
+
+pub mod codec;
+pub mod engine;
+pub mod keys;
+pub mod node;
+pub mod read;
+pub mod runtime;
+
+use serde::{Deserialize, Serialize};
+
+/// Limits and timings of a shard. Every queue and wait has a named bound.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Options {
+    /// Commands and messages applied in one batch, hence one store commit.
+    pub batch_inputs_max: usize,
+    /// Capacity of a shard's input queue; a full queue pushes back on callers.
+    pub queue_capacity: usize,
+    /// Operations that may wait on one locked account before new ones are refused (`account_busy`).
+    pub lock_waiters_max: usize,
+    /// How long an operation waits for a locked account before `lock_timeout`.
+    pub lock_wait_ms_max: u64,
+    /// A coordinator aborts a cross-shard transfer whose participants have not all prepared by then.
+    pub prepare_timeout_ms: u64,
+    /// A participant holding a prepared lock this long asks the coordinator for the decision.
+    pub prepared_query_ms: u64,
+    /// Resend interval for unanswered protocol messages.
+    pub retry_ms: u64,
+    /// Cross-shard transfers a shard coordinates at once; more are refused (`account_busy`).
+    pub coordinations_max: usize,
+    /// The leader's lease; renewed at a third of it.
+    pub lease_ms: u64,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            batch_inputs_max: 8_192,
+            queue_capacity: 65_536,
+            lock_waiters_max: 1_024,
+            lock_wait_ms_max: 5_000,
+            prepare_timeout_ms: 10_000,
+            prepared_query_ms: 2_000,
+            retry_ms: 500,
+            coordinations_max: 16_384,
+            lease_ms: 10_000,
+        }
+    }
+}
+
+/// The clock, injected so tests and simulations control time.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// The wall clock: the one place that may read it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)]
+    fn now_ms(&self) -> u64 {
+        let since = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("the clock is after 1970");
+        u64::try_from(since.as_millis()).expect("milliseconds fit u64")
+    }
+}

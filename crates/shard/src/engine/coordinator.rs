@@ -1,0 +1,459 @@
+//! Cross-shard two-phase commit, coordinator side. The debit account's shard coordinates.
+//!
+//! ```text
+//!  coordinator (debit shard)                         participant (credit shard)
+//!  ─────────────────────────                         ──────────────────────────
+//!  lock hold (post/void/expiry of a cross-shard hold)
+//!  locks in ascending account id order:
+//!   debit < credit: lock debit, check it
+//!  log record {attempt, plan, undecided}  ─ durable ─►
+//!                                         Prepare ──► lock credit (queue, deadline), check,
+//!                                                     log prepared record ─ durable ─►
+//!                                      ◄── Prepared   (or Refused: nothing held)
+//!   debit > credit: lock debit now, check it
+//!  DECISION: apply debit, write transfer record,
+//!  record.decision = commit  ─ durable ─ (commit point) ─►
+//!                                         Decide ───► apply credit, drop prepared, lock released,
+//!                                                     done marker ─ durable ─►
+//!                                      ◄── Acked
+//!  delete record, reply to the client
+//! ```
+//!
+//! Locks are taken in one global order (hold first, then accounts by ascending id), so waits
+//! cannot form a cycle. The coordinator's own leg is applied in the same commit as the
+//! decision, so it never needs a durable lock.
+//!
+//! Recovery: a new leader loads every record. Decided ones re-send their decision until acked.
+//! Undecided ones are aborted (presumed abort). A participant that holds a prepared lock too
+//! long asks; a coordinator with no live record for that attempt answers abort.
+
+use serde::{Deserialize, Serialize};
+
+use ledger_domain::{EntryKind, HoldState, HoldStatus, Rejection, ShardId, Transfer, TransferRecord};
+
+use super::{
+    Attempt, Engine, Fatal, Leg, Message, Parked, Plan, Reply, Token, TransferReply,
+    lock_key_account, lock_key_hold,
+};
+use crate::{codec, keys};
+
+/// What a coordination does.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Work {
+    Transfer(Transfer),
+    /// Release an expired cross-shard hold.
+    Expire { pending_id: String },
+}
+
+/// The durable coordinator log record.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CoordRecord {
+    pub attempt: Attempt,
+    pub work: Work,
+    pub(crate) plan: Plan,
+    /// None while preparing; Some(commit?) once decided. Written before any Decide is sent.
+    pub decision: Option<bool>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Taking this shard's locks (may be parked behind one).
+    Locking,
+    /// Prepare sent; waiting for Prepared or Refused.
+    AwaitPrepared,
+    /// Decided; waiting for the participant's Acked.
+    AwaitAck,
+}
+
+#[derive(Debug)]
+pub(crate) struct Coordination {
+    record: CoordRecord,
+    step: Step,
+    /// The record is in the store (or in this batch's writes).
+    logged: bool,
+    hold_locked: bool,
+    debit_locked: bool,
+    credit_version: Option<u64>,
+    pub(crate) waiters: Vec<Token>,
+    started_ms: u64,
+    last_sent_ms: u64,
+    /// The reply for waiters once the participant has applied a commit.
+    reply: Option<TransferReply>,
+}
+
+impl Coordination {
+    pub(crate) fn request(&self) -> Option<&Transfer> {
+        match &self.record.work {
+            Work::Transfer(t) => Some(t),
+            Work::Expire { .. } => None,
+        }
+    }
+
+    pub(crate) fn attempt_key(&self) -> String {
+        self.record.attempt.key()
+    }
+
+    fn hold_id(&self) -> Option<&str> {
+        match &self.record.work {
+            Work::Transfer(t) if !t.pending_id.is_empty() => Some(&t.pending_id),
+            Work::Transfer(_) => None,
+            Work::Expire { pending_id } => Some(pending_id),
+        }
+    }
+
+    fn leg(&self) -> Leg {
+        let plan = &self.record.plan;
+        let (transfer_id, entry_kind, code, expected_version) = match &self.record.work {
+            Work::Transfer(t) => {
+                (t.id.clone(), EntryKind::of(t.kind), t.code, t.expected_credit_version)
+            }
+            Work::Expire { pending_id } => (pending_id.clone(), EntryKind::ExpirePending, 0, None),
+        };
+        Leg {
+            attempt: self.record.attempt.clone(),
+            account_id: plan.credit_id.clone(),
+            ledger: plan.ledger.clone(),
+            change: plan.credit,
+            expected_version,
+            transfer_id,
+            entry_kind,
+            code,
+        }
+    }
+}
+
+fn expire_op(pending_id: &str) -> String {
+    format!("!expire:{pending_id}")
+}
+
+impl Engine {
+    pub(super) fn start_coordination(
+        &mut self,
+        token: Token,
+        transfer: Transfer,
+        plan: Plan,
+    ) -> Result<(), Fatal> {
+        if self.coordinations.len() >= self.options.coordinations_max {
+            let record = TransferRecord { request: transfer, result: Err(Rejection::AccountBusy) };
+            self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
+            return Ok(());
+        }
+        let op = transfer.id.clone();
+        self.insert_coordination(op.clone(), Work::Transfer(transfer), plan, vec![token]);
+        self.advance(&op)
+    }
+
+    pub(super) fn start_expiry(
+        &mut self,
+        pending_id: String,
+        hold: HoldStatus,
+        credit_shard: ShardId,
+    ) -> Result<(), Fatal> {
+        let op = expire_op(&pending_id);
+        if self.coordinations.contains_key(&op) {
+            return Ok(());
+        }
+        let (debit, credit) = hold.expiry_changes();
+        let plan = Plan {
+            debit_id: hold.debit_account_id.clone(),
+            credit_id: hold.credit_account_id.clone(),
+            credit_shard,
+            ledger: hold.ledger.clone(),
+            amount: hold.amount,
+            debit,
+            credit,
+            hold: Some(hold),
+        };
+        self.insert_coordination(op.clone(), Work::Expire { pending_id }, plan, Vec::new());
+        self.advance(&op)
+    }
+
+    fn insert_coordination(&mut self, op: String, work: Work, plan: Plan, waiters: Vec<Token>) {
+        let attempt = Attempt { op: op.clone(), epoch: self.epoch, seq: self.next_seq };
+        self.next_seq += 1;
+        let coordination = Coordination {
+            record: CoordRecord { attempt, work, plan, decision: None },
+            step: Step::Locking,
+            logged: false,
+            hold_locked: false,
+            debit_locked: false,
+            credit_version: None,
+            waiters,
+            started_ms: self.now_ms,
+            last_sent_ms: self.now_ms,
+            reply: None,
+        };
+        self.coordinations.insert(op, coordination);
+    }
+
+    pub(super) fn recover_coordination(&mut self, record: CoordRecord) {
+        let op = record.attempt.op.clone();
+        let decided = record.decision.is_some();
+        let coordination = Coordination {
+            // Undecided: the Prepare may have gone out, so wait for its timeout, then abort.
+            // `started_ms: 0` makes the first tick do that (presumed abort).
+            step: if decided { Step::AwaitAck } else { Step::AwaitPrepared },
+            record,
+            logged: true,
+            hold_locked: false,
+            debit_locked: false,
+            credit_version: None,
+            waiters: Vec::new(),
+            started_ms: 0,
+            last_sent_ms: 0,
+            reply: None,
+        };
+        self.coordinations.insert(op, coordination);
+    }
+
+    /// Drives a coordination as far as it can go now. Idempotent: a stale wake-up is harmless.
+    pub(super) fn advance(&mut self, op: &str) -> Result<(), Fatal> {
+        let Some(c) = self.coordinations.get(op) else { return Ok(()) };
+        if c.step != Step::Locking && !(c.step == Step::AwaitPrepared && c.credit_version.is_some())
+        {
+            return Ok(());
+        }
+        let holder = c.attempt_key();
+        let plan = c.record.plan.clone();
+        // 1. The hold (if any) comes first in the lock order; then re-check with it held.
+        if let (Some(pending_id), false) = (c.hold_id().map(str::to_string), c.hold_locked) {
+            match self.lock_or_park(&lock_key_hold(&pending_id), &holder, park(op)) {
+                Ok(true) => self.coordination(op).hold_locked = true,
+                Ok(false) => return Ok(()),
+                Err(_) => return self.abort(op, Rejection::AccountBusy),
+            }
+            if let Err(reason) = self.recheck_hold(op)? {
+                return self.abort(op, reason);
+            }
+        }
+        // 2. Accounts in ascending id order: the debit (ours) now if it sorts first or once the
+        //    credit is prepared.
+        let c = self.coordination(op);
+        let debit_first = plan.debit_id < plan.credit_id;
+        if !c.debit_locked && (debit_first || c.credit_version.is_some()) {
+            match self.lock_or_park(&lock_key_account(&plan.debit_id), &holder, park(op)) {
+                Ok(true) => self.coordination(op).debit_locked = true,
+                Ok(false) => return Ok(()),
+                Err(_) => return self.abort(op, Rejection::AccountBusy),
+            }
+            let expected = self.coordination(op).request().and_then(|t| t.expected_debit_version);
+            if let Err(reason) = self.check_change(&plan.debit_id, &plan.ledger, &plan.debit, expected)
+            {
+                return self.abort(op, reason);
+            }
+        }
+        let c = self.coordination(op);
+        if c.debit_locked && c.credit_version.is_some() {
+            return self.decide_commit(op);
+        }
+        if c.step == Step::Locking {
+            // 3. Log the record durably before the Prepare leaves (the runtime sends messages
+            //    only after the batch commits).
+            let now = self.now_ms;
+            let c = self.coordination(op);
+            c.step = Step::AwaitPrepared;
+            c.logged = true;
+            c.last_sent_ms = now;
+            let record = c.record.clone();
+            let leg = c.leg();
+            self.batch.writes.put(keys::coord(self.shard, op), codec::encode(&record));
+            self.send(plan.credit_shard, Message::Prepare(leg));
+        }
+        Ok(())
+    }
+
+    fn coordination(&mut self, op: &str) -> &mut Coordination {
+        self.coordinations.get_mut(op).expect("live coordination")
+    }
+
+    /// With the hold locked, checks it is still pending (and for a transfer, still resolves
+    /// the same way).
+    fn recheck_hold(&mut self, op: &str) -> Result<Result<(), Rejection>, Fatal> {
+        let c = self.coordination(op);
+        let work = c.record.work.clone();
+        match work {
+            Work::Transfer(transfer) => match self.plan(&transfer)? {
+                Ok(plan) => {
+                    debug_assert_eq!(plan, self.coordination(op).record.plan);
+                    Ok(Ok(()))
+                }
+                Err(reason) => Ok(Err(reason)),
+            },
+            Work::Expire { pending_id } => match self.hold_status(&pending_id)? {
+                Some(hold) if hold.state == HoldState::Pending => Ok(Ok(())),
+                _ => Ok(Err(Rejection::PendingTransferNotPending)),
+            },
+        }
+    }
+
+    /// The commit point: apply our leg, record the outcome and the decision, in one commit.
+    fn decide_commit(&mut self, op: &str) -> Result<(), Fatal> {
+        let now = self.now_ms;
+        let c = self.coordinations.get_mut(op).expect("live coordination");
+        let plan = c.record.plan.clone();
+        let work = c.record.work.clone();
+        let credit_version = c.credit_version.expect("prepared");
+        let holder = c.attempt_key();
+        let (transfer_id, kind, code) = match &work {
+            Work::Transfer(t) => (t.id.clone(), EntryKind::of(t.kind), t.code),
+            Work::Expire { pending_id } => (pending_id.clone(), EntryKind::ExpirePending, 0),
+        };
+        let debit_version = self.apply_change(&plan.debit_id, &plan.debit, &transfer_id, kind, code);
+        let reply = match &work {
+            Work::Transfer(transfer) => {
+                let committed = self.committed(&plan, debit_version, credit_version, true);
+                let hold = self.settle_hold(transfer, &plan);
+                let record = TransferRecord { request: transfer.clone(), result: Ok(committed) };
+                self.put_transfer(record.clone());
+                Some(TransferReply { record, hold })
+            }
+            Work::Expire { pending_id } => {
+                let hold = plan.hold.clone().expect("expiry has a hold");
+                self.put_hold(pending_id, HoldStatus { state: HoldState::Expired, ..hold });
+                None
+            }
+        };
+        let c = self.coordination(op);
+        c.record.decision = Some(true);
+        c.step = Step::AwaitAck;
+        c.last_sent_ms = now;
+        c.reply = reply;
+        let record = c.record.clone();
+        self.batch.writes.put(keys::coord(self.shard, op), codec::encode(&record));
+        let decide = Message::Decide { attempt: record.attempt, commit: true, committed_at_ms: now };
+        self.send(plan.credit_shard, decide);
+        self.unlock(&lock_key_account(&plan.debit_id), &holder);
+        if let Some(hold) = self.coordination(op).hold_id().map(str::to_string) {
+            self.unlock(&lock_key_hold(&hold), &holder);
+        }
+        Ok(())
+    }
+
+    /// Aborts before the commit point. Final reasons are recorded for the transfer id;
+    /// retriable ones are not. If the participant may hold a prepared lock, the abort is logged
+    /// and sent; otherwise the coordination simply ends.
+    fn abort(&mut self, op: &str, reason: Rejection) -> Result<(), Fatal> {
+        let c = self.coordinations.get_mut(op).expect("live coordination");
+        assert!(c.record.decision.is_none(), "shard={} abort after decision {op}", self.shard);
+        let participant_may_hold = c.step == Step::AwaitPrepared;
+        let holder = c.attempt_key();
+        let hold = c.hold_id().map(str::to_string);
+        let waiters = std::mem::take(&mut c.waiters);
+        let plan = c.record.plan.clone();
+        if let Work::Transfer(transfer) = c.record.work.clone() {
+            let record = TransferRecord { request: transfer, result: Err(reason) };
+            if !reason.is_retriable() {
+                self.put_transfer(record.clone());
+            }
+            for token in waiters {
+                let reply = TransferReply { record: record.clone(), hold: None };
+                self.reply(token, Reply::Transfer(reply));
+            }
+        }
+        self.unlock(&lock_key_account(&plan.debit_id), &holder);
+        if let Some(hold) = hold {
+            self.unlock(&lock_key_hold(&hold), &holder);
+        }
+        if participant_may_hold {
+            let now = self.now_ms;
+            let c = self.coordination(op);
+            c.record.decision = Some(false);
+            c.step = Step::AwaitAck;
+            c.last_sent_ms = now;
+            let record = c.record.clone();
+            self.batch.writes.put(keys::coord(self.shard, op), codec::encode(&record));
+            let decide = Message::Decide { attempt: record.attempt, commit: false, committed_at_ms: now };
+            self.send(plan.credit_shard, decide);
+        } else {
+            let c = self.coordinations.remove(op).expect("live coordination");
+            if c.logged {
+                self.batch.writes.delete(keys::coord(self.shard, op));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_coordinator_message(&mut self, from: ShardId, message: Message) -> Result<(), Fatal> {
+        let attempt = match &message {
+            Message::Prepared { attempt, .. }
+            | Message::Refused { attempt, .. }
+            | Message::Acked { attempt }
+            | Message::QueryDecision { attempt } => attempt.clone(),
+            other => unreachable!("not a coordinator message: {other:?}"),
+        };
+        let live = self
+            .coordinations
+            .get(&attempt.op)
+            .filter(|c| c.record.attempt == attempt)
+            .map(|c| (c.step, c.record.decision));
+        match (message, live) {
+            (Message::Prepared { version_after, .. }, Some((Step::AwaitPrepared, None))) => {
+                self.coordination(&attempt.op).credit_version = Some(version_after);
+                self.advance(&attempt.op)?;
+            }
+            (Message::Refused { reason, .. }, Some((Step::AwaitPrepared, None))) => {
+                // The participant holds nothing, so no Decide is owed.
+                self.coordination(&attempt.op).step = Step::Locking;
+                self.abort(&attempt.op, reason)?;
+            }
+            (Message::Acked { .. }, Some((Step::AwaitAck, Some(_)))) => {
+                let c = self.coordinations.remove(&attempt.op).expect("live coordination");
+                self.batch.writes.delete(keys::coord(self.shard, &attempt.op));
+                if let Some(reply) = c.reply {
+                    for token in c.waiters {
+                        self.reply(token, Reply::Transfer(reply.clone()));
+                    }
+                }
+            }
+            (Message::QueryDecision { .. }, Some((_, Some(commit)))) => {
+                let decide = Message::Decide { attempt, commit, committed_at_ms: self.now_ms };
+                self.send(from, decide);
+            }
+            (Message::QueryDecision { .. }, Some((_, None))) => {} // Undecided: it will be sent.
+            (Message::QueryDecision { .. }, None) => {
+                // No live record for this attempt: it was never decided commit (a committed
+                // attempt keeps its record until the participant acks). Presumed abort.
+                let decide = Message::Decide { attempt, commit: false, committed_at_ms: self.now_ms };
+                self.send(from, decide);
+            }
+            _ => {} // Late duplicates of answers already handled.
+        }
+        Ok(())
+    }
+
+    pub(super) fn tick_coordinations(&mut self) -> Result<(), Fatal> {
+        let now = self.now_ms;
+        let mut timed_out = Vec::new();
+        for (op, c) in &mut self.coordinations {
+            let waited = now.saturating_sub(c.started_ms);
+            match c.step {
+                Step::Locking if waited >= self.options.lock_wait_ms_max => timed_out.push(op.clone()),
+                Step::AwaitPrepared if waited >= self.options.prepare_timeout_ms => {
+                    timed_out.push(op.clone());
+                }
+                Step::AwaitPrepared if now.saturating_sub(c.last_sent_ms) >= self.options.retry_ms => {
+                    c.last_sent_ms = now;
+                    self.batch.messages.push((c.record.plan.credit_shard, Message::Prepare(c.leg())));
+                }
+                Step::AwaitAck if now.saturating_sub(c.last_sent_ms) >= self.options.retry_ms => {
+                    c.last_sent_ms = now;
+                    let decide = Message::Decide {
+                        attempt: c.record.attempt.clone(),
+                        commit: c.record.decision.expect("decided"),
+                        committed_at_ms: now,
+                    };
+                    self.batch.messages.push((c.record.plan.credit_shard, decide));
+                }
+                _ => {}
+            }
+        }
+        for op in timed_out {
+            self.abort(&op, Rejection::LockTimeout)?;
+        }
+        Ok(())
+    }
+}
+
+fn park(op: &str) -> Parked {
+    Parked::Coordination { op: op.to_string() }
+}

@@ -1,0 +1,852 @@
+//! The sans-IO engine of one shard: events in, commands out.
+//!
+//! ```text
+//!   Input (command | peer message) ──► handle() ──┐
+//!   time ───────────────────────────► tick()   ──┼──► finish() ─► Output {
+//!                                                  │                 writes   (one store commit)
+//!   cold reads (transfer records, holds) ◄── store │                 replies  (after the commit)
+//!                                                  │                 messages (after the commit)
+//!                                                  ┘               }
+//! ```
+//!
+//! The runtime calls `begin`, feeds inputs, calls `tick`, then `finish`, commits the writes
+//! durably and only then delivers replies and messages: nothing is acknowledged, and no
+//! protocol step is taken, before the state it reports is durable.
+//!
+//! All accounts of the shard are held in memory (the engine is their only writer). Transfer
+//! records and holds are read from the store on demand, with this batch's writes laid over them.
+//!
+//! Account locks exist only for cross-shard transfers (see [`coordinator`] and
+//! [`participant`]): an account that is prepared for one cannot change until the decision.
+//! Other operations on it wait in a bounded queue per lock, with a deadline; other accounts are
+//! unaffected.
+
+mod coordinator;
+mod participant;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use ledger_domain::{
+    Account, Balances, Change, Committed, Entry, EntryKind, HoldState, HoldStatus, NewAccount,
+    Rejection, ShardId, Side, Transfer, TransferKind, TransferRecord,
+};
+use ledger_store::{Expect, Store, WriteBatch};
+
+use crate::codec::{self, DecodeError};
+use crate::{Options, keys};
+
+pub use coordinator::CoordRecord;
+pub use participant::PreparedRecord;
+
+/// Identifies a waiting caller; the runtime maps it to a reply channel.
+pub type Token = u64;
+
+/// Finds the shard of an account id (placement plus the directory of custom placement keys).
+pub type Locate = Arc<dyn Fn(&str) -> ShardId + Send + Sync>;
+
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// Create an account homed on this shard (already validated and normalised).
+    CreateAccount { token: Token, account: NewAccount },
+    /// This shard is the directory shard of `id` (the shard its id hashes to): record that the
+    /// account lives on `home` because of its placement key. First writer wins.
+    ReserveForward { token: Token, id: String, placement_key: String, home: ShardId },
+    /// A transfer whose debit account (or hold) is on this shard (already validated).
+    CreateTransfer { token: Token, transfer: Transfer },
+    /// A two-phase commit message from another shard.
+    Peer { from: ShardId, message: Message },
+}
+
+#[derive(Clone, Debug)]
+pub enum Reply {
+    Account(Result<Account, Rejection>),
+    Forward(Result<(), Rejection>),
+    Transfer(TransferReply),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransferReply {
+    pub record: TransferRecord,
+    /// For a hold: its current status.
+    pub hold: Option<HoldStatus>,
+}
+
+/// One try at a cross-shard operation. A transfer id retried after a retriable abort gets a new
+/// attempt, so a late message of the old attempt can never touch the new one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The transfer id, or `!expire:<pending id>` for a hold's expiry.
+    pub op: String,
+    /// The coordinator's leader epoch.
+    pub epoch: u64,
+    pub seq: u64,
+}
+
+impl Attempt {
+    /// A key that cannot collide with an id (`#` is not an id character).
+    pub fn key(&self) -> String {
+        format!("{}#{}.{}", self.op, self.epoch, self.seq)
+    }
+}
+
+/// Shard-to-shard messages of the two-phase commit. All are idempotent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Message {
+    /// Coordinator -> participant: lock the account, check the change, make it durable, answer.
+    Prepare(Leg),
+    /// Participant -> coordinator: prepared; the account's version once the leg applies.
+    Prepared { attempt: Attempt, version_after: u64 },
+    /// Participant -> coordinator: the change cannot be applied; nothing is held.
+    Refused { attempt: Attempt, reason: Rejection },
+    /// Coordinator -> participant: the durable decision.
+    Decide { attempt: Attempt, commit: bool, committed_at_ms: u64 },
+    /// Participant -> coordinator: the decision is applied and the lock released.
+    Acked { attempt: Attempt },
+    /// Participant -> coordinator: what was decided? (no answer while undecided)
+    QueryDecision { attempt: Attempt },
+}
+
+/// The participant's half of a cross-shard operation.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leg {
+    pub attempt: Attempt,
+    pub account_id: String,
+    pub ledger: String,
+    pub change: Change,
+    pub expected_version: Option<u64>,
+    /// For the entry: the transfer (or hold) id, its kind and code.
+    pub transfer_id: String,
+    pub entry_kind: EntryKind,
+    pub code: u32,
+}
+
+#[derive(Debug, Default)]
+pub struct Output {
+    pub writes: WriteBatch,
+    pub replies: Vec<(Token, Reply)>,
+    pub messages: Vec<(ShardId, Message)>,
+}
+
+/// The engine cannot go on: its store could not be read or holds undecodable bytes. The runtime
+/// fails the batch's callers, drops the engine and rebuilds it from the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Fatal {
+    #[error(transparent)]
+    Store(#[from] ledger_store::Error),
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+}
+
+/// What a new leader loads from the store before it serves.
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub accounts: Vec<Account>,
+    pub forwards: Vec<(String, String)>,
+    pub holds: Vec<(String, HoldStatus)>,
+    pub coordinations: Vec<CoordRecord>,
+    pub prepared: Vec<PreparedRecord>,
+}
+
+/// A lock on an account (`a:<id>`) or on a hold being resolved across shards (`h:<id>`).
+#[derive(Debug)]
+struct Lock {
+    holder: String,
+    waiters: VecDeque<Parked>,
+}
+
+#[derive(Debug)]
+enum Parked {
+    /// A command or prepare that touches a locked account; `deadline_ms` bounds the wait.
+    Input { input: Input, deadline_ms: u64 },
+    /// A coordination waiting for one of its own shard's locks.
+    Coordination { op: String },
+}
+
+/// The writes, replies and messages of the batch being built.
+#[derive(Debug, Default)]
+struct Batch {
+    writes: WriteBatch,
+    /// Accounts changed in this batch -> their version when the batch began (None: created).
+    dirty: HashMap<String, Option<u64>>,
+    /// Records written in this batch, read before the store.
+    transfers: HashMap<String, TransferRecord>,
+    holds: HashMap<String, HoldStatus>,
+    replies: Vec<(Token, Reply)>,
+    messages: Vec<(ShardId, Message)>,
+}
+
+pub struct Engine {
+    shard: ShardId,
+    epoch: u64,
+    options: Options,
+    store: Arc<dyn Store>,
+    locate: Locate,
+    now_ms: u64,
+    accounts: HashMap<String, Account>,
+    /// Directory records this shard holds: account id -> its placement key.
+    forwards: HashMap<String, String>,
+    /// Pending holds with a timeout, by expiry.
+    expiries: BTreeSet<(u64, String)>,
+    locks: HashMap<String, Lock>,
+    /// Cross-shard operations this shard coordinates, by op.
+    coordinations: HashMap<String, coordinator::Coordination>,
+    /// Legs this shard has prepared as a participant, by attempt key.
+    prepared: HashMap<String, participant::Prepared>,
+    next_seq: u64,
+    /// Waiters released by a lock, run after the current input.
+    rerun: VecDeque<Parked>,
+    batch: Batch,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("shard", &self.shard)
+            .field("epoch", &self.epoch)
+            .field("accounts", &self.accounts.len())
+            .field("locks", &self.locks.len())
+            .field("coordinations", &self.coordinations.len())
+            .field("prepared", &self.prepared.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Builds the engine of a new leader term from what the store holds. Prepared legs take
+    /// their locks again; coordinations resume (undecided ones are aborted: presumed abort).
+    pub fn new(
+        shard: ShardId,
+        epoch: u64,
+        options: Options,
+        store: Arc<dyn Store>,
+        locate: Locate,
+        recovered: Recovered,
+    ) -> Self {
+        let mut engine = Self {
+            shard,
+            epoch,
+            options,
+            store,
+            locate,
+            now_ms: 0,
+            accounts: recovered.accounts.into_iter().map(|a| (a.spec.id.clone(), a)).collect(),
+            forwards: recovered.forwards.into_iter().collect(),
+            expiries: BTreeSet::new(),
+            locks: HashMap::new(),
+            coordinations: HashMap::new(),
+            prepared: HashMap::new(),
+            next_seq: 0,
+            rerun: VecDeque::new(),
+            batch: Batch::default(),
+        };
+        for (id, hold) in recovered.holds {
+            if let (HoldState::Pending, Some(at)) = (hold.state, hold.expires_at_ms) {
+                engine.expiries.insert((at, id));
+            }
+        }
+        for record in recovered.prepared {
+            engine.recover_prepared(record);
+        }
+        for record in recovered.coordinations {
+            engine.recover_coordination(record);
+        }
+        engine
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Starts a batch at time `now_ms`.
+    pub fn begin(&mut self, now_ms: u64) {
+        assert!(self.batch.writes.is_empty(), "shard={} a batch is already open", self.shard);
+        // Time never goes backwards inside the engine, even if the wall clock does.
+        self.now_ms = self.now_ms.max(now_ms);
+    }
+
+    pub fn handle(&mut self, input: Input) -> Result<(), Fatal> {
+        self.dispatch(input)?;
+        while let Some(parked) = self.rerun.pop_front() {
+            match parked {
+                Parked::Input { input, deadline_ms } => {
+                    if self.now_ms >= deadline_ms {
+                        self.time_out(input);
+                    } else {
+                        self.dispatch(input)?;
+                    }
+                }
+                Parked::Coordination { op } => self.advance(&op)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn dispatch(&mut self, input: Input) -> Result<(), Fatal> {
+        match input {
+            Input::CreateAccount { token, account } => self.create_account(token, account),
+            Input::ReserveForward { token, id, placement_key, home } => {
+                self.reserve_forward(token, id, placement_key, home);
+            }
+            Input::CreateTransfer { token, transfer } => self.create_transfer(token, transfer)?,
+            Input::Peer { from, message } => self.on_message(from, message)?,
+        }
+        Ok(())
+    }
+
+    /// Time-driven work: lock-wait deadlines, hold expiry, protocol retries and timeouts.
+    pub fn tick(&mut self) -> Result<(), Fatal> {
+        self.expire_lock_waits();
+        self.expire_holds()?;
+        self.tick_coordinations()?;
+        self.tick_prepared();
+        while let Some(parked) = self.rerun.pop_front() {
+            match parked {
+                Parked::Input { input, .. } => self.dispatch(input)?,
+                Parked::Coordination { op } => self.advance(&op)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends the batch: the writes with their preconditions (this leader's epoch, and every
+    /// changed account still at the version this leader last committed), replies and messages.
+    pub fn finish(&mut self) -> Output {
+        let mut batch = std::mem::take(&mut self.batch);
+        #[cfg(debug_assertions)]
+        self.check_invariants(&batch);
+        let mut writes = std::mem::take(&mut batch.writes);
+        let mut dirty: Vec<_> = batch.dirty.into_iter().collect();
+        dirty.sort_unstable();
+        if !writes.writes.is_empty() || !dirty.is_empty() {
+            writes.expect(keys::lease(self.shard), Expect::Prefix(codec::version_prefix(self.epoch)));
+        }
+        for (id, before) in dirty {
+            let account = &self.accounts[&id];
+            let key = keys::account(self.shard, &id);
+            let expect = match before {
+                None => Expect::Absent,
+                Some(version) => Expect::Prefix(codec::version_prefix(version)),
+            };
+            writes.expect(key.clone(), expect);
+            writes.put(key, codec::encode_account(account));
+        }
+        Output { writes, replies: batch.replies, messages: batch.messages }
+    }
+
+    #[cfg(debug_assertions)]
+    fn check_invariants(&self, batch: &Batch) {
+        for (id, before) in &batch.dirty {
+            let account = &self.accounts[id];
+            assert!(account.satisfies_flags(), "shard={} I2 broken: {account:?}", self.shard);
+            if let Some(before) = before {
+                assert!(account.version > *before, "shard={} I4: {id} version went back", self.shard);
+            }
+        }
+        for (key, lock) in &self.locks {
+            let held = self.prepared.contains_key(&lock.holder)
+                || self.coordinations.values().any(|c| c.attempt_key() == lock.holder);
+            assert!(held, "shard={} lock {key} held by unknown {}", self.shard, lock.holder);
+        }
+    }
+
+    // ---- reads -------------------------------------------------------------------------------
+
+    fn transfer_record(&self, id: &str) -> Result<Option<TransferRecord>, Fatal> {
+        if let Some(record) = self.batch.transfers.get(id) {
+            return Ok(Some(record.clone()));
+        }
+        match self.store.get(&keys::transfer(self.shard, id))? {
+            Some(bytes) => Ok(Some(codec::decode("transfer", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    fn hold_status(&self, pending_id: &str) -> Result<Option<HoldStatus>, Fatal> {
+        if let Some(hold) = self.batch.holds.get(pending_id) {
+            return Ok(Some(hold.clone()));
+        }
+        match self.store.get(&keys::hold(self.shard, pending_id))? {
+            Some(bytes) => Ok(Some(codec::decode("hold", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    // ---- writes ------------------------------------------------------------------------------
+
+    fn reply(&mut self, token: Token, reply: Reply) {
+        self.batch.replies.push((token, reply));
+    }
+
+    fn send(&mut self, to: ShardId, message: Message) {
+        self.batch.messages.push((to, message));
+    }
+
+    fn put_transfer(&mut self, record: TransferRecord) {
+        let id = record.request.id.clone();
+        self.batch.writes.put(keys::transfer(self.shard, &id), codec::encode(&record));
+        self.batch.transfers.insert(id, record);
+    }
+
+    fn put_hold(&mut self, pending_id: &str, hold: HoldStatus) {
+        match (hold.state, hold.expires_at_ms) {
+            (HoldState::Pending, Some(at)) => {
+                self.expiries.insert((at, pending_id.to_string()));
+            }
+            (_, Some(at)) => {
+                self.expiries.remove(&(at, pending_id.to_string()));
+            }
+            _ => {}
+        }
+        self.batch.writes.put(keys::hold(self.shard, pending_id), codec::encode(&hold));
+        self.batch.holds.insert(pending_id.to_string(), hold);
+    }
+
+    /// Applies one change to a local account: balances, version + 1, and its entry (I4).
+    /// The change must have been checked (`check_change`); failing here is a bug.
+    fn apply_change(
+        &mut self,
+        account_id: &str,
+        change: &Change,
+        transfer_id: &str,
+        kind: EntryKind,
+        code: u32,
+    ) -> u64 {
+        let now_ms = self.now_ms;
+        let shard = self.shard;
+        let account = self.accounts.get_mut(account_id).expect("checked account exists");
+        let after = account
+            .balances
+            .apply(change, account.spec.flags, account.spec.credit_limit)
+            .unwrap_or_else(|r| panic!("shard={shard} checked change failed: {r} {change:?}"));
+        self.batch.dirty.entry(account_id.to_string()).or_insert(Some(account.version));
+        account.balances = after;
+        account.version += 1;
+        let entry = Entry {
+            account_id: account_id.to_string(),
+            version: account.version,
+            transfer_id: transfer_id.to_string(),
+            side: change.side,
+            kind,
+            amount: entry_amount(change),
+            balances: after,
+            committed_at_ms: now_ms,
+            code,
+        };
+        let version = account.version;
+        self.batch.writes.put(keys::entry(shard, account_id, version), codec::encode(&entry));
+        version
+    }
+
+    /// Checks a change against a local account without applying it.
+    fn check_change(
+        &self,
+        account_id: &str,
+        ledger: &str,
+        change: &Change,
+        expected_version: Option<u64>,
+    ) -> Result<Balances, Rejection> {
+        let (not_found, version_mismatch) = match change.side {
+            Side::Debit => (Rejection::DebitAccountNotFound, Rejection::DebitVersionMismatch),
+            Side::Credit => (Rejection::CreditAccountNotFound, Rejection::CreditVersionMismatch),
+        };
+        let account = self.accounts.get(account_id).ok_or(not_found)?;
+        if account.spec.ledger != ledger {
+            return Err(Rejection::LedgerMismatch);
+        }
+        if expected_version.is_some_and(|v| v != account.version) {
+            return Err(version_mismatch);
+        }
+        account.balances.apply(change, account.spec.flags, account.spec.credit_limit)
+    }
+
+    // ---- locks -------------------------------------------------------------------------------
+
+    fn is_locked(&self, key: &str) -> bool {
+        self.locks.contains_key(key)
+    }
+
+    /// Takes `key` for `holder`, or queues `parked` behind it. Returns whether it was taken.
+    /// A full queue hands `parked` back.
+    fn lock_or_park(&mut self, key: &str, holder: &str, parked: Parked) -> Result<bool, Parked> {
+        match self.locks.get_mut(key) {
+            None => {
+                let lock = Lock { holder: holder.to_string(), waiters: VecDeque::new() };
+                self.locks.insert(key.to_string(), lock);
+                Ok(true)
+            }
+            Some(lock) if lock.holder == holder => Ok(true),
+            Some(lock) => {
+                if lock.waiters.len() >= self.options.lock_waiters_max {
+                    return Err(parked);
+                }
+                lock.waiters.push_back(parked);
+                Ok(false)
+            }
+        }
+    }
+
+    /// Queues `parked` behind the held lock `key`.
+    fn park(&mut self, key: &str, parked: Parked) -> Result<(), Parked> {
+        let lock = self.locks.get_mut(key).expect("park on a held lock");
+        if lock.waiters.len() >= self.options.lock_waiters_max {
+            return Err(parked);
+        }
+        lock.waiters.push_back(parked);
+        Ok(())
+    }
+
+    fn unlock(&mut self, key: &str, holder: &str) {
+        if let Some(lock) = self.locks.get(key) {
+            if lock.holder == holder {
+                let lock = self.locks.remove(key).expect("present");
+                self.rerun.extend(lock.waiters);
+            }
+        }
+    }
+
+    fn expire_lock_waits(&mut self) {
+        let now = self.now_ms;
+        let mut expired = Vec::new();
+        for lock in self.locks.values_mut() {
+            lock.waiters.retain_mut(|parked| match parked {
+                Parked::Input { deadline_ms, .. } if *deadline_ms <= now => {
+                    expired.push(std::mem::replace(parked, Parked::Coordination { op: String::new() }));
+                    false
+                }
+                _ => true,
+            });
+        }
+        for parked in expired {
+            if let Parked::Input { input, .. } = parked {
+                self.time_out(input);
+            }
+        }
+    }
+
+    /// An input waited too long for a lock: nothing was applied, the caller may retry.
+    fn time_out(&mut self, input: Input) {
+        self.refuse_busy(input, Rejection::LockTimeout);
+    }
+
+    fn refuse_busy(&mut self, input: Input, reason: Rejection) {
+        debug_assert!(reason.is_retriable());
+        match input {
+            Input::CreateTransfer { token, transfer } => {
+                let record = TransferRecord { request: transfer, result: Err(reason) };
+                self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
+            }
+            Input::Peer { from, message: Message::Prepare(leg) } => {
+                self.send(from, Message::Refused { attempt: leg.attempt, reason });
+            }
+            other => unreachable!("only transfers and prepares wait for locks: {other:?}"),
+        }
+    }
+
+    // ---- accounts ----------------------------------------------------------------------------
+
+    fn create_account(&mut self, token: Token, spec: NewAccount) {
+        if let Some(existing) = self.accounts.get(&spec.id) {
+            let reply = if existing.spec == spec {
+                Ok(existing.clone())
+            } else {
+                Err(Rejection::ExistsWithDifferentFields)
+            };
+            self.reply(token, Reply::Account(reply));
+            return;
+        }
+        if self.forwards.get(&spec.id).is_some_and(|key| *key != spec.placement_key) {
+            self.reply(token, Reply::Account(Err(Rejection::ExistsWithDifferentFields)));
+            return;
+        }
+        let account =
+            Account { spec, balances: Balances::default(), version: 0, created_at_ms: self.now_ms };
+        self.batch.dirty.insert(account.spec.id.clone(), None);
+        self.accounts.insert(account.spec.id.clone(), account.clone());
+        self.reply(token, Reply::Account(Ok(account)));
+    }
+
+    fn reserve_forward(&mut self, token: Token, id: String, placement_key: String, home: ShardId) {
+        debug_assert_ne!(home, self.shard, "a forward points elsewhere");
+        let same = |key: &String| *key == placement_key;
+        let reply = if let Some(account) = self.accounts.get(&id) {
+            if same(&account.spec.placement_key) { Ok(()) } else { Err(Rejection::ExistsWithDifferentFields) }
+        } else if let Some(key) = self.forwards.get(&id) {
+            if same(key) { Ok(()) } else { Err(Rejection::ExistsWithDifferentFields) }
+        } else {
+            let key = keys::forward(self.shard, &id);
+            self.batch.writes.expect(key.clone(), Expect::Absent);
+            self.batch.writes.put(key, codec::encode(&placement_key));
+            self.forwards.insert(id, placement_key);
+            Ok(())
+        };
+        self.reply(token, Reply::Forward(reply));
+    }
+
+    // ---- transfers ---------------------------------------------------------------------------
+
+    fn create_transfer(&mut self, token: Token, transfer: Transfer) -> Result<(), Fatal> {
+        // Idempotency: the id's recorded outcome, or the cross-shard operation in flight.
+        if let Some(record) = self.transfer_record(&transfer.id)? {
+            let reply = self.replay(record, &transfer)?;
+            self.reply(token, Reply::Transfer(reply));
+            return Ok(());
+        }
+        if let Some(c) = self.coordinations.get_mut(&transfer.id) {
+            if c.request() == Some(&transfer) {
+                c.waiters.push(token);
+            } else {
+                let record = TransferRecord {
+                    request: transfer,
+                    result: Err(Rejection::ExistsWithDifferentFields),
+                };
+                self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
+            }
+            return Ok(());
+        }
+        let plan = match self.plan(&transfer)? {
+            Ok(plan) => plan,
+            Err(reason) => {
+                self.reject(token, transfer, reason);
+                return Ok(());
+            }
+        };
+        if plan.credit_shard != self.shard {
+            return self.start_coordination(token, transfer, plan);
+        }
+        // Single shard: one local commit, no two-phase commit. Wait only if a cross-shard
+        // transfer holds one of the accounts.
+        for account_id in [&plan.debit_id, &plan.credit_id] {
+            let key = lock_key_account(account_id);
+            if self.is_locked(&key) {
+                let input = Input::CreateTransfer { token, transfer };
+                let deadline_ms = self.now_ms + self.options.lock_wait_ms_max;
+                if let Err(Parked::Input { input, .. }) =
+                    self.park(&key, Parked::Input { input, deadline_ms })
+                {
+                    self.refuse_busy(input, Rejection::AccountBusy);
+                }
+                return Ok(());
+            }
+        }
+        let reply = self.commit_local(&transfer, &plan);
+        self.reply(token, Reply::Transfer(reply));
+        Ok(())
+    }
+
+    /// The answer to a replayed id: the original outcome if the fields are identical.
+    fn replay(&self, record: TransferRecord, request: &Transfer) -> Result<TransferReply, Fatal> {
+        if record.request != *request {
+            let record = TransferRecord {
+                request: request.clone(),
+                result: Err(Rejection::ExistsWithDifferentFields),
+            };
+            return Ok(TransferReply { record, hold: None });
+        }
+        let hold = match (record.request.kind, &record.result) {
+            (TransferKind::Pending, Ok(_)) => self.hold_status(&record.request.id)?,
+            _ => None,
+        };
+        Ok(TransferReply { record, hold })
+    }
+
+    /// Records a final rejection (so a replay returns it) and replies. Retriable rejections are
+    /// not recorded.
+    fn reject(&mut self, token: Token, request: Transfer, reason: Rejection) {
+        let record = TransferRecord { request, result: Err(reason) };
+        if !reason.is_retriable() {
+            self.put_transfer(record.clone());
+        }
+        self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
+    }
+
+    /// Works out what a transfer would do and checks everything local. The credit side is
+    /// checked here only when the credit account is on this shard.
+    fn plan(&self, transfer: &Transfer) -> Result<Result<Plan, Rejection>, Fatal> {
+        let (debit_id, credit_id, ledger, amount, debit, credit, hold) = match transfer.kind {
+            TransferKind::Posted | TransferKind::Pending => {
+                let (debit, credit) = transfer.new_changes();
+                (
+                    transfer.debit_account_id.clone(),
+                    transfer.credit_account_id.clone(),
+                    transfer.ledger.clone(),
+                    transfer.amount,
+                    debit,
+                    credit,
+                    None,
+                )
+            }
+            TransferKind::PostPending | TransferKind::VoidPending => {
+                let Some(hold) = self.hold_status(&transfer.pending_id)? else {
+                    let reason = if self.transfer_record(&transfer.pending_id)?.is_some() {
+                        Rejection::PendingTransferNotPending
+                    } else {
+                        Rejection::PendingTransferNotFound
+                    };
+                    return Ok(Err(reason));
+                };
+                let (amount, debit, credit) = match hold.resolve(transfer, self.now_ms) {
+                    Ok(resolved) => resolved,
+                    Err(reason) => return Ok(Err(reason)),
+                };
+                (
+                    hold.debit_account_id.clone(),
+                    hold.credit_account_id.clone(),
+                    hold.ledger.clone(),
+                    amount,
+                    debit,
+                    credit,
+                    Some(hold),
+                )
+            }
+        };
+        if let Err(reason) =
+            self.check_change(&debit_id, &ledger, &debit, transfer.expected_debit_version)
+        {
+            return Ok(Err(reason));
+        }
+        let credit_shard = (self.locate)(&credit_id);
+        if credit_shard == self.shard {
+            if let Err(reason) =
+                self.check_change(&credit_id, &ledger, &credit, transfer.expected_credit_version)
+            {
+                return Ok(Err(reason));
+            }
+        }
+        Ok(Ok(Plan { debit_id, credit_id, credit_shard, ledger, amount, debit, credit, hold }))
+    }
+
+    /// Applies a checked single-shard transfer.
+    fn commit_local(&mut self, transfer: &Transfer, plan: &Plan) -> TransferReply {
+        let kind = EntryKind::of(transfer.kind);
+        let debit_version =
+            self.apply_change(&plan.debit_id, &plan.debit, &transfer.id, kind, transfer.code);
+        let credit_version =
+            self.apply_change(&plan.credit_id, &plan.credit, &transfer.id, kind, transfer.code);
+        let committed = self.committed(plan, debit_version, credit_version, false);
+        let hold = self.settle_hold(transfer, plan);
+        let record = TransferRecord { request: transfer.clone(), result: Ok(committed) };
+        self.put_transfer(record.clone());
+        TransferReply { record, hold }
+    }
+
+    fn committed(&self, plan: &Plan, debit_version: u64, credit_version: u64, cross: bool) -> Committed {
+        Committed {
+            debit_account_id: plan.debit_id.clone(),
+            credit_account_id: plan.credit_id.clone(),
+            ledger: plan.ledger.clone(),
+            amount: plan.amount,
+            committed_at_ms: self.now_ms,
+            debit_account_version: debit_version,
+            credit_account_version: credit_version,
+            cross_shard: cross,
+        }
+    }
+
+    /// Creates the hold of a pending transfer, or records what a post/void did to its hold.
+    /// Returns the hold a pending transfer created.
+    fn settle_hold(&mut self, transfer: &Transfer, plan: &Plan) -> Option<HoldStatus> {
+        match transfer.kind {
+            TransferKind::Posted => None,
+            TransferKind::Pending => {
+                let expires_at_ms = (transfer.timeout_seconds > 0)
+                    .then(|| self.now_ms + u64::from(transfer.timeout_seconds) * 1_000);
+                let hold = HoldStatus {
+                    state: HoldState::Pending,
+                    debit_account_id: plan.debit_id.clone(),
+                    credit_account_id: plan.credit_id.clone(),
+                    ledger: plan.ledger.clone(),
+                    amount: plan.amount,
+                    posted_amount: 0,
+                    expires_at_ms,
+                };
+                self.put_hold(&transfer.id, hold.clone());
+                Some(hold)
+            }
+            TransferKind::PostPending | TransferKind::VoidPending => {
+                let mut hold = plan.hold.clone().expect("post/void has a hold");
+                if transfer.kind == TransferKind::PostPending {
+                    hold.state = HoldState::Posted;
+                    hold.posted_amount = plan.amount;
+                } else {
+                    hold.state = HoldState::Voided;
+                }
+                self.put_hold(&transfer.pending_id, hold);
+                None
+            }
+        }
+    }
+
+    // ---- hold expiry -------------------------------------------------------------------------
+
+    fn expire_holds(&mut self) -> Result<(), Fatal> {
+        let due: Vec<String> = self
+            .expiries
+            .range(..(self.now_ms + 1, String::new()))
+            .map(|(_, id)| id.clone())
+            .collect();
+        for pending_id in due {
+            let Some(hold) = self.hold_status(&pending_id)? else { continue };
+            if hold.state != HoldState::Pending {
+                continue;
+            }
+            let (debit, credit) = hold.expiry_changes();
+            let credit_shard = (self.locate)(&hold.credit_account_id);
+            if credit_shard != self.shard {
+                self.start_expiry(pending_id, hold, credit_shard)?;
+                continue;
+            }
+            let busy = [&hold.debit_account_id, &hold.credit_account_id]
+                .iter()
+                .any(|id| self.is_locked(&lock_key_account(id)));
+            if busy {
+                continue; // Tried again next tick, once the cross-shard transfer is done.
+            }
+            let kind = EntryKind::ExpirePending;
+            self.apply_change(&hold.debit_account_id, &debit, &pending_id, kind, 0);
+            self.apply_change(&hold.credit_account_id, &credit, &pending_id, kind, 0);
+            self.put_hold(&pending_id, HoldStatus { state: HoldState::Expired, ..hold });
+        }
+        Ok(())
+    }
+}
+
+/// What a checked transfer will do.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Plan {
+    debit_id: String,
+    credit_id: String,
+    credit_shard: ShardId,
+    ledger: String,
+    amount: u64,
+    debit: Change,
+    credit: Change,
+    hold: Option<HoldStatus>,
+}
+
+fn lock_key_account(id: &str) -> String {
+    format!("a:{id}")
+}
+
+fn lock_key_hold(pending_id: &str) -> String {
+    format!("h:{pending_id}")
+}
+
+/// The amount an entry shows: what was posted, else reserved, else released.
+fn entry_amount(change: &Change) -> u64 {
+    if change.posted_add > 0 {
+        change.posted_add
+    } else if change.pending_add > 0 {
+        change.pending_add
+    } else {
+        change.pending_sub
+    }
+}

@@ -1,0 +1,361 @@
+//! The runtime of one shard leader: a dedicated thread that owns the engine.
+//!
+//! ```text
+//!  queue ──► drain up to batch_inputs_max ──► engine ──► one durable commit ──► replies
+//!                  ▲                                     (epoch + versions     ──► messages
+//!                  └──────────── next batch ◄──────────── preconditions)
+//! ```
+//!
+//! Group commit: whatever queued while the previous batch was syncing forms the next batch, so
+//! batch size follows load and one fsync serves many callers. Nothing is acknowledged before
+//! its batch is durable.
+//!
+//! A leader term begins by taking the lease: epoch + 1, written conditionally on the lease it
+//! read. Every batch commit expects that epoch, so a stale leader's commit is rejected (I5).
+//! If a commit fails or the store cannot be read, the leader steps down: callers in flight get
+//! `Unavailable` (retrying the same transfer id is safe), and a new term reloads from the store.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use ledger_domain::{HoldStatus, NewAccount, ShardId, Transfer};
+use ledger_store::{Expect, Store, WriteBatch};
+
+use crate::engine::{
+    CoordRecord, Engine, Fatal, Input, Locate, Message, PreparedRecord, Recovered, Reply, Token,
+};
+use crate::{Clock, Options, codec, keys};
+
+/// The lease record: value = epoch (u64 BE) then this.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub epoch: u64,
+    pub node: String,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("shard {shard}: the lease is held by node {node} until {expires_at_ms}")]
+    Held { shard: ShardId, node: String, expires_at_ms: u64 },
+    #[error("shard {shard}: lost a race for the lease; retry")]
+    Raced { shard: ShardId },
+    #[error(transparent)]
+    Fatal(#[from] Fatal),
+}
+
+fn encode_lease(lease: &Lease) -> Vec<u8> {
+    let mut out = codec::version_prefix(lease.epoch);
+    out.extend_from_slice(&codec::encode(lease));
+    out
+}
+
+fn decode_lease(bytes: &[u8]) -> Result<Lease, Fatal> {
+    let body = bytes.get(8..).ok_or_else(|| codec::DecodeError {
+        what: "lease",
+        reason: "shorter than its header".into(),
+    })?;
+    Ok(codec::decode("lease", body)?)
+}
+
+/// Takes the shard's lease with a new epoch. A lease held by another node and not yet expired
+/// is refused; our own node's lease (a restart) is taken over at once.
+pub fn acquire_lease(
+    store: &dyn Store,
+    shard: ShardId,
+    node: &str,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Result<Lease, LeaseError> {
+    let key = keys::lease(shard);
+    let current = store.get(&key).map_err(Fatal::from)?;
+    let mut batch = WriteBatch::default();
+    let epoch = match &current {
+        None => {
+            batch.expect(key.clone(), Expect::Absent);
+            1
+        }
+        Some(bytes) => {
+            let lease = decode_lease(bytes)?;
+            if lease.node != node && lease.expires_at_ms > now_ms {
+                return Err(LeaseError::Held {
+                    shard,
+                    node: lease.node,
+                    expires_at_ms: lease.expires_at_ms,
+                });
+            }
+            batch.expect(key.clone(), Expect::Equals(bytes.clone()));
+            lease.epoch + 1
+        }
+    };
+    let lease = Lease { epoch, node: node.to_string(), expires_at_ms: now_ms + lease_ms };
+    batch.put(key, encode_lease(&lease));
+    store.commit(&batch).map_err(|_| LeaseError::Raced { shard })?;
+    Ok(lease)
+}
+
+/// Loads what a new leader needs from the store.
+pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
+    let scan = |(s, e): (Vec<u8>, Vec<u8>)| store.scan(&s, &e, usize::MAX);
+    let accounts = crate::read::all_accounts(store, shard)?;
+    let mut forwards = Vec::new();
+    for (k, v) in scan(keys::forwards(shard))? {
+        let (_, id) = key_tail_str(&k)?;
+        forwards.push((id, codec::decode::<String>("forward", &v)?));
+    }
+    let mut holds = Vec::new();
+    for (k, v) in scan(keys::holds(shard))? {
+        let (_, id) = key_tail_str(&k)?;
+        holds.push((id, codec::decode::<HoldStatus>("hold", &v)?));
+    }
+    let coordinations = scan(keys::coord_all(shard))?
+        .iter()
+        .map(|(_, v)| codec::decode::<CoordRecord>("coordinator record", v))
+        .collect::<Result<_, _>>()?;
+    let prepared = scan(keys::prepared_all(shard))?
+        .iter()
+        .map(|(_, v)| codec::decode::<PreparedRecord>("prepared record", v))
+        .collect::<Result<_, _>>()?;
+    Ok(Recovered { accounts, forwards, holds, coordinations, prepared })
+}
+
+/// Keys are `S <u32> <kind u8> <string>`: returns the string.
+fn key_tail_str(key: &[u8]) -> Result<((), String), Fatal> {
+    ledger_store::key::read_str(key, 6).map(|(s, _)| ((), s)).ok_or_else(|| {
+        Fatal::Decode(codec::DecodeError { what: "key", reason: format!("{key:?}") })
+    })
+}
+
+/// Delivers messages between shards (in this process: their queues; later: gRPC).
+pub trait Peers: Send + Sync + 'static {
+    /// Best effort: the protocol retries, so a message may be dropped when a queue is full.
+    fn send(&self, to: ShardId, from: ShardId, message: Message);
+}
+
+/// What callers put on a shard's queue.
+#[derive(Debug)]
+pub enum Command {
+    CreateAccount(NewAccount, oneshot::Sender<Reply>),
+    ReserveForward { id: String, placement_key: String, home: ShardId, reply: oneshot::Sender<Reply> },
+    CreateTransfer(Transfer, oneshot::Sender<Reply>),
+    Peer { from: ShardId, message: Message },
+    Stop,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ShardError {
+    /// The leader stepped down or is stopping; nothing unacknowledged is lost. Retry (with the
+    /// same transfer id).
+    #[error("shard {0} is unavailable (its leader is changing or stopping); retry")]
+    Unavailable(ShardId),
+}
+
+/// A cheap, cloneable handle to a shard's queue.
+#[derive(Clone, Debug)]
+pub struct ShardHandle {
+    shard: ShardId,
+    tx: mpsc::Sender<Command>,
+}
+
+impl ShardHandle {
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    async fn call(&self, make: impl FnOnce(oneshot::Sender<Reply>) -> Command) -> Result<Reply, ShardError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| ShardError::Unavailable(self.shard))?;
+        rx.await.map_err(|_| ShardError::Unavailable(self.shard))
+    }
+
+    pub async fn create_account(&self, account: NewAccount) -> Result<Reply, ShardError> {
+        self.call(|tx| Command::CreateAccount(account, tx)).await
+    }
+
+    pub async fn reserve_forward(
+        &self,
+        id: String,
+        placement_key: String,
+        home: ShardId,
+    ) -> Result<Reply, ShardError> {
+        self.call(|reply| Command::ReserveForward { id, placement_key, home, reply }).await
+    }
+
+    pub async fn create_transfer(&self, transfer: Transfer) -> Result<Reply, ShardError> {
+        self.call(|tx| Command::CreateTransfer(transfer, tx)).await
+    }
+
+    /// Best effort, never waits: used for protocol messages, which are retried.
+    pub fn deliver(&self, from: ShardId, message: Message) {
+        let _ = self.tx.try_send(Command::Peer { from, message });
+    }
+
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Command::Stop).await;
+    }
+}
+
+pub fn channel(shard: ShardId, capacity: usize) -> (ShardHandle, mpsc::Receiver<Command>) {
+    let (tx, rx) = mpsc::channel(capacity);
+    (ShardHandle { shard, tx }, rx)
+}
+
+pub struct Runtime {
+    pub shard: ShardId,
+    pub node: String,
+    pub options: Options,
+    pub store: Arc<dyn Store>,
+    pub clock: Arc<dyn Clock>,
+    pub peers: Arc<dyn Peers>,
+    pub locate: Locate,
+    pub rx: mpsc::Receiver<Command>,
+}
+
+/// How often an idle leader wakes for timers (lock deadlines, hold expiry, retries).
+const TICK_MS: u64 = 20;
+
+impl Runtime {
+    /// Runs leader terms until stopped. Call on a dedicated thread: commits block.
+    pub fn run(mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime");
+        rt.block_on(async move {
+            loop {
+                let engine = match self.begin_term() {
+                    Ok(engine) => engine,
+                    Err(e) => {
+                        tracing::warn!(shard = %self.shard, error = %e, "cannot lead yet; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                tracing::info!(shard = %self.shard, epoch = engine.epoch(), "leading");
+                match self.lead(engine).await {
+                    Term::Stopped => return,
+                    Term::SteppedDown(reason) => {
+                        tracing::error!(shard = %self.shard, %reason, "stepping down; reloading");
+                    }
+                }
+            }
+        });
+    }
+
+    fn begin_term(&self) -> Result<Engine, LeaseError> {
+        let now = self.clock.now_ms();
+        let lease = acquire_lease(&*self.store, self.shard, &self.node, now, self.options.lease_ms)?;
+        let recovered = load(&*self.store, self.shard)?;
+        Ok(Engine::new(
+            self.shard,
+            lease.epoch,
+            self.options.clone(),
+            Arc::clone(&self.store),
+            Arc::clone(&self.locate),
+            recovered,
+        ))
+    }
+
+    async fn lead(&mut self, mut engine: Engine) -> Term {
+        let mut waiting: HashMap<Token, oneshot::Sender<Reply>> = HashMap::new();
+        let mut next_token: Token = 0;
+        let renew_every = self.options.lease_ms / 3;
+        let mut renewed_at = self.clock.now_ms();
+        loop {
+            let first = tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(command) => Some(command),
+                    None => return Term::Stopped,
+                },
+                () = tokio::time::sleep(Duration::from_millis(TICK_MS)) => None,
+            };
+            let now = self.clock.now_ms();
+            engine.begin(now);
+            let mut stop = false;
+            let mut inputs = 0;
+            let mut next = first;
+            while let Some(command) = next.take() {
+                let input = match command {
+                    Command::Stop => {
+                        stop = true;
+                        break;
+                    }
+                    Command::Peer { from, message } => Input::Peer { from, message },
+                    Command::CreateAccount(account, tx) => {
+                        let token = register(&mut waiting, &mut next_token, tx);
+                        Input::CreateAccount { token, account }
+                    }
+                    Command::ReserveForward { id, placement_key, home, reply } => {
+                        let token = register(&mut waiting, &mut next_token, reply);
+                        Input::ReserveForward { token, id, placement_key, home }
+                    }
+                    Command::CreateTransfer(transfer, tx) => {
+                        let token = register(&mut waiting, &mut next_token, tx);
+                        Input::CreateTransfer { token, transfer }
+                    }
+                };
+                if let Err(e) = engine.handle(input) {
+                    return Term::SteppedDown(e.to_string());
+                }
+                inputs += 1;
+                if inputs < self.options.batch_inputs_max {
+                    next = self.rx.try_recv().ok();
+                }
+            }
+            if let Err(e) = engine.tick() {
+                return Term::SteppedDown(e.to_string());
+            }
+            let mut output = engine.finish();
+            if now.saturating_sub(renewed_at) >= renew_every {
+                let lease = Lease {
+                    epoch: engine.epoch(),
+                    node: self.node.clone(),
+                    expires_at_ms: now + self.options.lease_ms,
+                };
+                output.writes.expect(
+                    keys::lease(self.shard),
+                    Expect::Prefix(codec::version_prefix(engine.epoch())),
+                );
+                output.writes.put(keys::lease(self.shard), encode_lease(&lease));
+                renewed_at = now;
+            }
+            if !output.writes.is_empty() {
+                if let Err(e) = self.store.commit(&output.writes) {
+                    // Fenced or failed: nothing of this batch is acknowledged. Dropping the
+                    // reply senders tells every waiting caller `Unavailable`.
+                    return Term::SteppedDown(format!("commit failed: {e}"));
+                }
+            }
+            for (token, reply) in output.replies {
+                if let Some(tx) = waiting.remove(&token) {
+                    let _ = tx.send(reply);
+                }
+            }
+            for (to, message) in output.messages {
+                self.peers.send(to, self.shard, message);
+            }
+            if stop {
+                return Term::Stopped;
+            }
+        }
+    }
+}
+
+enum Term {
+    Stopped,
+    SteppedDown(String),
+}
+
+fn register(
+    waiting: &mut HashMap<Token, oneshot::Sender<Reply>>,
+    next: &mut Token,
+    tx: oneshot::Sender<Reply>,
+) -> Token {
+    *next += 1;
+    waiting.insert(*next, tx);
+    *next
+}
