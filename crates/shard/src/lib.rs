@@ -16,6 +16,7 @@ pub mod keys;
 pub mod node;
 pub mod read;
 pub mod runtime;
+pub mod sim;
 
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,344 @@
+//! Engine unit tests: feed events, assert the exact writes, replies and messages.
+
+use std::sync::Arc;
+
+use ledger_domain::{
+    AccountFlags, HoldState, NewAccount, Rejection, ShardId, Transfer, TransferKind,
+};
+use ledger_store::Store;
+
+use super::{Input, Message, Reply};
+use crate::sim::Sim;
+use crate::{Options, keys, read};
+
+const S0: ShardId = ShardId(0);
+const S1: ShardId = ShardId(1);
+
+/// Accounts whose id starts with `s1` live on shard 1, the rest on shard 0.
+fn sim() -> Sim {
+    Sim::new(2, Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }), Options::default())
+}
+
+fn shard_of(id: &str) -> ShardId {
+    if id.starts_with("s1") { S1 } else { S0 }
+}
+
+fn open(sim: &mut Sim, id: &str, no_overdraft: bool) {
+    let token = sim.token();
+    let account = NewAccount {
+        id: id.into(),
+        ledger: "USD".into(),
+        placement_key: id.into(),
+        flags: AccountFlags { debits_must_not_exceed_credits: no_overdraft, ..Default::default() },
+        ..Default::default()
+    };
+    sim.batch(shard_of(id), vec![Input::CreateAccount { token, account }]);
+    assert!(matches!(sim.replies[&token], Reply::Account(Ok(_))));
+}
+
+fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> Transfer {
+    Transfer {
+        id: id.into(),
+        debit_account_id: debit.into(),
+        credit_account_id: credit.into(),
+        amount,
+        ledger: "USD".into(),
+        ..Transfer::default()
+    }
+}
+
+/// Submits a transfer to its debit shard and returns the token.
+fn submit(sim: &mut Sim, t: Transfer) -> u64 {
+    let token = sim.token();
+    let shard = shard_of(&t.debit_account_id);
+    sim.batch(shard, vec![Input::CreateTransfer { token, transfer: t }]);
+    token
+}
+
+fn outcome(sim: &Sim, token: u64) -> Option<Result<u64, Rejection>> {
+    match sim.replies.get(&token)? {
+        Reply::Transfer(r) => Some(r.record.result.as_ref().map(|c| c.amount).map_err(|r| *r)),
+        other => panic!("not a transfer reply: {other:?}"),
+    }
+}
+
+fn balance(sim: &Sim, id: &str) -> (u64, u64, u64, u64, u64) {
+    let shard = shard_of(id);
+    let a = read::account(&*sim.stores[shard.0 as usize], shard, id).unwrap().unwrap();
+    let b = a.balances;
+    (b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted, a.version)
+}
+
+#[test]
+fn single_shard_transfer_is_one_commit_without_messages() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let token = sim.token();
+    let out = sim.batch(S0, vec![Input::CreateTransfer { token, transfer: transfer("t1", "a", "b", 7) }]);
+    assert!(out.messages.is_empty());
+    // Two accounts, two entries, one transfer record; epoch + two account-version preconditions.
+    assert_eq!(out.writes.writes.len(), 5);
+    assert_eq!(out.writes.preconditions.len(), 3);
+    assert_eq!(outcome(&sim, token), Some(Ok(7)));
+    assert_eq!(balance(&sim, "a"), (0, 7, 0, 0, 1));
+    assert_eq!(balance(&sim, "b"), (0, 0, 0, 7, 1));
+}
+
+#[test]
+fn replay_returns_the_original_and_different_fields_are_rejected() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let first = submit(&mut sim, transfer("t1", "a", "b", 7));
+    let again = submit(&mut sim, transfer("t1", "a", "b", 7));
+    let other = submit(&mut sim, transfer("t1", "a", "b", 8));
+    assert_eq!(outcome(&sim, first), Some(Ok(7)));
+    assert_eq!(outcome(&sim, again), Some(Ok(7)));
+    assert_eq!(outcome(&sim, other), Some(Err(Rejection::ExistsWithDifferentFields)));
+    assert_eq!(balance(&sim, "a").1, 7, "applied once");
+}
+
+#[test]
+fn final_rejections_are_recorded_and_replayed() {
+    let mut sim = sim();
+    open(&mut sim, "a", true);
+    open(&mut sim, "b", false);
+    let t = transfer("t1", "a", "b", 5);
+    let first = submit(&mut sim, t.clone());
+    assert_eq!(outcome(&sim, first), Some(Err(Rejection::ExceedsCredits)));
+    // Fund "a"; the same id still answers with its first, final outcome.
+    submit(&mut sim, transfer("fund", "b", "a", 100));
+    let again = submit(&mut sim, t);
+    assert_eq!(outcome(&sim, again), Some(Err(Rejection::ExceedsCredits)));
+}
+
+#[test]
+fn cross_shard_transfer_walks_the_protocol() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    let token = sim.token();
+    let t = transfer("x1", "a", "s1-b", 9);
+
+    // Coordinator: debit "a" < credit "s1-b", so it locks "a", logs, and sends Prepare.
+    let out = sim.batch(S0, vec![Input::CreateTransfer { token, transfer: t }]);
+    assert_eq!(out.writes.writes.len(), 1, "only the coordinator record");
+    assert!(sim.stores[0].get(&keys::coord(S0, "x1")).unwrap().is_some());
+    assert!(matches!(&out.messages[..], [(S1, Message::Prepare(leg))] if leg.account_id == "s1-b"));
+    assert!(sim.replies.get(&token).is_none(), "no reply before the decision");
+
+    // Participant: locks, logs the prepared record, answers Prepared.
+    sim.deliver_all(1);
+    assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (1, 0));
+    assert!(matches!(sim.inbox.front(), Some((S0, S1, Message::Prepared { version_after: 1, .. }))));
+
+    // Coordinator: decides commit (applies the debit, records the transfer) and sends Decide.
+    sim.deliver_all(1);
+    assert_eq!(balance(&sim, "a"), (0, 9, 0, 0, 1));
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 0, 0), "credit waits for the decision");
+    assert!(matches!(sim.inbox.front(), Some((S1, S0, Message::Decide { commit: true, .. }))));
+
+    // Participant applies and acks; coordinator forgets the record and replies.
+    sim.deliver_all(2);
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1));
+    assert_eq!(outcome(&sim, token), Some(Ok(9)));
+    assert_eq!(read::in_flight(&*sim.stores[0], S0).unwrap(), (0, 0));
+    assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (0, 0));
+}
+
+#[test]
+fn participant_refusal_aborts_and_records_the_reason() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    let token = submit(&mut sim, transfer("x1", "a", "s1-missing", 9));
+    sim.deliver_all(10);
+    assert_eq!(outcome(&sim, token), Some(Err(Rejection::CreditAccountNotFound)));
+    assert_eq!(balance(&sim, "a"), (0, 0, 0, 0, 0));
+    assert_eq!(read::in_flight(&*sim.stores[0], S0).unwrap(), (0, 0));
+}
+
+#[test]
+fn coordinator_crash_before_decision_is_presumed_abort() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    let token = submit(&mut sim, transfer("x1", "a", "s1-b", 9));
+    sim.deliver_all(1); // participant prepared; its Prepared is in the inbox
+    sim.inbox.clear(); // ... and lost with the coordinator's crash
+    sim.crash(S0);
+    sim.tick_all(); // the recovered coordinator aborts the undecided record
+    assert!(matches!(sim.inbox.front(), Some((S1, S0, Message::Decide { commit: false, .. }))));
+    sim.deliver_all(10);
+    assert!(sim.replies.get(&token).is_none(), "the caller of the dead leader gets no reply");
+    assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (0, 0), "lock released");
+    assert_eq!(read::in_flight(&*sim.stores[0], S0).unwrap(), (0, 0));
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 0, 0));
+    // A retry of the same id (the abort was retriable, so nothing recorded) now commits.
+    let retry = submit(&mut sim, transfer("x1", "a", "s1-b", 9));
+    sim.deliver_all(10);
+    assert_eq!(outcome(&sim, retry), Some(Ok(9)));
+}
+
+#[test]
+fn coordinator_crash_after_decision_resends_it() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    submit(&mut sim, transfer("x1", "a", "s1-b", 9));
+    sim.deliver_all(2); // prepared, then decided; the Decide is in the inbox
+    sim.inbox.clear();
+    sim.crash(S0);
+    sim.tick_all();
+    sim.deliver_all(10);
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1), "I6: the decision reaches the participant");
+    assert_eq!(read::in_flight(&*sim.stores[0], S0).unwrap(), (0, 0));
+}
+
+#[test]
+fn participant_asks_for_a_lost_decision() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    submit(&mut sim, transfer("x1", "a", "s1-b", 9));
+    sim.deliver_all(2);
+    sim.inbox.clear(); // the Decide is lost
+    sim.crash(S1); // and the participant restarts holding its prepared lock
+    sim.tick_all();
+    assert!(sim.inbox.iter().any(|(to, _, m)| *to == S0 && matches!(m, Message::QueryDecision { .. })));
+    sim.deliver_all(10);
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1));
+}
+
+#[test]
+fn locked_account_makes_single_shard_transfers_wait() {
+    let mut sim = sim();
+    open(&mut sim, "s1-a", false);
+    open(&mut sim, "s1-c", false);
+    open(&mut sim, "b", false);
+    // b -> s1-a is cross-shard; the participant locks s1-a.
+    submit(&mut sim, transfer("x1", "b", "s1-a", 5));
+    sim.deliver_all(1);
+    // A single-shard transfer on shard 1 touching s1-a waits for the lock.
+    let waiting = submit(&mut sim, transfer("t2", "s1-a", "s1-c", 2));
+    assert!(sim.replies.get(&waiting).is_none());
+    sim.deliver_all(10);
+    assert_eq!(outcome(&sim, waiting), Some(Ok(2)), "ran once the lock was released");
+    assert_eq!(balance(&sim, "s1-a"), (0, 2, 0, 5, 2));
+}
+
+#[test]
+fn lock_wait_is_bounded() {
+    let mut sim = sim();
+    open(&mut sim, "s1-a", false);
+    open(&mut sim, "s1-c", false);
+    open(&mut sim, "b", false);
+    submit(&mut sim, transfer("x1", "b", "s1-a", 5));
+    sim.deliver_all(1);
+    sim.inbox.clear(); // the coordinator never hears back: the lock stays
+    let waiting = submit(&mut sim, transfer("t2", "s1-a", "s1-c", 2));
+    sim.now_ms += sim.options.lock_wait_ms_max;
+    sim.batch(S1, Vec::new());
+    assert_eq!(outcome(&sim, waiting), Some(Err(Rejection::LockTimeout)));
+    // Nothing was recorded for t2: a retry later is free to succeed.
+    assert!(sim.stores[1].get(&keys::transfer(S1, "t2")).unwrap().is_none());
+}
+
+#[test]
+fn holds_post_void_and_expire() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let hold = |id: &str, amount, timeout| Transfer {
+        kind: TransferKind::Pending,
+        timeout_seconds: timeout,
+        ..transfer(id, "a", "b", amount)
+    };
+    let resolve = |id: &str, pending: &str, kind, amount| Transfer {
+        id: id.into(),
+        pending_id: pending.into(),
+        kind,
+        amount,
+        ..Transfer::default()
+    };
+    submit(&mut sim, hold("h1", 10, 0));
+    assert_eq!(balance(&sim, "a"), (10, 0, 0, 0, 1));
+    let post = submit(&mut sim, resolve("p1", "h1", TransferKind::PostPending, 4));
+    assert_eq!(outcome(&sim, post), Some(Ok(4)));
+    assert_eq!(balance(&sim, "a"), (0, 4, 0, 0, 2), "partial post releases the rest");
+    let again = submit(&mut sim, resolve("p2", "h1", TransferKind::VoidPending, 0));
+    assert_eq!(outcome(&sim, again), Some(Err(Rejection::PendingTransferAlreadyPosted)));
+
+    submit(&mut sim, hold("h2", 3, 0));
+    let void = submit(&mut sim, resolve("v1", "h2", TransferKind::VoidPending, 0));
+    assert_eq!(outcome(&sim, void), Some(Ok(3)));
+    assert_eq!(balance(&sim, "b"), (0, 0, 0, 4, 4));
+
+    submit(&mut sim, hold("h3", 6, 2));
+    sim.now_ms += 2_000;
+    sim.batch(S0, Vec::new());
+    assert_eq!(balance(&sim, "a").0, 0, "expired hold released");
+    let hold_status = read::hold(&*sim.stores[0], S0, "h3").unwrap().unwrap();
+    assert_eq!(hold_status.state, HoldState::Expired);
+    let late = submit(&mut sim, resolve("p3", "h3", TransferKind::PostPending, 0));
+    assert_eq!(outcome(&sim, late), Some(Err(Rejection::PendingTransferExpired)));
+}
+
+#[test]
+fn cross_shard_hold_expires_through_the_protocol() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    let t = Transfer { kind: TransferKind::Pending, timeout_seconds: 1, ..transfer("h", "a", "s1-b", 6) };
+    submit(&mut sim, t);
+    sim.deliver_all(10);
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 6, 0, 1));
+    sim.now_ms += 1_000;
+    sim.batch(S0, Vec::new());
+    sim.deliver_all(10);
+    assert_eq!(balance(&sim, "a"), (0, 0, 0, 0, 2));
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 0, 2));
+}
+
+#[test]
+fn expected_versions_gate_the_transfer() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let stale = Transfer { expected_debit_version: Some(3), ..transfer("t1", "a", "b", 1) };
+    let token = submit(&mut sim, stale);
+    assert_eq!(outcome(&sim, token), Some(Err(Rejection::DebitVersionMismatch)));
+    let fresh = Transfer {
+        expected_debit_version: Some(0),
+        expected_credit_version: Some(0),
+        ..transfer("t2", "a", "b", 1)
+    };
+    let token = submit(&mut sim, fresh);
+    assert_eq!(outcome(&sim, token), Some(Ok(1)));
+}
+
+#[test]
+fn stale_epoch_commit_is_rejected_by_the_store() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    // A stale engine keeps running after a new leader took the next epoch.
+    let stale_epoch = sim.engines[0].epoch();
+    let mut stale = std::mem::replace(&mut sim.engines[0], {
+        let store: Arc<dyn Store> = sim.stores[0].clone();
+        // Another node may take the lease only once it has expired.
+        let live = crate::runtime::acquire_lease(&*store, S0, "other", sim.now_ms, 1);
+        assert!(matches!(live, Err(crate::runtime::LeaseError::Held { .. })));
+        let later = sim.now_ms + Options::default().lease_ms;
+        let lease = crate::runtime::acquire_lease(&*store, S0, "other", later, 1).unwrap();
+        assert_eq!(lease.epoch, stale_epoch + 1);
+        let recovered = crate::runtime::load(&*store, S0).unwrap();
+        super::Engine::new(S0, lease.epoch, Options::default(), store, Arc::new(shard_of), recovered)
+    });
+    stale.begin(sim.now_ms);
+    stale.handle(Input::CreateTransfer { token: 99, transfer: transfer("t1", "a", "b", 1) }).unwrap();
+    let out = stale.finish();
+    let err = sim.stores[0].commit(&out.writes).unwrap_err();
+    assert!(matches!(err, ledger_store::CommitError::Conflict { .. }), "{err}");
+    assert_eq!(balance(&sim, "a"), (0, 0, 0, 0, 0), "the fenced commit wrote nothing");
+}
