@@ -9,9 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", proto.display());
     }
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
     tonic_prost_build::configure()
-        .protoc_executable(protoc_bin_vendored::protoc_bin_path()?)
         .file_descriptor_set_path(out_dir.join("ledger_descriptor.bin"))
-        .compile_protos(&protos, &[root])?;
+        .compile_with_config(config, &protos, &[root])?;
     Ok(())
 }

@@ -1,1 +1,155 @@
-fn main() {}
+//! `ledgerd`: the ledger server. `ledgerd start` serves on 127.0.0.1:50051 with its data in
+//! ./data, initialising a single-node cluster on first start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use ledger_server::{Config, StoreKind};
+
+#[derive(Parser)]
+#[command(name = "ledgerd", version, about = "A sharded, durable double-entry ledger server")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start serving (initialises an empty data directory first).
+    Start(Settings),
+    /// Validate the configuration (file, environment, flags) and print it.
+    CheckConfig(Settings),
+}
+
+/// Settings: each overrides the config file, and is overridden by its flag. Environment
+/// variables sit between the file and the flags.
+#[derive(clap::Args)]
+struct Settings {
+    /// TOML config file (settings as in `ledgerd check-config` output).
+    #[arg(long, env = "LEDGER_CONFIG")]
+    config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051]
+    #[arg(long, env = "LEDGER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Data directory of the embedded store [default: ./data]
+    #[arg(long, env = "LEDGER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Storage backend [default: embedded]. `memory` keeps nothing across restarts.
+    #[arg(long, env = "LEDGER_STORE")]
+    store: Option<StoreKind>,
+    /// Number of shards, fixed when the data directory is initialised [default: 16]
+    #[arg(long, env = "LEDGER_SHARDS")]
+    shards: Option<u32>,
+    /// This node's name, written into shard leases [default: node-1]
+    #[arg(long, env = "LEDGER_NODE_ID")]
+    node_id: Option<String>,
+    /// This node's region, recorded in the shard map at init [default: local]
+    #[arg(long, env = "LEDGER_REGION")]
+    region: Option<String>,
+    /// Most items per batch call [default: 8190]
+    #[arg(long, env = "LEDGER_BATCH_SIZE_MAX")]
+    batch_size_max: Option<usize>,
+    /// Largest gRPC message accepted, in bytes [default: 16777216]
+    #[arg(long, env = "LEDGER_MESSAGE_SIZE_MAX_BYTES")]
+    message_size_max_bytes: Option<usize>,
+    /// Log filter (tracing env-filter syntax) [default: info]
+    #[arg(long, env = "LEDGER_LOG")]
+    log: Option<String>,
+}
+
+impl Settings {
+    fn resolve(&self) -> Result<Config, String> {
+        let mut config = match &self.config {
+            Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+            None => Config::default(),
+        };
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            config.data_dir.clone_from(v);
+        }
+        if let Some(v) = self.store {
+            config.store = v;
+        }
+        if let Some(v) = self.shards {
+            config.shards = v;
+        }
+        if let Some(v) = &self.node_id {
+            config.node_id.clone_from(v);
+        }
+        if let Some(v) = &self.region {
+            config.region.clone_from(v);
+        }
+        if let Some(v) = self.batch_size_max {
+            config.batch_size_max = v;
+        }
+        if let Some(v) = self.message_size_max_bytes {
+            config.message_size_max_bytes = v;
+        }
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (settings, check_only) = match &cli.command {
+        Command::Start(s) => (s, false),
+        Command::CheckConfig(s) => (s, true),
+    };
+    let filter = settings.log.clone().unwrap_or_else(|| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match settings.resolve() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("ledgerd: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check_only {
+        print!("{}", toml::to_string_pretty(&config).expect("config serialises"));
+        return ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("ledgerd: cannot listen on {}: {e}", config.listen);
+                return ExitCode::from(1);
+            }
+        };
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        let store = config.store;
+        let data_dir = config.data_dir.clone();
+        let result = ledger_server::run(config, listener, shutdown, |started| {
+            let store = match store {
+                StoreKind::Embedded => format!("embedded (redb) in {}", data_dir.display()),
+                StoreKind::Memory => "memory (NOT durable)".into(),
+            };
+            // One summary line, also on stdout so scripts can wait for it.
+            println!(
+                "ledgerd listening on {} | store: {store} | shards: {} | cluster: {}",
+                started.listen, started.meta.shard_count, started.meta.cluster_id
+            );
+        })
+        .await;
+        match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ledgerd: {e}");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -1,0 +1,142 @@
+//! ledgerd's configuration: defaults < file (TOML) < environment (`LEDGER_*`) < flags.
+//! Validated into one typed error that names the setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use ledger_shard::Options as ShardOptions;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Where the embedded store keeps its files.
+    pub data_dir: PathBuf,
+    /// Storage backend: "embedded" (durable, default) or "memory" (tests only; loses everything).
+    pub store: StoreKind,
+    /// Shards created by the first start (init). Fixed afterwards.
+    pub shards: u32,
+    /// This node's name, written into leases.
+    pub node_id: String,
+    /// This node's region, recorded as every shard's home region at init.
+    pub region: String,
+    /// Most items in one CreateAccounts / CreateTransfers / Get* call.
+    pub batch_size_max: usize,
+    /// Largest accepted gRPC message.
+    pub message_size_max_bytes: usize,
+    /// Server-side cap on a call's duration (a shorter client deadline wins).
+    pub request_timeout_ms: u64,
+    pub shard: ShardOptions,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    Embedded,
+    Memory,
+}
+
+/// Limits that protect the node whatever the configuration says.
+pub const SHARDS_MAX: u32 = 1_024;
+pub const BATCH_SIZE_MAX_LIMIT: usize = 65_536;
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:50051".parse().expect("valid address"),
+            data_dir: PathBuf::from("./data"),
+            store: StoreKind::Embedded,
+            shards: 16,
+            node_id: "node-1".into(),
+            region: "local".into(),
+            batch_size_max: 8_190,
+            message_size_max_bytes: 16 * 1024 * 1024,
+            request_timeout_ms: 30_000,
+            shard: ShardOptions::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("config file {path} is not valid: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("setting `{setting}`: {reason}")]
+    Invalid { setting: &'static str, reason: String },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |setting, reason: String| Err(ConfigError::Invalid { setting, reason });
+        if self.shards == 0 || self.shards > SHARDS_MAX {
+            return invalid("shards", format!("must be 1-{SHARDS_MAX}, got {}", self.shards));
+        }
+        if self.batch_size_max == 0 || self.batch_size_max > BATCH_SIZE_MAX_LIMIT {
+            return invalid(
+                "batch_size_max",
+                format!("must be 1-{BATCH_SIZE_MAX_LIMIT}, got {}", self.batch_size_max),
+            );
+        }
+        if self.message_size_max_bytes < 64 * 1024 {
+            return invalid("message_size_max_bytes", "must be at least 65536".into());
+        }
+        if ledger_domain::validate_id("node_id", &self.node_id).is_err() {
+            return invalid("node_id", "must be 1-128 bytes of [A-Za-z0-9._:@/-]".into());
+        }
+        let s = &self.shard;
+        if s.batch_inputs_max == 0 || s.queue_capacity == 0 || s.lock_waiters_max == 0 {
+            return invalid("shard", "batch_inputs_max, queue_capacity and lock_waiters_max must be > 0".into());
+        }
+        if s.lock_wait_ms_max >= s.prepare_timeout_ms {
+            // A participant's lock wait must end before the coordinator gives up on it.
+            return invalid("shard.lock_wait_ms_max", "must be below shard.prepare_timeout_ms".into());
+        }
+        if s.retry_ms == 0 || s.lease_ms < 3 {
+            return invalid("shard.retry_ms", "retry_ms must be > 0 and lease_ms >= 3".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "shards = 4\n[shard]\nretry_ms = 100\n").unwrap();
+        let c = Config::from_file(&path).unwrap();
+        assert_eq!((c.shards, c.shard.retry_ms, c.batch_size_max), (4, 100, 8_190));
+        std::fs::write(&path, "shardz = 4\n").unwrap();
+        assert!(matches!(Config::from_file(&path), Err(ConfigError::Parse { .. })));
+    }
+
+    #[test]
+    fn invalid_settings_are_named() {
+        let c = Config { shards: 0, ..Config::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("`shards`"));
+    }
+}

@@ -1,0 +1,125 @@
+//! The data directory: cluster metadata (`meta.redb`) and one store file per shard
+//! (`shard-0000.redb`, ...). The first start on an empty directory initialises a single-node
+//! cluster; a directory that holds something else is refused with a clear message.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use ledger_domain::Placement;
+use ledger_shard::codec;
+use ledger_store::{Embedded, Expect, Memory, Store, WriteBatch};
+
+use crate::config::{Config, ConfigError, StoreKind};
+
+const META_KEY: &[u8] = b"cluster";
+const META_FILE: &str = "meta.redb";
+
+/// Cluster metadata, written once at init.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterMeta {
+    pub cluster_id: String,
+    pub shard_count: u32,
+    pub vnodes_per_shard: u32,
+    /// The shard map: each shard's home region.
+    pub shards: Vec<ShardInfo>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardInfo {
+    pub shard: u32,
+    pub region: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("data directory {path}: {reason}")]
+    DataDir { path: String, reason: String },
+    #[error("store: {0}")]
+    Store(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+pub fn open(config: &Config, now_ms: u64) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
+    match config.store {
+        StoreKind::Memory => {
+            let meta = init_meta(config, now_ms);
+            let stores = (0..meta.shard_count).map(|_| Arc::new(Memory::new()) as Arc<dyn Store>);
+            Ok((meta.clone(), stores.collect()))
+        }
+        StoreKind::Embedded => open_embedded(config, now_ms),
+    }
+}
+
+fn init_meta(config: &Config, now_ms: u64) -> ClusterMeta {
+    ClusterMeta {
+        cluster_id: format!("{}-{now_ms}", config.node_id),
+        shard_count: config.shards,
+        vnodes_per_shard: Placement::VNODES_PER_SHARD_DEFAULT,
+        shards: (0..config.shards)
+            .map(|shard| ShardInfo { shard, region: config.region.clone() })
+            .collect(),
+    }
+}
+
+fn open_embedded(config: &Config, now_ms: u64) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
+    let dir = &config.data_dir;
+    let fail = |reason: String| StartError::DataDir { path: dir.display().to_string(), reason };
+    if dir.exists() && !dir.is_dir() {
+        return Err(fail("exists and is not a directory".into()));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create it: {e}")))?;
+    let meta_path = dir.join(META_FILE);
+    let fresh = !meta_path.exists();
+    if fresh {
+        let other = std::fs::read_dir(dir)
+            .map_err(|e| fail(format!("cannot list it: {e}")))?
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .find(|name| !name.starts_with('.'));
+        if let Some(name) = other {
+            return Err(fail(format!(
+                "is not empty (it holds {name:?}) and has no {META_FILE}, so it is not a ledger \
+                 data directory; choose an empty or new directory"
+            )));
+        }
+        probe_writable(dir).map_err(|e| fail(format!("is not writable: {e}")))?;
+    }
+    let meta_store = Embedded::open(&meta_path).map_err(|e| fail(e.to_string()))?;
+    let meta = match meta_store.get(META_KEY).map_err(|e| fail(e.to_string()))? {
+        Some(bytes) => codec::decode::<ClusterMeta>("cluster metadata", &bytes)
+            .map_err(|e| fail(format!("{META_FILE} is damaged: {e}")))?,
+        None => {
+            let meta = init_meta(config, now_ms);
+            let mut batch = WriteBatch::default();
+            batch.expect(META_KEY.to_vec(), Expect::Absent);
+            batch.put(META_KEY.to_vec(), codec::encode(&meta));
+            meta_store.commit(&batch).map_err(|e| fail(e.to_string()))?;
+            meta
+        }
+    };
+    if !fresh && meta.shard_count != config.shards {
+        tracing::warn!(
+            configured = config.shards,
+            initialised = meta.shard_count,
+            "the shard count is fixed at init; using the initialised count"
+        );
+    }
+    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    for shard in 0..meta.shard_count {
+        let path = dir.join(format!("shard-{shard:04}.redb"));
+        let store = Embedded::open(&path).map_err(|e| fail(e.to_string()))?;
+        stores.push(Arc::new(store));
+    }
+    Ok((meta, stores))
+}
+
+fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(".write-probe");
+    std::fs::write(&probe, b"ok")?;
+    std::fs::remove_file(probe)
+}

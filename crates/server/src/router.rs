@@ -1,0 +1,158 @@
+//! Routing: every call is split by shard and sent to the shard leaders. This is the one seam
+//! where a later multi-node version forwards to another node instead of a local queue.
+//!
+//! Writes go through the leaders' queues; reads go straight to the shards' stores, which hold
+//! only committed (durable) state.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+
+use ledger_domain::{
+    Account, Entry, HoldStatus, InvalidInput, NewAccount, Rejection, ShardId, Transfer,
+    TransferKind, TransferRecord,
+};
+use ledger_shard::engine::{Reply, TransferReply};
+use ledger_shard::node::Node;
+use ledger_shard::read;
+
+use crate::error::ApiError;
+
+/// Entries per ListEntries page when the client does not say.
+pub const PAGE_SIZE_DEFAULT: u32 = 100;
+pub const PAGE_SIZE_MAX: u32 = 1_000;
+
+#[derive(Clone)]
+pub struct Router {
+    node: Arc<Node>,
+    batch_size_max: usize,
+}
+
+impl Router {
+    pub fn new(node: Arc<Node>, batch_size_max: usize) -> Self {
+        Self { node, batch_size_max }
+    }
+
+    pub fn check_batch(&self, field: &str, len: usize) -> Result<(), ApiError> {
+        if len > self.batch_size_max {
+            return Err(InvalidInput::new(
+                field,
+                format!("has {len} items; the limit is {}", self.batch_size_max),
+            )
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Creates validated accounts, each on its home shard, and returns per-item outcomes.
+    pub async fn create_accounts(
+        &self,
+        accounts: Vec<NewAccount>,
+    ) -> Result<Vec<(Result<Account, Rejection>, ShardId)>, ApiError> {
+        let calls = accounts.into_iter().map(|a| self.create_account(a));
+        join_all(calls).await.into_iter().collect()
+    }
+
+    async fn create_account(
+        &self,
+        account: NewAccount,
+    ) -> Result<(Result<Account, Rejection>, ShardId), ApiError> {
+        let placement = self.node.placement();
+        let home = placement.shard_of(&account.placement_key);
+        let directory = placement.shard_of(&account.id);
+        if home != directory {
+            // The id's directory shard decides whether the id is free, first.
+            let reply = self
+                .node
+                .handle(directory)
+                .reserve_forward(account.id.clone(), account.placement_key.clone(), home)
+                .await?;
+            match reply {
+                Reply::Forward(Ok(())) => self.node.remember_forward(&account.id, home),
+                Reply::Forward(Err(reason)) => return Ok((Err(reason), home)),
+                other => return Err(unexpected(&other)),
+            }
+        }
+        match self.node.handle(home).create_account(account).await? {
+            Reply::Account(result) => Ok((result, home)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// Applies validated transfers; one outcome per item, in order.
+    pub async fn create_transfers(
+        &self,
+        transfers: Vec<Transfer>,
+    ) -> Result<Vec<TransferReply>, ApiError> {
+        let calls = transfers.into_iter().map(|t| self.create_transfer(t));
+        join_all(calls).await.into_iter().collect()
+    }
+
+    pub async fn create_transfer(&self, transfer: Transfer) -> Result<TransferReply, ApiError> {
+        let shard = match self.home_of_transfer(&transfer)? {
+            Some(shard) => shard,
+            None => {
+                // No hold by that id on any shard. Not recorded: the hold may yet be created.
+                let record = TransferRecord {
+                    request: transfer,
+                    result: Err(Rejection::PendingTransferNotFound),
+                };
+                return Ok(TransferReply { record, hold: None });
+            }
+        };
+        match self.node.handle(shard).create_transfer(transfer).await? {
+            Reply::Transfer(reply) => Ok(reply),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    /// The shard that coordinates a transfer: its debit account's. A post or void that leaves
+    /// the accounts empty inherits them from the hold, found by its id.
+    fn home_of_transfer(&self, transfer: &Transfer) -> Result<Option<ShardId>, ApiError> {
+        let resolves = matches!(transfer.kind, TransferKind::PostPending | TransferKind::VoidPending);
+        if !resolves || !transfer.debit_account_id.is_empty() {
+            return Ok(Some(self.node.locate(&transfer.debit_account_id)));
+        }
+        Ok(self.find_hold(&transfer.pending_id)?.map(|hold| self.node.locate(&hold.debit_account_id)))
+    }
+
+    fn find_hold(&self, pending_id: &str) -> Result<Option<HoldStatus>, ApiError> {
+        for i in 0..self.node.shard_count() {
+            let shard = ShardId(i);
+            if let Some(hold) = read::hold(&**self.node.store(shard), shard, pending_id)? {
+                return Ok(Some(hold));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn account(&self, id: &str) -> Result<Option<(Account, ShardId)>, ApiError> {
+        let shard = self.node.locate(id);
+        Ok(read::account(&**self.node.store(shard), shard, id)?.map(|a| (a, shard)))
+    }
+
+    /// A transfer is recorded on its debit account's shard; without knowing it, look on each.
+    pub fn transfer(&self, id: &str) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, ApiError> {
+        for i in 0..self.node.shard_count() {
+            let shard = ShardId(i);
+            if let Some(found) = read::transfer(&**self.node.store(shard), shard, id)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    pub fn entries(
+        &self,
+        account_id: &str,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<Entry>, ApiError> {
+        let shard = self.node.locate(account_id);
+        Ok(read::entries(&**self.node.store(shard), shard, account_id, from_version, limit)?)
+    }
+}
+
+fn unexpected(reply: &Reply) -> ApiError {
+    ApiError::Internal(format!("unexpected reply from a shard: {reply:?}"))
+}

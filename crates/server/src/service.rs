@@ -1,0 +1,185 @@
+//! The `ledger.v1.LedgerService` gRPC service: decode and validate the request (all of it,
+//! before anything is applied), call the router, encode per-item results.
+
+use tonic::{Request, Response, Status};
+
+use ledger_domain::{InvalidInput, Transfer, validate_id};
+use ledger_proto::pb::ledger_service_server::LedgerService;
+use ledger_proto::{self as wire, pb};
+use ledger_shard::engine::TransferReply;
+
+use crate::error::ApiError;
+use crate::router::{PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Router};
+
+pub struct Ledger {
+    router: Router,
+}
+
+impl Ledger {
+    pub fn new(router: Router) -> Self {
+        Self { router }
+    }
+}
+
+fn decode_transfer(t: pb::Transfer, field: &str) -> Result<Transfer, ApiError> {
+    let t = wire::transfer(t).map_err(|e| e.within(field))?;
+    t.validate().map_err(|e| e.within(field))?;
+    Ok(t)
+}
+
+fn transfer_result(reply: &TransferReply) -> pb::TransferResult {
+    wire::transfer_result(&reply.record, reply.hold.as_ref())
+}
+
+fn check_ids(router: &Router, field: &str, ids: &[String]) -> Result<(), ApiError> {
+    router.check_batch(field, ids.len())?;
+    for (i, id) in ids.iter().enumerate() {
+        validate_id(&format!("{field}[{i}]"), id)?;
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl LedgerService for Ledger {
+    async fn create_accounts(
+        &self,
+        request: Request<pb::CreateAccountsRequest>,
+    ) -> Result<Response<pb::CreateAccountsResponse>, Status> {
+        let accounts = request.into_inner().accounts;
+        self.router.check_batch("accounts", accounts.len())?;
+        let accounts = accounts
+            .into_iter()
+            .enumerate()
+            .map(|(i, a)| {
+                wire::new_account(a).normalize().map_err(|e| e.within(&format!("accounts[{i}]")))
+            })
+            .collect::<Result<Vec<_>, InvalidInput>>()
+            .map_err(ApiError::from)?;
+        let ids: Vec<String> = accounts.iter().map(|a| a.id.clone()).collect();
+        let results = self.router.create_accounts(accounts).await?;
+        let results = ids
+            .into_iter()
+            .zip(results)
+            .map(|(id, (result, shard))| pb::AccountResult {
+                id,
+                outcome: Some(match result {
+                    Ok(account) => pb::account_result::Outcome::Account(wire::account(&account, shard.0)),
+                    Err(reason) => pb::account_result::Outcome::Rejection(wire::rejection(reason)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(pb::CreateAccountsResponse { results }))
+    }
+
+    async fn get_accounts(
+        &self,
+        request: Request<pb::GetAccountsRequest>,
+    ) -> Result<Response<pb::GetAccountsResponse>, Status> {
+        let ids = request.into_inner().ids;
+        check_ids(&self.router, "ids", &ids)?;
+        let mut response = pb::GetAccountsResponse::default();
+        for id in ids {
+            match self.router.account(&id)? {
+                Some((account, shard)) => response.accounts.push(wire::account(&account, shard.0)),
+                None => response.not_found.push(id),
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn create_transfers(
+        &self,
+        request: Request<pb::CreateTransfersRequest>,
+    ) -> Result<Response<pb::CreateTransfersResponse>, Status> {
+        let transfers = request.into_inner().transfers;
+        self.router.check_batch("transfers", transfers.len())?;
+        let transfers = transfers
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| decode_transfer(t, &format!("transfers[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let replies = self.router.create_transfers(transfers).await?;
+        let results = replies.iter().map(transfer_result).collect();
+        Ok(Response::new(pb::CreateTransfersResponse { results }))
+    }
+
+    async fn transfer(
+        &self,
+        request: Request<pb::Transfer>,
+    ) -> Result<Response<pb::TransferResult>, Status> {
+        let transfer = wire::transfer(request.into_inner()).map_err(ApiError::from)?;
+        transfer.validate().map_err(ApiError::from)?;
+        let reply = self.router.create_transfer(transfer).await?;
+        Ok(Response::new(transfer_result(&reply)))
+    }
+
+    async fn get_transfers(
+        &self,
+        request: Request<pb::GetTransfersRequest>,
+    ) -> Result<Response<pb::GetTransfersResponse>, Status> {
+        let ids = request.into_inner().ids;
+        check_ids(&self.router, "ids", &ids)?;
+        let mut response = pb::GetTransfersResponse::default();
+        for id in ids {
+            // Only committed transfers are shown; a recorded rejection is not a transfer.
+            match self.router.transfer(&id)?.and_then(|(r, h)| wire::committed_transfer(&r, h.as_ref())) {
+                Some(t) => response.transfers.push(t),
+                None => response.not_found.push(id),
+            }
+        }
+        Ok(Response::new(response))
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::Balance>, Status> {
+        let id = request.into_inner().account_id;
+        validate_id("account_id", &id).map_err(ApiError::from)?;
+        match self.router.account(&id)? {
+            Some((account, _)) => Ok(Response::new(wire::balance(&account))),
+            None => Err(ApiError::NotFound(format!("account {id:?} does not exist")).into()),
+        }
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let r = request.into_inner();
+        validate_id("account_id", &r.account_id).map_err(ApiError::from)?;
+        let page_size = match r.page_size {
+            0 => PAGE_SIZE_DEFAULT,
+            n if n > PAGE_SIZE_MAX => {
+                return Err(ApiError::from(InvalidInput::new(
+                    "page_size",
+                    format!("is {n}; the limit is {PAGE_SIZE_MAX}"),
+                ))
+                .into());
+            }
+            n => n,
+        } as usize;
+        let from_version = if r.page_token.is_empty() {
+            1
+        } else {
+            r.page_token.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+                ApiError::from(InvalidInput::new(
+                    "page_token",
+                    "is not a token from a previous ListEntries response",
+                ))
+            })?
+        };
+        if self.router.account(&r.account_id)?.is_none() {
+            return Err(ApiError::NotFound(format!("account {:?} does not exist", r.account_id)).into());
+        }
+        let mut entries = self.router.entries(&r.account_id, from_version, page_size + 1)?;
+        let next_page_token = if entries.len() > page_size {
+            entries.truncate(page_size);
+            (entries.last().expect("non-empty").version + 1).to_string()
+        } else {
+            String::new()
+        };
+        let entries = entries.iter().map(wire::entry).collect();
+        Ok(Response::new(pb::ListEntriesResponse { entries, next_page_token }))
+    }
+}
