@@ -1,1 +1,142 @@
-//! placeholder
+//! Rust client for the ledger. Calls that change state are retried on `UNAVAILABLE` (a leader
+//! changing or a node restarting) with the same transfer ids, which is always safe: a transfer
+//! id is applied at most once.
+
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+pub use ledger_proto::pb;
+use pb::ledger_service_client::LedgerServiceClient;
+
+/// How many times a call is retried on `UNAVAILABLE` before the error is returned.
+pub const RETRIES_MAX: u32 = 8;
+const RETRY_BACKOFF_START: Duration = Duration::from_millis(50);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot connect to {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] Status),
+}
+
+#[derive(Clone, Debug)]
+pub struct Client {
+    inner: LedgerServiceClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `addr` (e.g. `http://127.0.0.1:50051`).
+    pub async fn connect(addr: &str) -> Result<Client, Error> {
+        let err = |reason: String| Error::Connect { addr: addr.to_string(), reason };
+        let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|e| err(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
+        let inner = LedgerServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        Ok(Client { inner })
+    }
+
+    pub fn raw(&self) -> LedgerServiceClient<Channel> {
+        self.inner.clone()
+    }
+
+    pub async fn create_accounts(&self, accounts: Vec<pb::Account>) -> Result<Vec<pb::AccountResult>, Error> {
+        let request = pb::CreateAccountsRequest { accounts };
+        retry(|| {
+            let mut c = self.inner.clone();
+            let request = request.clone();
+            async move { c.create_accounts(request).await }
+        })
+        .await
+        .map(|r| r.results)
+    }
+
+    pub async fn get_accounts(&self, ids: Vec<String>) -> Result<pb::GetAccountsResponse, Error> {
+        let mut c = self.inner.clone();
+        Ok(c.get_accounts(pb::GetAccountsRequest { ids }).await?.into_inner())
+    }
+
+    pub async fn create_transfers(&self, transfers: Vec<pb::Transfer>) -> Result<Vec<pb::TransferResult>, Error> {
+        let request = pb::CreateTransfersRequest { transfers };
+        retry(|| {
+            let mut c = self.inner.clone();
+            let request = request.clone();
+            async move { c.create_transfers(request).await }
+        })
+        .await
+        .map(|r| r.results)
+    }
+
+    pub async fn transfer(&self, transfer: pb::Transfer) -> Result<pb::TransferResult, Error> {
+        retry(|| {
+            let mut c = self.inner.clone();
+            let transfer = transfer.clone();
+            async move { c.transfer(transfer).await }
+        })
+        .await
+    }
+
+    pub async fn get_transfers(&self, ids: Vec<String>) -> Result<pb::GetTransfersResponse, Error> {
+        let mut c = self.inner.clone();
+        Ok(c.get_transfers(pb::GetTransfersRequest { ids }).await?.into_inner())
+    }
+
+    pub async fn balance(&self, account_id: &str) -> Result<pb::Balance, Error> {
+        let mut c = self.inner.clone();
+        let request = pb::GetBalanceRequest { account_id: account_id.to_string() };
+        Ok(c.get_balance(request).await?.into_inner())
+    }
+
+    /// One page of an account's statement.
+    pub async fn entries(&self, account_id: &str, page_size: u32, page_token: String) -> Result<pb::ListEntriesResponse, Error> {
+        let mut c = self.inner.clone();
+        let request = pb::ListEntriesRequest { account_id: account_id.to_string(), page_size, page_token };
+        Ok(c.list_entries(request).await?.into_inner())
+    }
+
+    /// The whole statement, page by page.
+    pub async fn all_entries(&self, account_id: &str) -> Result<Vec<pb::Entry>, Error> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let page = self.entries(account_id, 1_000, token).await?;
+            out.extend(page.entries);
+            if page.next_page_token.is_empty() {
+                return Ok(out);
+            }
+            token = page.next_page_token;
+        }
+    }
+}
+
+async fn retry<T, F, Fut>(mut call: F) -> Result<T, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let mut backoff = RETRY_BACKOFF_START;
+    let mut tries = 0;
+    loop {
+        match call().await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == Code::Unavailable && tries < RETRIES_MAX => {
+                tries += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(status) => return Err(status.into()),
+        }
+    }
+}
+
+/// The stable name of a rejection reason number, e.g. `exceeds_credits`.
+pub fn reason_name(reason: i32) -> String {
+    pb::RejectionReason::try_from(reason)
+        .map(|r| r.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("reason_{reason}"))
+}

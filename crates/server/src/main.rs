@@ -127,8 +127,13 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
-            tracing::info!("shutting down");
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down: finishing in-flight batches");
         };
         let store = config.store;
         let data_dir = config.data_dir.clone();
