@@ -93,10 +93,12 @@ impl Router {
             Some(shard) => shard,
             None => {
                 // No hold by that id on any shard. Not recorded: the hold may yet be created.
-                let record = TransferRecord {
-                    request: transfer,
-                    result: Err(Rejection::PendingTransferNotFound),
+                let reason = if self.transfer(&transfer.pending_id)?.is_some() {
+                    Rejection::PendingTransferNotPending
+                } else {
+                    Rejection::PendingTransferNotFound
                 };
+                let record = TransferRecord { request: transfer, result: Err(reason) };
                 return Ok(TransferReply { record, hold: None });
             }
         };
@@ -110,8 +112,12 @@ impl Router {
     /// the accounts empty inherits them from the hold, found by its id.
     fn home_of_transfer(&self, transfer: &Transfer) -> Result<Option<ShardId>, ApiError> {
         let resolves = matches!(transfer.kind, TransferKind::PostPending | TransferKind::VoidPending);
-        if !resolves || !transfer.debit_account_id.is_empty() {
+        if !resolves {
             return Ok(Some(self.node.locate(&transfer.debit_account_id)));
+        }
+        // Idempotency first: a post/void id already recorded is answered where it was recorded.
+        if let Some((_, _, shard)) = self.find_transfer(&transfer.id)? {
+            return Ok(Some(shard));
         }
         Ok(self.find_hold(&transfer.pending_id)?.map(|hold| self.node.locate(&hold.debit_account_id)))
     }
@@ -133,10 +139,17 @@ impl Router {
 
     /// A transfer is recorded on its debit account's shard; without knowing it, look on each.
     pub fn transfer(&self, id: &str) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, ApiError> {
+        Ok(self.find_transfer(id)?.map(|(record, hold, _)| (record, hold)))
+    }
+
+    fn find_transfer(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TransferRecord, Option<HoldStatus>, ShardId)>, ApiError> {
         for i in 0..self.node.shard_count() {
             let shard = ShardId(i);
-            if let Some(found) = read::transfer(&**self.node.store(shard), shard, id)? {
-                return Ok(Some(found));
+            if let Some((record, hold)) = read::transfer(&**self.node.store(shard), shard, id)? {
+                return Ok(Some((record, hold, shard)));
             }
         }
         Ok(None)

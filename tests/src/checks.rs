@@ -1,0 +1,109 @@
+//! Invariant checkers over the stores of a cluster, one function per invariant. Each returns
+//! the list of violations (empty = holds), so a test can print all of them.
+
+use std::collections::{BTreeMap, HashMap};
+
+use ledger_domain::{Account, Entry, ShardId};
+use ledger_shard::read;
+use ledger_store::Store;
+
+/// Everything the checkers look at, read once.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub accounts: Vec<(ShardId, Account)>,
+    pub entries: HashMap<String, Vec<Entry>>,
+    /// (prepared records, coordinator records) per shard.
+    pub in_flight: Vec<(usize, usize)>,
+}
+
+impl Snapshot {
+    pub fn read(stores: &[&dyn Store]) -> Snapshot {
+        let mut s = Snapshot::default();
+        for (i, store) in stores.iter().enumerate() {
+            let shard = ShardId(i as u32);
+            for account in read::all_accounts(*store, shard).expect("accounts") {
+                let entries = read::entries(*store, shard, account.id(), 1, usize::MAX).expect("entries");
+                s.entries.insert(account.id().to_string(), entries);
+                s.accounts.push((shard, account));
+            }
+            s.in_flight.push(read::in_flight(*store, shard).expect("in flight"));
+        }
+        s
+    }
+}
+
+/// I1 conservation: per ledger, credits - debits over all accounts is zero (pending and posted
+/// separately). Holds at quiescence: a cross-shard transfer's legs land in separate commits.
+pub fn conservation(s: &Snapshot) -> Vec<String> {
+    let mut sums: BTreeMap<&str, (i128, i128)> = BTreeMap::new();
+    for (_, a) in &s.accounts {
+        let b = &a.balances;
+        let e = sums.entry(&a.spec.ledger).or_default();
+        e.0 += i128::from(b.credits_posted) - i128::from(b.debits_posted);
+        e.1 += i128::from(b.credits_pending) - i128::from(b.debits_pending);
+    }
+    sums.into_iter()
+        .filter(|(_, (posted, pending))| *posted != 0 || *pending != 0)
+        .map(|(ledger, (posted, pending))| format!("I1 ledger {ledger}: posted sum {posted}, pending sum {pending}"))
+        .collect()
+}
+
+/// I2: no flagged account breaks its flag, counting pending amounts.
+pub fn no_overdraft(s: &Snapshot) -> Vec<String> {
+    s.accounts
+        .iter()
+        .filter(|(_, a)| !a.satisfies_flags())
+        .map(|(_, a)| format!("I2 account {} breaks its flags: {:?}", a.id(), a.balances))
+        .collect()
+}
+
+/// I4: each account's entries are numbered 1..=version without gaps, and the last entry's
+/// balances are the account's balances.
+pub fn versions(s: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_, a) in &s.accounts {
+        let entries = &s.entries[a.id()];
+        let numbers: Vec<u64> = entries.iter().map(|e| e.version).collect();
+        let expected: Vec<u64> = (1..=a.version).collect();
+        if numbers != expected {
+            out.push(format!("I4 account {}: version {} but entries {:?}", a.id(), a.version, numbers));
+        } else if let Some(last) = entries.last() {
+            if last.balances != a.balances {
+                out.push(format!("I4 account {}: last entry balances differ", a.id()));
+            }
+        }
+    }
+    out
+}
+
+/// No prepared record or coordinator record is left (run after recovery has settled).
+pub fn nothing_in_flight(s: &Snapshot) -> Vec<String> {
+    s.in_flight
+        .iter()
+        .enumerate()
+        .filter(|(_, (p, c))| *p != 0 || *c != 0)
+        .map(|(i, (p, c))| format!("shard {i}: {p} prepared and {c} coordinator records left"))
+        .collect()
+}
+
+/// I3 exactly once: a transfer id appears at most once in each account's statement.
+pub fn exactly_once(s: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    for (account, entries) in &s.entries {
+        let mut seen: HashMap<(&str, ledger_domain::EntryKind), u32> = HashMap::new();
+        for e in entries {
+            *seen.entry((&e.transfer_id, e.kind)).or_default() += 1;
+        }
+        for ((id, kind), n) in seen {
+            if n > 1 {
+                out.push(format!("I3 account {account}: {id} ({kind:?}) applied {n} times"));
+            }
+        }
+    }
+    out
+}
+
+/// All of the above.
+pub fn all(s: &Snapshot) -> Vec<String> {
+    [conservation(s), no_overdraft(s), versions(s), nothing_in_flight(s), exactly_once(s)].concat()
+}
