@@ -22,11 +22,13 @@ impl Snapshot {
         for (i, store) in stores.iter().enumerate() {
             let shard = ShardId(i as u32);
             for account in read::all_accounts(*store, shard).expect("accounts") {
-                let entries = read::entries(*store, shard, account.id(), 1, usize::MAX).expect("entries");
+                let entries =
+                    read::entries(*store, shard, account.id(), 1, usize::MAX).expect("entries");
                 s.entries.insert(account.id().to_string(), entries);
                 s.accounts.push((shard, account));
             }
-            s.in_flight.push(read::in_flight(*store, shard).expect("in flight"));
+            s.in_flight
+                .push(read::in_flight(*store, shard).expect("in flight"));
         }
         s
     }
@@ -44,7 +46,9 @@ pub fn conservation(s: &Snapshot) -> Vec<String> {
     }
     sums.into_iter()
         .filter(|(_, (posted, pending))| *posted != 0 || *pending != 0)
-        .map(|(ledger, (posted, pending))| format!("I1 ledger {ledger}: posted sum {posted}, pending sum {pending}"))
+        .map(|(ledger, (posted, pending))| {
+            format!("I1 ledger {ledger}: posted sum {posted}, pending sum {pending}")
+        })
         .collect()
 }
 
@@ -66,11 +70,17 @@ pub fn versions(s: &Snapshot) -> Vec<String> {
         let numbers: Vec<u64> = entries.iter().map(|e| e.version).collect();
         let expected: Vec<u64> = (1..=a.version).collect();
         if numbers != expected {
-            out.push(format!("I4 account {}: version {} but entries {:?}", a.id(), a.version, numbers));
-        } else if let Some(last) = entries.last() {
-            if last.balances != a.balances {
-                out.push(format!("I4 account {}: last entry balances differ", a.id()));
-            }
+            out.push(format!(
+                "I4 account {}: version {} but entries {:?}",
+                a.id(),
+                a.version,
+                numbers
+            ));
+        } else if entries
+            .last()
+            .is_some_and(|last| last.balances != a.balances)
+        {
+            out.push(format!("I4 account {}: last entry balances differ", a.id()));
         }
     }
     out
@@ -96,7 +106,9 @@ pub fn exactly_once(s: &Snapshot) -> Vec<String> {
         }
         for ((id, kind), n) in seen {
             if n > 1 {
-                out.push(format!("I3 account {account}: {id} ({kind:?}) applied {n} times"));
+                out.push(format!(
+                    "I3 account {account}: {id} ({kind:?}) applied {n} times"
+                ));
             }
         }
     }
@@ -105,5 +117,12 @@ pub fn exactly_once(s: &Snapshot) -> Vec<String> {
 
 /// All of the above.
 pub fn all(s: &Snapshot) -> Vec<String> {
-    [conservation(s), no_overdraft(s), versions(s), nothing_in_flight(s), exactly_once(s)].concat()
+    [
+        conservation(s),
+        no_overdraft(s),
+        versions(s),
+        nothing_in_flight(s),
+        exactly_once(s),
+    ]
+    .concat()
 }

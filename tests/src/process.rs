@@ -21,7 +21,9 @@ impl InProcess {
     /// Starts `ledgerd` on 127.0.0.1 port 0 with `config` (listen address ignored).
     pub async fn start(mut config: Config) -> InProcess {
         config.listen = "127.0.0.1:0".parse().expect("address");
-        let listener = tokio::net::TcpListener::bind(config.listen).await.expect("bind");
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .expect("bind");
         let addr = format!("http://{}", listener.local_addr().expect("addr"));
         let (stop, stopped) = oneshot::channel::<()>();
         let (ready_tx, ready) = oneshot::channel();
@@ -36,7 +38,11 @@ impl InProcess {
             .expect("server runs");
         });
         ready.await.expect("server started");
-        InProcess { addr, stop: Some(stop), task: Some(task) }
+        InProcess {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     /// Stops the server and waits until its shard leaders have finished.
@@ -52,7 +58,11 @@ impl InProcess {
 
 /// A config for tests: embedded store in `dir`, few shards, short protocol timers.
 pub fn test_config(dir: &Path, shards: u32) -> Config {
-    let mut config = Config { data_dir: dir.to_path_buf(), shards, ..Config::default() };
+    let mut config = Config {
+        data_dir: dir.to_path_buf(),
+        shards,
+        ..Config::default()
+    };
     config.shard.retry_ms = 100;
     config.shard.prepared_query_ms = 300;
     config.shard.lock_wait_ms_max = 2_000;
@@ -64,7 +74,10 @@ pub fn test_config(dir: &Path, shards: u32) -> Config {
 /// The `ledgerd` binary next to this test binary (target/<profile>/ledgerd), built if missing.
 pub fn ledgerd_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>");
     let bin = profile_dir.join("ledgerd");
     if !bin.exists() {
         let release = profile_dir.ends_with("release");
@@ -92,7 +105,8 @@ impl Ledgerd {
         let config_path = dir.join("ledgerd.toml");
         let mut config = config.clone();
         config.listen = "127.0.0.1:0".parse().expect("address");
-        std::fs::write(&config_path, toml::to_string(&config).expect("toml")).expect("write config");
+        std::fs::write(&config_path, toml::to_string(&config).expect("toml"))
+            .expect("write config");
         let mut child = Command::new(ledgerd_bin())
             .args(["start", "--config"])
             .arg(&config_path)
@@ -103,12 +117,17 @@ impl Ledgerd {
             .expect("spawn ledgerd");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read ledgerd stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read ledgerd stdout");
         let addr = line
             .strip_prefix("ledgerd listening on ")
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line from ledgerd: {line:?}"));
-        Ledgerd { addr: format!("http://{addr}"), child }
+        Ledgerd {
+            addr: format!("http://{addr}"),
+            child,
+        }
     }
 
     /// `kill -9`: no chance to flush or finish anything.
@@ -141,6 +160,9 @@ impl Drop for Ledgerd {
 /// Opens a stopped node's shard files for the checkers.
 pub fn open_shards(dir: &Path, shards: u32) -> Vec<ledger_store::Embedded> {
     (0..shards)
-        .map(|i| ledger_store::Embedded::open(&dir.join(format!("shard-{i:04}.redb"))).expect("open shard"))
+        .map(|i| {
+            ledger_store::Embedded::open(&dir.join(format!("shard-{i:04}.redb")))
+                .expect("open shard")
+        })
         .collect()
 }

@@ -8,8 +8,7 @@
 use std::collections::BTreeMap;
 
 use ledger_domain::{
-    Account, Balances, HoldState, HoldStatus, NewAccount, Rejection, Transfer,
-    TransferKind,
+    Account, Balances, HoldState, HoldStatus, NewAccount, Rejection, Transfer, TransferKind,
 };
 
 #[derive(Debug, Default)]
@@ -33,7 +32,11 @@ impl Reference {
     /// Applies a transfer; returns the amount moved or the rejection, as the ledger must.
     pub fn transfer(&mut self, t: &Transfer) -> Result<u64, Rejection> {
         if let Some((request, result)) = self.transfers.get(&t.id) {
-            return if request == t { *result } else { Err(Rejection::ExistsWithDifferentFields) };
+            return if request == t {
+                *result
+            } else {
+                Err(Rejection::ExistsWithDifferentFields)
+            };
         }
         let result = self.apply(t);
         // A post/void of a hold that does not exist is answered without recording the id (the
@@ -52,7 +55,14 @@ impl Reference {
         let (debit_id, credit_id, ledger, amount, debit, credit) = match t.kind {
             TransferKind::Posted | TransferKind::Pending => {
                 let (d, c) = t.new_changes();
-                (t.debit_account_id.clone(), t.credit_account_id.clone(), t.ledger.clone(), t.amount, d, c)
+                (
+                    t.debit_account_id.clone(),
+                    t.credit_account_id.clone(),
+                    t.ledger.clone(),
+                    t.amount,
+                    d,
+                    c,
+                )
             }
             TransferKind::PostPending | TransferKind::VoidPending => {
                 let Some(hold) = self.holds.get(&t.pending_id) else {
@@ -63,10 +73,22 @@ impl Reference {
                     });
                 };
                 let (amount, d, c) = hold.resolve(t, self.now_ms)?;
-                (hold.debit_account_id.clone(), hold.credit_account_id.clone(), hold.ledger.clone(), amount, d, c)
+                (
+                    hold.debit_account_id.clone(),
+                    hold.credit_account_id.clone(),
+                    hold.ledger.clone(),
+                    amount,
+                    d,
+                    c,
+                )
             }
         };
-        let check = |accounts: &BTreeMap<String, Account>, id: &str, change, expected: Option<u64>, nf, vm| {
+        let check = |accounts: &BTreeMap<String, Account>,
+                     id: &str,
+                     change,
+                     expected: Option<u64>,
+                     nf,
+                     vm| {
             let a: &Account = accounts.get(id).ok_or(nf)?;
             if a.spec.ledger != ledger {
                 return Err(Rejection::LedgerMismatch);
@@ -76,10 +98,22 @@ impl Reference {
             }
             a.balances.apply(&change, a.spec.flags, a.spec.credit_limit)
         };
-        let debit_after = check(&self.accounts, &debit_id, debit, t.expected_debit_version,
-            Rejection::DebitAccountNotFound, Rejection::DebitVersionMismatch)?;
-        let credit_after = check(&self.accounts, &credit_id, credit, t.expected_credit_version,
-            Rejection::CreditAccountNotFound, Rejection::CreditVersionMismatch)?;
+        let debit_after = check(
+            &self.accounts,
+            &debit_id,
+            debit,
+            t.expected_debit_version,
+            Rejection::DebitAccountNotFound,
+            Rejection::DebitVersionMismatch,
+        )?;
+        let credit_after = check(
+            &self.accounts,
+            &credit_id,
+            credit,
+            t.expected_credit_version,
+            Rejection::CreditAccountNotFound,
+            Rejection::CreditVersionMismatch,
+        )?;
         for (id, after) in [(&debit_id, debit_after), (&credit_id, credit_after)] {
             let a = self.accounts.get_mut(id).expect("checked");
             a.balances = after;
@@ -89,15 +123,18 @@ impl Reference {
             TransferKind::Pending => {
                 let expires_at_ms = (t.timeout_seconds > 0)
                     .then(|| self.now_ms + u64::from(t.timeout_seconds) * 1_000);
-                self.holds.insert(t.id.clone(), HoldStatus {
-                    state: HoldState::Pending,
-                    debit_account_id: debit_id,
-                    credit_account_id: credit_id,
-                    ledger,
-                    amount,
-                    posted_amount: 0,
-                    expires_at_ms,
-                });
+                self.holds.insert(
+                    t.id.clone(),
+                    HoldStatus {
+                        state: HoldState::Pending,
+                        debit_account_id: debit_id,
+                        credit_account_id: credit_id,
+                        ledger,
+                        amount,
+                        posted_amount: 0,
+                        expires_at_ms,
+                    },
+                );
             }
             TransferKind::PostPending => {
                 let h = self.holds.get_mut(&t.pending_id).expect("resolved");
@@ -121,7 +158,10 @@ impl Reference {
                 let (d, c) = hold.expiry_changes();
                 for (id, change) in [(&hold.debit_account_id, d), (&hold.credit_account_id, c)] {
                     let a = self.accounts.get_mut(id).expect("hold accounts exist");
-                    a.balances = a.balances.apply(&change, a.spec.flags, a.spec.credit_limit).expect("release");
+                    a.balances = a
+                        .balances
+                        .apply(&change, a.spec.flags, a.spec.credit_limit)
+                        .expect("release");
                     a.version += 1;
                 }
                 hold.state = HoldState::Expired;

@@ -14,7 +14,10 @@ fn account(id: &str, no_overdraft: bool) -> pb::Account {
     pb::Account {
         id: id.into(),
         ledger: "USD".into(),
-        flags: Some(pb::AccountFlags { debits_must_not_exceed_credits: no_overdraft, ..Default::default() }),
+        flags: Some(pb::AccountFlags {
+            debits_must_not_exceed_credits: no_overdraft,
+            ..Default::default()
+        }),
         ..Default::default()
     }
 }
@@ -48,7 +51,10 @@ fn rejected(r: &pb::TransferResult) -> pb::RejectionReason {
 
 async fn create(client: &Client, accounts: Vec<pb::Account>) {
     for r in client.create_accounts(accounts).await.unwrap() {
-        assert!(matches!(r.outcome, Some(pb::account_result::Outcome::Account(_))), "{r:?}");
+        assert!(
+            matches!(r.outcome, Some(pb::account_result::Outcome::Account(_))),
+            "{r:?}"
+        );
     }
 }
 
@@ -66,53 +72,107 @@ async fn tour_accounts_transfers_holds_statement() {
     let dir = tempfile::tempdir().unwrap();
     let server = InProcess::start(test_config(dir.path(), 4)).await;
     let client = Client::connect(&server.addr).await.unwrap();
-    create(&client, vec![account("alice", true), account("bob", false), account("bank", false)]).await;
+    create(
+        &client,
+        vec![
+            account("alice", true),
+            account("bob", false),
+            account("bank", false),
+        ],
+    )
+    .await;
 
     // Creating the same account again is idempotent; with other fields it is rejected.
-    let again = client.create_accounts(vec![account("alice", true)]).await.unwrap();
-    assert!(matches!(again[0].outcome, Some(pb::account_result::Outcome::Account(_))));
-    let changed = client.create_accounts(vec![account("alice", false)]).await.unwrap();
-    assert!(matches!(&changed[0].outcome, Some(pb::account_result::Outcome::Rejection(r))
-        if r.reason == pb::RejectionReason::ExistsWithDifferentFields as i32));
+    let again = client
+        .create_accounts(vec![account("alice", true)])
+        .await
+        .unwrap();
+    assert!(matches!(
+        again[0].outcome,
+        Some(pb::account_result::Outcome::Account(_))
+    ));
+    let changed = client
+        .create_accounts(vec![account("alice", false)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&changed[0].outcome, Some(pb::account_result::Outcome::Rejection(r))
+        if r.reason == pb::RejectionReason::ExistsWithDifferentFields as i32)
+    );
 
-    let r = client.transfer(transfer("fund", "bank", "alice", 10_000)).await.unwrap();
+    let r = client
+        .transfer(transfer("fund", "bank", "alice", 10_000))
+        .await
+        .unwrap();
     assert_eq!(committed(&r).amount, 10_000);
-    let r = client.transfer(transfer("pay", "alice", "bob", 2_500)).await.unwrap();
+    let r = client
+        .transfer(transfer("pay", "alice", "bob", 2_500))
+        .await
+        .unwrap();
     assert_eq!(committed(&r).debit_account_version, 2);
-    let r = client.transfer(transfer("too-much", "alice", "bob", 7_501)).await.unwrap();
+    let r = client
+        .transfer(transfer("too-much", "alice", "bob", 7_501))
+        .await
+        .unwrap();
     assert_eq!(rejected(&r), pb::RejectionReason::ExceedsCredits);
 
     let hold = pb::Transfer {
-        flags: Some(pb::TransferFlags { pending: true, ..Default::default() }),
+        flags: Some(pb::TransferFlags {
+            pending: true,
+            ..Default::default()
+        }),
         timeout_seconds: 3600,
         ..transfer("hold", "alice", "bob", 3_000)
     };
     client.transfer(hold).await.unwrap();
-    assert_eq!(client.balance("alice").await.unwrap().available, 4_500, "the hold counts");
+    assert_eq!(
+        client.balance("alice").await.unwrap().available,
+        4_500,
+        "the hold counts"
+    );
     let post = pb::Transfer {
         id: "post".into(),
         pending_id: "hold".into(),
         amount: 2_000,
-        flags: Some(pb::TransferFlags { post_pending: true, ..Default::default() }),
+        flags: Some(pb::TransferFlags {
+            post_pending: true,
+            ..Default::default()
+        }),
         ..Default::default()
     };
     let r = client.transfer(post).await.unwrap();
     let t = committed(&r);
-    assert_eq!((t.amount, t.debit_account_id.as_str()), (2_000, "alice"), "accounts inherited");
+    assert_eq!(
+        (t.amount, t.debit_account_id.as_str()),
+        (2_000, "alice"),
+        "accounts inherited"
+    );
 
     let alice = client.balance("alice").await.unwrap();
-    assert_eq!((alice.debits_posted, alice.debits_pending, alice.available), (4_500, 0, 5_500));
+    assert_eq!(
+        (alice.debits_posted, alice.debits_pending, alice.available),
+        (4_500, 0, 5_500)
+    );
     let bob = client.balance("bob").await.unwrap();
     assert_eq!(bob.credits_posted, 4_500);
 
-    let found = client.get_transfers(vec!["hold".into(), "too-much".into(), "nope".into()]).await.unwrap();
+    let found = client
+        .get_transfers(vec!["hold".into(), "too-much".into(), "nope".into()])
+        .await
+        .unwrap();
     assert_eq!(found.transfers.len(), 1);
     assert_eq!(found.transfers[0].hold_state, pb::HoldState::Posted as i32);
-    assert_eq!(found.not_found, vec!["too-much".to_string(), "nope".to_string()]);
+    assert_eq!(
+        found.not_found,
+        vec!["too-much".to_string(), "nope".to_string()]
+    );
 
     // The statement, two entries a page, oldest first, versions 1..=4.
     let page = client.entries("alice", 2, String::new()).await.unwrap();
-    assert_eq!(page.entries.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!(
+        page.entries.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
     let all = client.all_entries("alice").await.unwrap();
     let ids: Vec<&str> = all.iter().map(|e| e.transfer_id.as_str()).collect();
     assert_eq!(ids, vec!["fund", "pay", "hold", "post"]);
@@ -143,45 +203,143 @@ async fn bad_input_is_refused_whole_and_changes_nothing() {
         ("empty id", with(&|t| t.id.clear()), "id"),
         ("id with a space", with(&|t| t.id = "a b".into()), "id"),
         ("id too long", with(&|t| t.id = "x".repeat(129)), "id"),
-        ("same accounts", with(&|t| t.credit_account_id = "a".into()), "credit_account_id"),
-        ("no debit account", with(&|t| t.debit_account_id.clear()), "debit_account_id"),
-        ("lower-case ledger", with(&|t| t.ledger = "usd".into()), "ledger"),
-        ("two flags", with(&|t| t.flags = Some(pb::TransferFlags { pending: true, post_pending: true, ..Default::default() })), "flags"),
-        ("timeout without hold", with(&|t| t.timeout_seconds = 5), "timeout_seconds"),
-        ("pending_id without post/void", with(&|t| t.pending_id = "p".into()), "pending_id"),
-        ("post without pending_id", with(&|t| t.flags = Some(pb::TransferFlags { post_pending: true, ..Default::default() })), "pending_id"),
-        ("too much metadata", with(&|t| t.metadata = (0..17).map(|i| (format!("k{i}"), "v".into())).collect()), "metadata"),
+        (
+            "same accounts",
+            with(&|t| t.credit_account_id = "a".into()),
+            "credit_account_id",
+        ),
+        (
+            "no debit account",
+            with(&|t| t.debit_account_id.clear()),
+            "debit_account_id",
+        ),
+        (
+            "lower-case ledger",
+            with(&|t| t.ledger = "usd".into()),
+            "ledger",
+        ),
+        (
+            "two flags",
+            with(&|t| {
+                t.flags = Some(pb::TransferFlags {
+                    pending: true,
+                    post_pending: true,
+                    ..Default::default()
+                })
+            }),
+            "flags",
+        ),
+        (
+            "timeout without hold",
+            with(&|t| t.timeout_seconds = 5),
+            "timeout_seconds",
+        ),
+        (
+            "pending_id without post/void",
+            with(&|t| t.pending_id = "p".into()),
+            "pending_id",
+        ),
+        (
+            "post without pending_id",
+            with(&|t| {
+                t.flags = Some(pb::TransferFlags {
+                    post_pending: true,
+                    ..Default::default()
+                })
+            }),
+            "pending_id",
+        ),
+        (
+            "too much metadata",
+            with(&|t| t.metadata = (0..17).map(|i| (format!("k{i}"), "v".into())).collect()),
+            "metadata",
+        ),
     ];
     for (what, bad, field) in cases {
         // One bad item spoils the whole batch: the good item before it is not applied either.
         let request = vec![good.clone(), bad];
         let err = client.create_transfers(request).await.unwrap_err();
-        let ledger_client::Error::Status(status) = err else { panic!("{what}: {err}") };
+        let ledger_client::Error::Status(status) = err else {
+            panic!("{what}: {err}")
+        };
         assert_eq!(status.code(), Code::InvalidArgument, "{what}");
-        assert!(status.message().starts_with(&format!("transfers[1].{field}")), "{what}: {}", status.message());
+        assert!(
+            status
+                .message()
+                .starts_with(&format!("transfers[1].{field}")),
+            "{what}: {}",
+            status.message()
+        );
     }
-    let err = client.create_transfers(vec![good.clone(); 11]).await.unwrap_err();
-    assert!(matches!(&err, ledger_client::Error::Status(s) if s.code() == Code::InvalidArgument && s.message().contains("limit is 10")), "{err}");
+    let err = client
+        .create_transfers(vec![good.clone(); 11])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ledger_client::Error::Status(s) if s.code() == Code::InvalidArgument && s.message().contains("limit is 10")),
+        "{err}"
+    );
 
     let bad_accounts: Vec<(pb::Account, &str)> = vec![
-        (pb::Account { ledger: String::new(), ..account("c", false) }, "ledger"),
-        (pb::Account { id: "c d".into(), ..account("c", false) }, "id"),
-        (pb::Account { credit_limit: Some(5), ..account("c", false) }, "credit_limit"),
+        (
+            pb::Account {
+                ledger: String::new(),
+                ..account("c", false)
+            },
+            "ledger",
+        ),
+        (
+            pb::Account {
+                id: "c d".into(),
+                ..account("c", false)
+            },
+            "id",
+        ),
+        (
+            pb::Account {
+                credit_limit: Some(5),
+                ..account("c", false)
+            },
+            "credit_limit",
+        ),
     ];
     for (bad, field) in bad_accounts {
         let err = client.create_accounts(vec![bad]).await.unwrap_err();
-        assert!(matches!(&err, ledger_client::Error::Status(s) if s.code() == Code::InvalidArgument
-            && s.message().starts_with(&format!("accounts[0].{field}"))), "{err}");
+        assert!(
+            matches!(&err, ledger_client::Error::Status(s) if s.code() == Code::InvalidArgument
+            && s.message().starts_with(&format!("accounts[0].{field}"))),
+            "{err}"
+        );
     }
     let err = client.entries("a", 5_000, String::new()).await.unwrap_err();
-    assert!(matches!(&err, ledger_client::Error::Status(s) if s.message().starts_with("page_size")), "{err}");
+    assert!(
+        matches!(&err, ledger_client::Error::Status(s) if s.message().starts_with("page_size")),
+        "{err}"
+    );
     let err = client.entries("a", 10, "garbage".into()).await.unwrap_err();
-    assert!(matches!(&err, ledger_client::Error::Status(s) if s.message().starts_with("page_token")), "{err}");
+    assert!(
+        matches!(&err, ledger_client::Error::Status(s) if s.message().starts_with("page_token")),
+        "{err}"
+    );
 
     // Nothing changed.
     assert_eq!(client.balance("a").await.unwrap().version, 0);
-    assert!(client.get_accounts(vec!["c".into()]).await.unwrap().accounts.is_empty());
-    assert!(client.get_transfers(vec!["ok-1".into()]).await.unwrap().transfers.is_empty());
+    assert!(
+        client
+            .get_accounts(vec!["c".into()])
+            .await
+            .unwrap()
+            .accounts
+            .is_empty()
+    );
+    assert!(
+        client
+            .get_transfers(vec!["ok-1".into()])
+            .await
+            .unwrap()
+            .transfers
+            .is_empty()
+    );
     server.stop().await;
 }
 
@@ -202,7 +360,10 @@ async fn concurrent_retries_of_one_id_apply_once() {
     for result in futures::future::join_all(tasks).await {
         let r = result.unwrap();
         let t = committed(&r);
-        assert_eq!((t.amount, t.debit_account_version, t.cross_shard), (7, 1, true));
+        assert_eq!(
+            (t.amount, t.debit_account_version, t.cross_shard),
+            (7, 1, true)
+        );
     }
     assert_eq!(client.balance(&a).await.unwrap().debits_posted, 7);
     assert_eq!(client.balance(&b).await.unwrap().credits_posted, 7);
@@ -214,8 +375,13 @@ async fn two_accounts_on_different_shards(client: &Client) -> (String, String) {
     let mut shards: Vec<(String, u32)> = Vec::new();
     for i in 0.. {
         let id = format!("acct-{i}");
-        let r = client.create_accounts(vec![account(&id, false)]).await.unwrap();
-        let Some(pb::account_result::Outcome::Account(a)) = &r[0].outcome else { panic!() };
+        let r = client
+            .create_accounts(vec![account(&id, false)])
+            .await
+            .unwrap();
+        let Some(pb::account_result::Outcome::Account(a)) = &r[0].outcome else {
+            panic!()
+        };
         if let Some((other, _)) = shards.iter().find(|(_, s)| *s != a.shard) {
             return (other.clone(), id);
         }
@@ -245,7 +411,9 @@ async fn opposite_cross_shard_transfers_on_hot_accounts_do_not_deadlock() {
                     loop {
                         let r = client.transfer(transfer(&id, from, to, 1)).await.unwrap();
                         match &r.outcome {
-                            Some(pb::transfer_result::Outcome::Rejection(rej)) if rej.retriable => continue,
+                            Some(pb::transfer_result::Outcome::Rejection(rej)) if rej.retriable => {
+                                continue;
+                            }
                             Some(pb::transfer_result::Outcome::Transfer(_)) => committed += 1,
                             other => panic!("{id}: {other:?}"),
                         }
@@ -269,51 +437,92 @@ async fn placement_keys_keep_related_accounts_on_one_shard() {
     let dir = tempfile::tempdir().unwrap();
     let server = InProcess::start(test_config(dir.path(), 8)).await;
     let client = Client::connect(&server.addr).await.unwrap();
-    let with_key = |id: &str| pb::Account { placement_key: "merchant-42".into(), ..account(id, false) };
+    let with_key = |id: &str| pb::Account {
+        placement_key: "merchant-42".into(),
+        ..account(id, false)
+    };
     create(&client, vec![with_key("m42:fees"), with_key("m42:payouts")]).await;
-    let r = client.transfer(transfer("t1", "m42:fees", "m42:payouts", 3)).await.unwrap();
-    assert!(!committed(&r).cross_shard, "same placement key: the single-shard path");
-    let got = client.get_accounts(vec!["m42:fees".into(), "m42:payouts".into()]).await.unwrap();
+    let r = client
+        .transfer(transfer("t1", "m42:fees", "m42:payouts", 3))
+        .await
+        .unwrap();
+    assert!(
+        !committed(&r).cross_shard,
+        "same placement key: the single-shard path"
+    );
+    let got = client
+        .get_accounts(vec!["m42:fees".into(), "m42:payouts".into()])
+        .await
+        .unwrap();
     assert_eq!(got.accounts.len(), 2);
     assert_eq!(got.accounts[0].shard, got.accounts[1].shard);
     // The id is taken for good: the same id with another placement key is refused.
-    let clash = client.create_accounts(vec![account("m42:fees", false)]).await.unwrap();
-    assert!(matches!(&clash[0].outcome, Some(pb::account_result::Outcome::Rejection(r))
-        if r.reason == pb::RejectionReason::ExistsWithDifferentFields as i32));
+    let clash = client
+        .create_accounts(vec![account("m42:fees", false)])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&clash[0].outcome, Some(pb::account_result::Outcome::Rejection(r))
+        if r.reason == pb::RejectionReason::ExistsWithDifferentFields as i32)
+    );
     server.stop().await;
     // After a restart the directory still finds the accounts by id.
     let server = InProcess::start(test_config(dir.path(), 8)).await;
     let client = Client::connect(&server.addr).await.unwrap();
-    assert_eq!(client.balance("m42:payouts").await.unwrap().credits_posted, 3);
+    assert_eq!(
+        client.balance("m42:payouts").await.unwrap().credits_posted,
+        3
+    );
     server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_are_served() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
 
     let dir = tempfile::tempdir().unwrap();
     let server = InProcess::start(test_config(dir.path(), 2)).await;
-    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone()).unwrap().connect().await.unwrap();
+    let channel = tonic::transport::Endpoint::from_shared(server.addr.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    let request = tonic_health::pb::HealthCheckRequest { service: "ledger.v1.LedgerService".into() };
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: "ledger.v1.LedgerService".into(),
+    };
     let status = health.check(request).await.unwrap().into_inner().status;
-    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
 
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::once(request))
+        .await
+        .unwrap()
+        .into_inner();
     let response = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!() };
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!()
+    };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"ledger.v1.LedgerService".to_string()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    assert!(
+        names.contains(&"ledger.v1.LedgerService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
     server.stop().await;
 }
 
@@ -322,13 +531,16 @@ async fn unusable_data_directories_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not a ledger").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = ledger_server::run(test_config(dir.path(), 2), listener, async {}, |_| {}).await.unwrap_err();
+    let err = ledger_server::run(test_config(dir.path(), 2), listener, async {}, |_| {})
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("is not empty"), "{err}");
 
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = ledger_server::run(test_config(&file, 2), listener, async {}, |_| {}).await.unwrap_err();
+    let err = ledger_server::run(test_config(&file, 2), listener, async {}, |_| {})
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("not a directory"), "{err}");
 }
-

@@ -31,17 +31,43 @@ const ACCOUNTS: [(&str, &str, bool); 5] = [
 ];
 
 fn shard_of(id: &str) -> ShardId {
-    if id.starts_with("s1") { ShardId(1) } else { ShardId(0) }
+    if id.starts_with("s1") {
+        ShardId(1)
+    } else {
+        ShardId(0)
+    }
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    Transfer { id: u8, debit: usize, credit: usize, amount: u64, pending: bool, timeout_k: u32, expect: Option<u64> },
-    Post { id: u8, shard: u32, pending: u8, amount: u64 },
-    Void { id: u8, shard: u32, pending: u8 },
-    Advance { k: u64 },
+    Transfer {
+        id: u8,
+        debit: usize,
+        credit: usize,
+        amount: u64,
+        pending: bool,
+        timeout_k: u32,
+        expect: Option<u64>,
+    },
+    Post {
+        id: u8,
+        shard: u32,
+        pending: u8,
+        amount: u64,
+    },
+    Void {
+        id: u8,
+        shard: u32,
+        pending: u8,
+    },
+    Advance {
+        k: u64,
+    },
     /// Crash `shard` after `after` protocol messages of the next transfer.
-    Crash { shard: u32, after: usize },
+    Crash {
+        shard: u32,
+        after: usize,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -68,7 +94,11 @@ impl Harness {
     fn new() -> Self {
         // retry 0: every tick resends, so recovery needs no time to pass (time moves only at
         // Advance, identically for the model).
-        let options = Options { retry_ms: 0, prepared_query_ms: 0, ..Options::default() };
+        let options = Options {
+            retry_ms: 0,
+            prepared_query_ms: 0,
+            ..Options::default()
+        };
         let mut sim = Sim::new(2, Arc::new(shard_of), options);
         let mut reference = Reference::default();
         reference.now_ms = sim.now_ms;
@@ -77,14 +107,27 @@ impl Harness {
                 id: id.into(),
                 ledger: ledger.into(),
                 placement_key: id.into(),
-                flags: AccountFlags { debits_must_not_exceed_credits: no_overdraft, ..Default::default() },
+                flags: AccountFlags {
+                    debits_must_not_exceed_credits: no_overdraft,
+                    ..Default::default()
+                },
                 ..Default::default()
             };
             let token = sim.token();
-            sim.batch(shard_of(id), vec![Input::CreateAccount { token, account: spec.clone() }]);
+            sim.batch(
+                shard_of(id),
+                vec![Input::CreateAccount {
+                    token,
+                    account: spec.clone(),
+                }],
+            );
             reference.create_account(spec);
         }
-        Harness { sim, reference, crash: None }
+        Harness {
+            sim,
+            reference,
+            crash: None,
+        }
     }
 
     /// Runs ticks and deliveries until no message is left and nothing is in flight.
@@ -93,7 +136,9 @@ impl Harness {
             self.sim.tick_all();
             self.sim.deliver_all(10_000);
             let quiet = self.sim.inbox.is_empty()
-                && (0..2).all(|i| read::in_flight(&*self.sim.stores[i], ShardId(i as u32)).unwrap() == (0, 0));
+                && (0..2).all(|i| {
+                    read::in_flight(&*self.sim.stores[i], ShardId(i as u32)).unwrap() == (0, 0)
+                });
             if quiet {
                 return;
             }
@@ -103,37 +148,54 @@ impl Harness {
 
     /// What the router does for a post/void: find the hold's shard, or answer unrecorded.
     fn route(&self, t: &Transfer) -> Result<ShardId, Rejection> {
-        if !matches!(t.kind, TransferKind::PostPending | TransferKind::VoidPending) {
+        if !matches!(
+            t.kind,
+            TransferKind::PostPending | TransferKind::VoidPending
+        ) {
             return Ok(shard_of(&t.debit_account_id));
         }
         for i in 0..2 {
-            if read::transfer(&*self.sim.stores[i], ShardId(i as u32), &t.id).unwrap().is_some() {
+            if read::transfer(&*self.sim.stores[i], ShardId(i as u32), &t.id)
+                .unwrap()
+                .is_some()
+            {
                 return Ok(ShardId(i as u32));
             }
         }
         for i in 0..2 {
             let shard = ShardId(i);
-            if let Some(hold) = read::hold(&*self.sim.stores[i as usize], shard, &t.pending_id).unwrap() {
+            if let Some(hold) =
+                read::hold(&*self.sim.stores[i as usize], shard, &t.pending_id).unwrap()
+            {
                 return Ok(shard_of(&hold.debit_account_id));
             }
         }
         let exists = (0..2).any(|i| {
-            read::transfer(&*self.sim.stores[i], ShardId(i as u32), &t.pending_id).unwrap().is_some()
+            read::transfer(&*self.sim.stores[i], ShardId(i as u32), &t.pending_id)
+                .unwrap()
+                .is_some()
         });
-        Err(if exists { Rejection::PendingTransferNotPending } else { Rejection::PendingTransferNotFound })
+        Err(if exists {
+            Rejection::PendingTransferNotPending
+        } else {
+            Rejection::PendingTransferNotFound
+        })
     }
 
     /// Submits a transfer like a client: wait for the reply; if the leader died with it,
     /// retry the same id.
     fn transfer(&mut self, t: &Transfer) -> Result<u64, Rejection> {
-        let shard = match self.route(t) {
-            Ok(shard) => shard,
-            Err(reason) => return Err(reason),
-        };
+        let shard = self.route(t)?;
         let mut crash = self.crash.take();
         for _attempt in 0..20 {
             let token = self.sim.token();
-            self.sim.batch(shard, vec![Input::CreateTransfer { token, transfer: t.clone() }]);
+            self.sim.batch(
+                shard,
+                vec![Input::CreateTransfer {
+                    token,
+                    transfer: t.clone(),
+                }],
+            );
             if let Some((victim, after)) = crash.take() {
                 for _ in 0..after {
                     self.sim.deliver_all(1);
@@ -142,7 +204,12 @@ impl Harness {
             }
             for _ in 0..50 {
                 if let Some(Reply::Transfer(reply)) = self.sim.replies.get(&token) {
-                    let result = reply.record.result.as_ref().map(|c| c.amount).map_err(|r| *r);
+                    let result = reply
+                        .record
+                        .result
+                        .as_ref()
+                        .map(|c| c.amount)
+                        .map_err(|r| *r);
                     if matches!(result, Err(r) if r.is_retriable()) {
                         break; // retry the same id
                     }
@@ -151,7 +218,7 @@ impl Harness {
                 }
                 if self.sim.inbox.is_empty() {
                     self.sim.tick_all();
-                    if self.sim.inbox.is_empty() && self.sim.replies.get(&token).is_none() {
+                    if self.sim.inbox.is_empty() && !self.sim.replies.contains_key(&token) {
                         break; // the waiter was lost with a crashed leader: retry
                     }
                 }
@@ -163,20 +230,46 @@ impl Harness {
     }
 
     fn apply(&mut self, op: Op) {
-        let tid = |shard: u32, n: u8| if shard == 1 { format!("x1-t{n}") } else { format!("t{n}") };
-        let base = |shard: u32, id: u8| Transfer { id: tid(shard, id), ..Transfer::default() };
+        let tid = |shard: u32, n: u8| {
+            if shard == 1 {
+                format!("x1-t{n}")
+            } else {
+                format!("t{n}")
+            }
+        };
+        let base = |shard: u32, id: u8| Transfer {
+            id: tid(shard, id),
+            ..Transfer::default()
+        };
         let t = match op {
-            Op::Transfer { id, debit, credit, amount, pending, timeout_k, expect } => Transfer {
+            Op::Transfer {
+                id,
+                debit,
+                credit,
+                amount,
+                pending,
+                timeout_k,
+                expect,
+            } => Transfer {
                 debit_account_id: ACCOUNTS[debit].0.into(),
                 credit_account_id: ACCOUNTS[credit].0.into(),
                 amount,
                 ledger: "USD".into(),
-                kind: if pending { TransferKind::Pending } else { TransferKind::Posted },
+                kind: if pending {
+                    TransferKind::Pending
+                } else {
+                    TransferKind::Posted
+                },
                 timeout_seconds: if pending { timeout_k * 1_000 } else { 0 },
                 expected_debit_version: expect,
                 ..base(shard_of(ACCOUNTS[debit].0).0, id)
             },
-            Op::Post { id, shard, pending, amount } => Transfer {
+            Op::Post {
+                id,
+                shard,
+                pending,
+                amount,
+            } => Transfer {
                 kind: TransferKind::PostPending,
                 pending_id: tid(shard, pending),
                 amount,
@@ -209,7 +302,9 @@ impl Harness {
     fn check_final(&self) {
         for (id, model) in &self.reference.accounts {
             let shard = shard_of(id);
-            let real = read::account(&*self.sim.stores[shard.0 as usize], shard, id).unwrap().unwrap();
+            let real = read::account(&*self.sim.stores[shard.0 as usize], shard, id)
+                .unwrap()
+                .unwrap();
             assert_eq!(real.balances, model.balances, "balances of {id}");
             assert_eq!(real.version, model.version, "version of {id}");
         }

@@ -30,8 +30,12 @@ pub struct Client {
 impl Client {
     /// Connects to `addr` (e.g. `http://127.0.0.1:50051`).
     pub async fn connect(addr: &str) -> Result<Client, Error> {
-        let err = |reason: String| Error::Connect { addr: addr.to_string(), reason };
-        let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|e| err(e.to_string()))?
+        let err = |reason: String| Error::Connect {
+            addr: addr.to_string(),
+            reason,
+        };
+        let endpoint = Endpoint::from_shared(addr.to_string())
+            .map_err(|e| err(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
         let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
@@ -45,7 +49,10 @@ impl Client {
         self.inner.clone()
     }
 
-    pub async fn create_accounts(&self, accounts: Vec<pb::Account>) -> Result<Vec<pb::AccountResult>, Error> {
+    pub async fn create_accounts(
+        &self,
+        accounts: Vec<pb::Account>,
+    ) -> Result<Vec<pb::AccountResult>, Error> {
         let request = pb::CreateAccountsRequest { accounts };
         retry(|| {
             let mut c = self.inner.clone();
@@ -58,10 +65,15 @@ impl Client {
 
     pub async fn get_accounts(&self, ids: Vec<String>) -> Result<pb::GetAccountsResponse, Error> {
         let mut c = self.inner.clone();
-        Ok(c.get_accounts(pb::GetAccountsRequest { ids }).await?.into_inner())
+        Ok(c.get_accounts(pb::GetAccountsRequest { ids })
+            .await?
+            .into_inner())
     }
 
-    pub async fn create_transfers(&self, transfers: Vec<pb::Transfer>) -> Result<Vec<pb::TransferResult>, Error> {
+    pub async fn create_transfers(
+        &self,
+        transfers: Vec<pb::Transfer>,
+    ) -> Result<Vec<pb::TransferResult>, Error> {
         let request = pb::CreateTransfersRequest { transfers };
         retry(|| {
             let mut c = self.inner.clone();
@@ -83,19 +95,32 @@ impl Client {
 
     pub async fn get_transfers(&self, ids: Vec<String>) -> Result<pb::GetTransfersResponse, Error> {
         let mut c = self.inner.clone();
-        Ok(c.get_transfers(pb::GetTransfersRequest { ids }).await?.into_inner())
+        Ok(c.get_transfers(pb::GetTransfersRequest { ids })
+            .await?
+            .into_inner())
     }
 
     pub async fn balance(&self, account_id: &str) -> Result<pb::Balance, Error> {
         let mut c = self.inner.clone();
-        let request = pb::GetBalanceRequest { account_id: account_id.to_string() };
+        let request = pb::GetBalanceRequest {
+            account_id: account_id.to_string(),
+        };
         Ok(c.get_balance(request).await?.into_inner())
     }
 
     /// One page of an account's statement.
-    pub async fn entries(&self, account_id: &str, page_size: u32, page_token: String) -> Result<pb::ListEntriesResponse, Error> {
+    pub async fn entries(
+        &self,
+        account_id: &str,
+        page_size: u32,
+        page_token: String,
+    ) -> Result<pb::ListEntriesResponse, Error> {
         let mut c = self.inner.clone();
-        let request = pb::ListEntriesRequest { account_id: account_id.to_string(), page_size, page_token };
+        let request = pb::ListEntriesRequest {
+            account_id: account_id.to_string(),
+            page_size,
+            page_token,
+        };
         Ok(c.list_entries(request).await?.into_inner())
     }
 

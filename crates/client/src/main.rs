@@ -14,7 +14,12 @@ use ledger_client::{Client, pb, reason_name};
 #[command(name = "ledger", version, about = "Command-line client for ledgerd")]
 struct Cli {
     /// Server address.
-    #[arg(long, env = "LEDGER_ADDR", default_value = "http://127.0.0.1:50051", global = true)]
+    #[arg(
+        long,
+        env = "LEDGER_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
     addr: String,
     #[command(subcommand)]
     command: Command,
@@ -65,7 +70,9 @@ enum AccountCommand {
         #[arg(long = "meta", value_parser = parse_kv)]
         metadata: Vec<(String, String)>,
     },
-    Get { ids: Vec<String> },
+    Get {
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Args)]
@@ -173,8 +180,16 @@ fn print_account(a: &pb::Account) {
         a.debits_posted,
         a.credits_pending,
         a.credits_posted,
-        if flags.debits_must_not_exceed_credits { " no_overdraft" } else { "" },
-        if flags.credits_must_not_exceed_debits { " credits_must_not_exceed_debits" } else { "" },
+        if flags.debits_must_not_exceed_credits {
+            " no_overdraft"
+        } else {
+            ""
+        },
+        if flags.credits_must_not_exceed_debits {
+            " credits_must_not_exceed_debits"
+        } else {
+            ""
+        },
     );
 }
 
@@ -192,9 +207,20 @@ fn print_transfer(t: &pb::Transfer) {
     let hold = pb::HoldState::try_from(t.hold_state)
         .ok()
         .filter(|s| *s != pb::HoldState::Unspecified)
-        .map(|s| format!(" hold_state={}", s.as_str_name().trim_start_matches("HOLD_STATE_").to_lowercase()))
+        .map(|s| {
+            format!(
+                " hold_state={}",
+                s.as_str_name()
+                    .trim_start_matches("HOLD_STATE_")
+                    .to_lowercase()
+            )
+        })
         .unwrap_or_default();
-    let pending = if t.pending_id.is_empty() { String::new() } else { format!(" pending_id={}", t.pending_id) };
+    let pending = if t.pending_id.is_empty() {
+        String::new()
+    } else {
+        format!(" pending_id={}", t.pending_id)
+    };
     println!(
         "{kind} {} {} -> {} amount={} ledger={} code={}{pending}{hold} committed_at_ms={}{}",
         t.id,
@@ -216,8 +242,17 @@ fn print_result(r: &pb::TransferResult) -> bool {
             true
         }
         Some(pb::transfer_result::Outcome::Rejection(rej)) => {
-            let retry = if rej.retriable { " (retriable: retry with the same id)" } else { "" };
-            println!("rejected {}: {} ({}){retry}", r.id, reason_name(rej.reason), rej.message);
+            let retry = if rej.retriable {
+                " (retriable: retry with the same id)"
+            } else {
+                ""
+            };
+            println!(
+                "rejected {}: {} ({}){retry}",
+                r.id,
+                reason_name(rej.reason),
+                rej.message
+            );
             false
         }
         None => {
@@ -256,7 +291,12 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                 match r.outcome {
                     Some(pb::account_result::Outcome::Account(a)) => print_account(&a),
                     Some(pb::account_result::Outcome::Rejection(rej)) => {
-                        println!("rejected {}: {} ({})", r.id, reason_name(rej.reason), rej.message);
+                        println!(
+                            "rejected {}: {} ({})",
+                            r.id,
+                            reason_name(rej.reason),
+                            rej.message
+                        );
                         ok = false;
                     }
                     None => ok = false,
@@ -273,7 +313,9 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
             Ok(found.not_found.is_empty())
         }
         Command::Transfer(TransferCommand::Create(t)) => {
-            let result = client.transfer(t.into_wire(pb::TransferFlags::default(), 0)).await?;
+            let result = client
+                .transfer(t.into_wire(pb::TransferFlags::default(), 0))
+                .await?;
             Ok(print_result(&result))
         }
         Command::Transfer(TransferCommand::Get { ids }) => {
@@ -285,16 +327,26 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
             Ok(found.not_found.is_empty())
         }
         Command::Hold(HoldCommand::Create { transfer, timeout }) => {
-            let flags = pb::TransferFlags { pending: true, ..Default::default() };
+            let flags = pb::TransferFlags {
+                pending: true,
+                ..Default::default()
+            };
             let result = client.transfer(transfer.into_wire(flags, timeout)).await?;
             Ok(print_result(&result))
         }
-        Command::Hold(HoldCommand::Post { pending_id, id, amount }) => {
+        Command::Hold(HoldCommand::Post {
+            pending_id,
+            id,
+            amount,
+        }) => {
             let t = pb::Transfer {
                 id: id.unwrap_or_else(|| generated_id("post")),
                 pending_id,
                 amount: amount.unwrap_or(0),
-                flags: Some(pb::TransferFlags { post_pending: true, ..Default::default() }),
+                flags: Some(pb::TransferFlags {
+                    post_pending: true,
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             Ok(print_result(&client.transfer(t).await?))
@@ -303,7 +355,10 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
             let t = pb::Transfer {
                 id: id.unwrap_or_else(|| generated_id("void")),
                 pending_id,
-                flags: Some(pb::TransferFlags { void_pending: true, ..Default::default() }),
+                flags: Some(pb::TransferFlags {
+                    void_pending: true,
+                    ..Default::default()
+                }),
                 ..Default::default()
             };
             Ok(print_result(&client.transfer(t).await?))
@@ -324,14 +379,25 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
             );
             Ok(true)
         }
-        Command::Statement { account_id, page_size } => {
+        Command::Statement {
+            account_id,
+            page_size,
+        } => {
             let mut token = String::new();
             loop {
                 let page = client.entries(&account_id, page_size, token).await?;
                 for e in &page.entries {
-                    let side = if e.side == pb::Side::Debit as i32 { "debit" } else { "credit" };
+                    let side = if e.side == pb::Side::Debit as i32 {
+                        "debit"
+                    } else {
+                        "credit"
+                    };
                     let kind = pb::EntryKind::try_from(e.kind)
-                        .map(|k| k.as_str_name().trim_start_matches("ENTRY_KIND_").to_lowercase())
+                        .map(|k| {
+                            k.as_str_name()
+                                .trim_start_matches("ENTRY_KIND_")
+                                .to_lowercase()
+                        })
                         .unwrap_or_default();
                     println!(
                         "#{} {} {side} {kind} amount={} -> debits_pending={} debits_posted={} \
@@ -356,7 +422,10 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
         let client = match Client::connect(&cli.addr).await {
             Ok(c) => c,

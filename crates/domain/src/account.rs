@@ -92,7 +92,9 @@ impl Balances {
             .checked_add(change.pending_add)
             .and_then(|p| p.checked_sub(change.pending_sub))
             .ok_or(Rejection::Overflow)?;
-        *posted = posted.checked_add(change.posted_add).ok_or(Rejection::Overflow)?;
+        *posted = posted
+            .checked_add(change.posted_add)
+            .ok_or(Rejection::Overflow)?;
         // Totals are computed in u128: pending + posted may exceed u64 even when each fits.
         if flags.debits_must_not_exceed_credits {
             let debits = u128::from(after.debits_pending) + u128::from(after.debits_posted);
@@ -152,42 +154,112 @@ mod tests {
     use super::*;
 
     fn no_overdraft() -> AccountFlags {
-        AccountFlags { debits_must_not_exceed_credits: true, ..AccountFlags::default() }
+        AccountFlags {
+            debits_must_not_exceed_credits: true,
+            ..AccountFlags::default()
+        }
     }
 
     #[test]
     fn overdraft_counts_pending_debits() {
-        let b = Balances { credits_posted: 100, debits_pending: 60, ..Balances::default() };
-        let debit = |n| Change { side: Side::Debit, pending_add: 0, pending_sub: 0, posted_add: n };
-        assert_eq!(b.apply(&debit(41), no_overdraft(), 0), Err(Rejection::ExceedsCredits));
-        assert_eq!(b.apply(&debit(40), no_overdraft(), 0).unwrap().debits_posted, 40);
-        assert_eq!(b.apply(&debit(41), no_overdraft(), 1).unwrap().debits_posted, 41);
-        assert_eq!(b.apply(&debit(41), AccountFlags::default(), 0).unwrap().debits_posted, 41);
+        let b = Balances {
+            credits_posted: 100,
+            debits_pending: 60,
+            ..Balances::default()
+        };
+        let debit = |n| Change {
+            side: Side::Debit,
+            pending_add: 0,
+            pending_sub: 0,
+            posted_add: n,
+        };
+        assert_eq!(
+            b.apply(&debit(41), no_overdraft(), 0),
+            Err(Rejection::ExceedsCredits)
+        );
+        assert_eq!(
+            b.apply(&debit(40), no_overdraft(), 0)
+                .unwrap()
+                .debits_posted,
+            40
+        );
+        assert_eq!(
+            b.apply(&debit(41), no_overdraft(), 1)
+                .unwrap()
+                .debits_posted,
+            41
+        );
+        assert_eq!(
+            b.apply(&debit(41), AccountFlags::default(), 0)
+                .unwrap()
+                .debits_posted,
+            41
+        );
     }
 
     #[test]
     fn overflow_is_a_rejection() {
-        let b = Balances { credits_posted: u64::MAX, ..Balances::default() };
-        let credit = Change { side: Side::Credit, pending_add: 0, pending_sub: 0, posted_add: 1 };
-        assert_eq!(b.apply(&credit, AccountFlags::default(), 0), Err(Rejection::Overflow));
-        let release = Change { side: Side::Credit, pending_add: 0, pending_sub: 1, posted_add: 0 };
-        assert_eq!(b.apply(&release, AccountFlags::default(), 0), Err(Rejection::Overflow));
+        let b = Balances {
+            credits_posted: u64::MAX,
+            ..Balances::default()
+        };
+        let credit = Change {
+            side: Side::Credit,
+            pending_add: 0,
+            pending_sub: 0,
+            posted_add: 1,
+        };
+        assert_eq!(
+            b.apply(&credit, AccountFlags::default(), 0),
+            Err(Rejection::Overflow)
+        );
+        let release = Change {
+            side: Side::Credit,
+            pending_add: 0,
+            pending_sub: 1,
+            posted_add: 0,
+        };
+        assert_eq!(
+            b.apply(&release, AccountFlags::default(), 0),
+            Err(Rejection::Overflow)
+        );
     }
 
     #[test]
     fn credits_must_not_exceed_debits() {
-        let flags = AccountFlags { credits_must_not_exceed_debits: true, ..Default::default() };
-        let b = Balances { debits_posted: 10, ..Balances::default() };
-        let credit = |n| Change { side: Side::Credit, pending_add: n, pending_sub: 0, posted_add: 0 };
+        let flags = AccountFlags {
+            credits_must_not_exceed_debits: true,
+            ..Default::default()
+        };
+        let b = Balances {
+            debits_posted: 10,
+            ..Balances::default()
+        };
+        let credit = |n| Change {
+            side: Side::Credit,
+            pending_add: n,
+            pending_sub: 0,
+            posted_add: 0,
+        };
         assert!(b.apply(&credit(10), flags, 0).is_ok());
-        assert_eq!(b.apply(&credit(11), flags, 0), Err(Rejection::ExceedsDebits));
+        assert_eq!(
+            b.apply(&credit(11), flags, 0),
+            Err(Rejection::ExceedsDebits)
+        );
     }
 
     #[test]
     fn normalize() {
-        let a = NewAccount { id: "a".into(), ledger: "USD".into(), ..Default::default() };
+        let a = NewAccount {
+            id: "a".into(),
+            ledger: "USD".into(),
+            ..Default::default()
+        };
         assert_eq!(a.clone().normalize().unwrap().placement_key, "a");
-        let bad = NewAccount { credit_limit: 5, ..a.clone() };
+        let bad = NewAccount {
+            credit_limit: 5,
+            ..a.clone()
+        };
         assert_eq!(bad.normalize().unwrap_err().field, "credit_limit");
         let both = NewAccount {
             flags: AccountFlags {

@@ -16,8 +16,8 @@ pub use transfer::{
     TransferRecord,
 };
 pub use validate::{
-    InvalidInput, LEDGER_LEN_MAX, METADATA_ENTRIES_MAX, METADATA_KEY_LEN_MAX,
-    METADATA_VALUE_LEN_MAX, ID_LEN_MAX, validate_id,
+    ID_LEN_MAX, InvalidInput, LEDGER_LEN_MAX, METADATA_ENTRIES_MAX, METADATA_KEY_LEN_MAX,
+    METADATA_VALUE_LEN_MAX, validate_id,
 };
 
 /// Amounts are unsigned minor units (cents for USD). Every sum is checked: an overflow is a

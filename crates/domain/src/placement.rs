@@ -32,7 +32,9 @@ pub struct Placement {
 
 impl std::fmt::Debug for Placement {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Placement").field("shard_count", &self.shard_count).finish()
+        f.debug_struct("Placement")
+            .field("shard_count", &self.shard_count)
+            .finish()
     }
 }
 
@@ -42,11 +44,16 @@ impl Placement {
 
     pub fn new(shard_count: u32, vnodes_per_shard: u32) -> Self {
         assert!(shard_count > 0, "a cluster needs at least one shard");
-        assert!(vnodes_per_shard > 0, "a shard needs at least one virtual node");
+        assert!(
+            vnodes_per_shard > 0,
+            "a shard needs at least one virtual node"
+        );
         let mut ring = HashRing::new();
         ring.batch_add(
             (0..shard_count)
-                .flat_map(|shard| (0..vnodes_per_shard).map(move |replica| VNode { shard, replica }))
+                .flat_map(|shard| {
+                    (0..vnodes_per_shard).map(move |replica| VNode { shard, replica })
+                })
                 .collect(),
         );
         Self { ring, shard_count }
@@ -88,7 +95,10 @@ mod tests {
             counts[p.shard_of(&format!("acct:{i}")).0 as usize] += 1;
         }
         // Each shard should get roughly 1000; allow a wide margin.
-        assert!(counts.iter().all(|&c| (500..1600).contains(&c)), "{counts:?}");
+        assert!(
+            counts.iter().all(|&c| (500..1600).contains(&c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

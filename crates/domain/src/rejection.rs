@@ -105,7 +105,9 @@ impl Rejection {
             Rejection::LockTimeout => {
                 "an account stayed locked by a cross-shard transfer too long; retry the same id"
             }
-            Rejection::AccountBusy => "too many operations wait for this account; retry the same id",
+            Rejection::AccountBusy => {
+                "too many operations wait for this account; retry the same id"
+            }
             Rejection::QuotaExhausted => "the regional quota does not cover this debit",
         }
     }

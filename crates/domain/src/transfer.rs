@@ -114,7 +114,12 @@ impl Transfer {
             TransferKind::Pending => (self.amount, 0),
             _ => (0, self.amount),
         };
-        let change = |side| Change { side, pending_add, pending_sub: 0, posted_add };
+        let change = |side| Change {
+            side,
+            pending_add,
+            pending_sub: 0,
+            posted_add,
+        };
         (change(Side::Debit), change(Side::Credit))
     }
 }
@@ -166,7 +171,11 @@ impl HoldStatus {
         }
         let (amount, posted_add) = match request.kind {
             TransferKind::PostPending => {
-                let amount = if request.amount == 0 { self.amount } else { request.amount };
+                let amount = if request.amount == 0 {
+                    self.amount
+                } else {
+                    request.amount
+                };
                 if amount > self.amount {
                     return Err(Rejection::ExceedsPendingAmount);
                 }
@@ -181,14 +190,23 @@ impl HoldStatus {
             other => unreachable!("resolve called for {other:?}"),
         };
         // The whole hold is released; a partial post returns the rest to the accounts.
-        let change = |side| Change { side, pending_add: 0, pending_sub: self.amount, posted_add };
+        let change = |side| Change {
+            side,
+            pending_add: 0,
+            pending_sub: self.amount,
+            posted_add,
+        };
         Ok((amount, change(Side::Debit), change(Side::Credit)))
     }
 
     /// The legs that release an expired hold.
     pub fn expiry_changes(&self) -> (Change, Change) {
-        let change =
-            |side| Change { side, pending_add: 0, pending_sub: self.amount, posted_add: 0 };
+        let change = |side| Change {
+            side,
+            pending_add: 0,
+            pending_sub: self.amount,
+            posted_add: 0,
+        };
         (change(Side::Debit), change(Side::Credit))
     }
 }
@@ -268,14 +286,54 @@ mod tests {
     fn validation_names_the_field() {
         assert!(posted().validate().is_ok());
         let cases: Vec<(Transfer, &str)> = vec![
-            (Transfer { amount: 0, ..posted() }, "amount"),
-            (Transfer { id: String::new(), ..posted() }, "id"),
-            (Transfer { credit_account_id: "a".into(), ..posted() }, "credit_account_id"),
-            (Transfer { ledger: "usd".into(), ..posted() }, "ledger"),
-            (Transfer { pending_id: "p".into(), ..posted() }, "pending_id"),
-            (Transfer { timeout_seconds: 5, ..posted() }, "timeout_seconds"),
             (
-                Transfer { kind: TransferKind::PostPending, pending_id: String::new(), ..posted() },
+                Transfer {
+                    amount: 0,
+                    ..posted()
+                },
+                "amount",
+            ),
+            (
+                Transfer {
+                    id: String::new(),
+                    ..posted()
+                },
+                "id",
+            ),
+            (
+                Transfer {
+                    credit_account_id: "a".into(),
+                    ..posted()
+                },
+                "credit_account_id",
+            ),
+            (
+                Transfer {
+                    ledger: "usd".into(),
+                    ..posted()
+                },
+                "ledger",
+            ),
+            (
+                Transfer {
+                    pending_id: "p".into(),
+                    ..posted()
+                },
+                "pending_id",
+            ),
+            (
+                Transfer {
+                    timeout_seconds: 5,
+                    ..posted()
+                },
+                "timeout_seconds",
+            ),
+            (
+                Transfer {
+                    kind: TransferKind::PostPending,
+                    pending_id: String::new(),
+                    ..posted()
+                },
                 "pending_id",
             ),
         ];
@@ -307,17 +365,48 @@ mod tests {
         };
         let (amount, debit, _) = hold().resolve(&post, 10).unwrap();
         assert_eq!((amount, debit.pending_sub, debit.posted_add), (40, 100, 40));
-        let full = Transfer { amount: 0, ..post.clone() };
+        let full = Transfer {
+            amount: 0,
+            ..post.clone()
+        };
         assert_eq!(hold().resolve(&full, 10).unwrap().0, 100);
-        let too_much = Transfer { amount: 101, ..post.clone() };
-        assert_eq!(hold().resolve(&too_much, 10).unwrap_err(), Rejection::ExceedsPendingAmount);
-        assert_eq!(hold().resolve(&post, 1_000).unwrap_err(), Rejection::PendingTransferExpired);
-        let other = Transfer { debit_account_id: "x".into(), ..post.clone() };
-        assert_eq!(hold().resolve(&other, 10).unwrap_err(), Rejection::PendingTransferMismatch);
-        let posted = HoldStatus { state: HoldState::Posted, ..hold() };
-        assert_eq!(posted.resolve(&post, 10).unwrap_err(), Rejection::PendingTransferAlreadyPosted);
-        let void = Transfer { kind: TransferKind::VoidPending, amount: 0, ..post };
+        let too_much = Transfer {
+            amount: 101,
+            ..post.clone()
+        };
+        assert_eq!(
+            hold().resolve(&too_much, 10).unwrap_err(),
+            Rejection::ExceedsPendingAmount
+        );
+        assert_eq!(
+            hold().resolve(&post, 1_000).unwrap_err(),
+            Rejection::PendingTransferExpired
+        );
+        let other = Transfer {
+            debit_account_id: "x".into(),
+            ..post.clone()
+        };
+        assert_eq!(
+            hold().resolve(&other, 10).unwrap_err(),
+            Rejection::PendingTransferMismatch
+        );
+        let posted = HoldStatus {
+            state: HoldState::Posted,
+            ..hold()
+        };
+        assert_eq!(
+            posted.resolve(&post, 10).unwrap_err(),
+            Rejection::PendingTransferAlreadyPosted
+        );
+        let void = Transfer {
+            kind: TransferKind::VoidPending,
+            amount: 0,
+            ..post
+        };
         let (amount, debit, credit) = hold().resolve(&void, 10).unwrap();
-        assert_eq!((amount, debit.posted_add, credit.pending_sub), (100, 0, 100));
+        assert_eq!(
+            (amount, debit.posted_add, credit.pending_sub),
+            (100, 0, 100)
+        );
     }
 }

@@ -22,7 +22,10 @@ pub struct InvalidInput {
 
 impl InvalidInput {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// Prefixes the field path, e.g. `amount` -> `transfers[3].amount`.
@@ -59,7 +62,10 @@ fn is_id_char(c: char) -> bool {
 
 pub(crate) fn validate_ledger(field: &str, ledger: &str) -> Result<(), InvalidInput> {
     if ledger.is_empty() {
-        return Err(InvalidInput::new(field, "must not be empty (an asset code such as USD)"));
+        return Err(InvalidInput::new(
+            field,
+            "must not be empty (an asset code such as USD)",
+        ));
     }
     if ledger.len() > LEDGER_LEN_MAX {
         return Err(InvalidInput::new(
@@ -67,8 +73,14 @@ pub(crate) fn validate_ledger(field: &str, ledger: &str) -> Result<(), InvalidIn
             format!("is {} bytes; the limit is {LEDGER_LEN_MAX}", ledger.len()),
         ));
     }
-    if !ledger.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_') {
-        return Err(InvalidInput::new(field, "must be upper-case letters, digits or _"));
+    if !ledger
+        .chars()
+        .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    {
+        return Err(InvalidInput::new(
+            field,
+            "must be upper-case letters, digits or _",
+        ));
     }
     Ok(())
 }
@@ -80,7 +92,10 @@ pub(crate) fn validate_metadata(
     if metadata.len() > METADATA_ENTRIES_MAX {
         return Err(InvalidInput::new(
             field,
-            format!("has {} entries; the limit is {METADATA_ENTRIES_MAX}", metadata.len()),
+            format!(
+                "has {} entries; the limit is {METADATA_ENTRIES_MAX}",
+                metadata.len()
+            ),
         ));
     }
     for (key, value) in metadata {
@@ -93,7 +108,10 @@ pub(crate) fn validate_metadata(
         if value.len() > METADATA_VALUE_LEN_MAX {
             return Err(InvalidInput::new(
                 format!("{field}[{key:?}]"),
-                format!("value is {} bytes; the limit is {METADATA_VALUE_LEN_MAX}", value.len()),
+                format!(
+                    "value is {} bytes; the limit is {METADATA_VALUE_LEN_MAX}",
+                    value.len()
+                ),
             ));
         }
     }
@@ -108,9 +126,17 @@ mod tests {
     fn ids() {
         assert!(validate_id("id", "alice").is_ok());
         assert!(validate_id("id", "acct:eu/42@bank-1.x_y").is_ok());
-        assert_eq!(validate_id("id", "").unwrap_err().reason, "must not be empty");
+        assert_eq!(
+            validate_id("id", "").unwrap_err().reason,
+            "must not be empty"
+        );
         assert!(validate_id("id", "a b").unwrap_err().reason.contains("' '"));
-        assert!(validate_id("id", &"a".repeat(129)).unwrap_err().reason.contains("129"));
+        assert!(
+            validate_id("id", &"a".repeat(129))
+                .unwrap_err()
+                .reason
+                .contains("129")
+        );
         assert!(validate_id("id", &"a".repeat(128)).is_ok());
         assert!(validate_id("id", "é").is_err());
     }

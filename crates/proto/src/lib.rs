@@ -130,7 +130,10 @@ pub fn transfer_to_wire(t: &Transfer) -> pb::Transfer {
 }
 
 /// A committed transfer: the request with the effective accounts, ledger and amount filled in.
-pub fn committed_transfer(record: &TransferRecord, hold: Option<&HoldStatus>) -> Option<pb::Transfer> {
+pub fn committed_transfer(
+    record: &TransferRecord,
+    hold: Option<&HoldStatus>,
+) -> Option<pb::Transfer> {
     let committed = record.result.as_ref().ok()?;
     let mut t = transfer_to_wire(&record.request);
     t.debit_account_id.clone_from(&committed.debit_account_id);
@@ -172,7 +175,10 @@ pub fn transfer_result(record: &TransferRecord, hold: Option<&HoldStatus>) -> pb
         ),
         Err(reason) => pb::transfer_result::Outcome::Rejection(rejection(*reason)),
     };
-    pb::TransferResult { id: record.request.id.clone(), outcome: Some(outcome) }
+    pb::TransferResult {
+        id: record.request.id.clone(),
+        outcome: Some(outcome),
+    }
 }
 
 pub fn entry(e: &Entry) -> pb::Entry {
@@ -217,7 +223,11 @@ mod tests {
     #[test]
     fn conflicting_flags_are_invalid() {
         let t = pb::Transfer {
-            flags: Some(pb::TransferFlags { pending: true, void_pending: true, ..Default::default() }),
+            flags: Some(pb::TransferFlags {
+                pending: true,
+                void_pending: true,
+                ..Default::default()
+            }),
             ..Default::default()
         };
         assert_eq!(transfer(t).unwrap_err().field, "flags");

@@ -67,7 +67,10 @@ pub enum ConfigError {
     #[error("config file {path} is not valid: {reason}")]
     Parse { path: String, reason: String },
     #[error("setting `{setting}`: {reason}")]
-    Invalid { setting: &'static str, reason: String },
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
 }
 
 impl Config {
@@ -85,12 +88,18 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |setting, reason: String| Err(ConfigError::Invalid { setting, reason });
         if self.shards == 0 || self.shards > SHARDS_MAX {
-            return invalid("shards", format!("must be 1-{SHARDS_MAX}, got {}", self.shards));
+            return invalid(
+                "shards",
+                format!("must be 1-{SHARDS_MAX}, got {}", self.shards),
+            );
         }
         if self.batch_size_max == 0 || self.batch_size_max > BATCH_SIZE_MAX_LIMIT {
             return invalid(
                 "batch_size_max",
-                format!("must be 1-{BATCH_SIZE_MAX_LIMIT}, got {}", self.batch_size_max),
+                format!(
+                    "must be 1-{BATCH_SIZE_MAX_LIMIT}, got {}",
+                    self.batch_size_max
+                ),
             );
         }
         if self.message_size_max_bytes < 64 * 1024 {
@@ -101,14 +110,23 @@ impl Config {
         }
         let s = &self.shard;
         if s.batch_inputs_max == 0 || s.queue_capacity == 0 || s.lock_waiters_max == 0 {
-            return invalid("shard", "batch_inputs_max, queue_capacity and lock_waiters_max must be > 0".into());
+            return invalid(
+                "shard",
+                "batch_inputs_max, queue_capacity and lock_waiters_max must be > 0".into(),
+            );
         }
         if s.lock_wait_ms_max >= s.prepare_timeout_ms {
             // A participant's lock wait must end before the coordinator gives up on it.
-            return invalid("shard.lock_wait_ms_max", "must be below shard.prepare_timeout_ms".into());
+            return invalid(
+                "shard.lock_wait_ms_max",
+                "must be below shard.prepare_timeout_ms".into(),
+            );
         }
         if s.retry_ms == 0 || s.lease_ms < 3 {
-            return invalid("shard.retry_ms", "retry_ms must be > 0 and lease_ms >= 3".into());
+            return invalid(
+                "shard.retry_ms",
+                "retry_ms must be > 0 and lease_ms >= 3".into(),
+            );
         }
         Ok(())
     }
@@ -129,14 +147,23 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(&path, "shards = 4\n[shard]\nretry_ms = 100\n").unwrap();
         let c = Config::from_file(&path).unwrap();
-        assert_eq!((c.shards, c.shard.retry_ms, c.batch_size_max), (4, 100, 8_190));
+        assert_eq!(
+            (c.shards, c.shard.retry_ms, c.batch_size_max),
+            (4, 100, 8_190)
+        );
         std::fs::write(&path, "shardz = 4\n").unwrap();
-        assert!(matches!(Config::from_file(&path), Err(ConfigError::Parse { .. })));
+        assert!(matches!(
+            Config::from_file(&path),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 
     #[test]
     fn invalid_settings_are_named() {
-        let c = Config { shards: 0, ..Config::default() };
+        let c = Config {
+            shards: 0,
+            ..Config::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("`shards`"));
     }
 }

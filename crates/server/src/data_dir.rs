@@ -44,7 +44,10 @@ pub enum StartError {
     Internal(String),
 }
 
-pub fn open(config: &Config, now_ms: u64) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
+pub fn open(
+    config: &Config,
+    now_ms: u64,
+) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
     match config.store {
         StoreKind::Memory => {
             let meta = init_meta(config, now_ms);
@@ -61,14 +64,23 @@ fn init_meta(config: &Config, now_ms: u64) -> ClusterMeta {
         shard_count: config.shards,
         vnodes_per_shard: Placement::VNODES_PER_SHARD_DEFAULT,
         shards: (0..config.shards)
-            .map(|shard| ShardInfo { shard, region: config.region.clone() })
+            .map(|shard| ShardInfo {
+                shard,
+                region: config.region.clone(),
+            })
             .collect(),
     }
 }
 
-fn open_embedded(config: &Config, now_ms: u64) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
+fn open_embedded(
+    config: &Config,
+    now_ms: u64,
+) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
     let dir = &config.data_dir;
-    let fail = |reason: String| StartError::DataDir { path: dir.display().to_string(), reason };
+    let fail = |reason: String| StartError::DataDir {
+        path: dir.display().to_string(),
+        reason,
+    };
     if dir.exists() && !dir.is_dir() {
         return Err(fail("exists and is not a directory".into()));
     }

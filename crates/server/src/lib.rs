@@ -41,8 +41,14 @@ pub async fn run(
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (meta, stores) = data_dir::open(&config, clock.now_ms())?;
     let placement = Placement::new(meta.shard_count, meta.vnodes_per_shard);
-    let node = Node::start(&config.node_id, placement, stores, config.shard.clone(), clock)
-        .map_err(|e| StartError::Store(e.to_string()))?;
+    let node = Node::start(
+        &config.node_id,
+        placement,
+        stores,
+        config.shard.clone(),
+        clock,
+    )
+    .map_err(|e| StartError::Store(e.to_string()))?;
     let node = Arc::new(node);
     let router = router::Router::new(Arc::clone(&node), config.batch_size_max);
     let ledger = LedgerServiceServer::new(service::Ledger::new(router))
@@ -50,7 +56,9 @@ pub async fn run(
         .max_encoding_message_size(config.message_size_max_bytes);
 
     let (health_reporter, health) = tonic_health::server::health_reporter();
-    health_reporter.set_serving::<LedgerServiceServer<service::Ledger>>().await;
+    health_reporter
+        .set_serving::<LedgerServiceServer<service::Ledger>>()
+        .await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ledger_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -62,7 +70,9 @@ pub async fn run(
         .build_v1alpha()
         .map_err(|e| StartError::Internal(e.to_string()))?;
 
-    let listen = listener.local_addr().map_err(|e| StartError::Internal(e.to_string()))?;
+    let listen = listener
+        .local_addr()
+        .map_err(|e| StartError::Internal(e.to_string()))?;
     on_started(Started { listen, meta });
     let served = tonic::transport::Server::builder()
         .timeout(std::time::Duration::from_millis(config.request_timeout_ms))

@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 use ledger_server::{Config, StoreKind};
 
 #[derive(Parser)]
-#[command(name = "ledgerd", version, about = "A sharded, durable double-entry ledger server")]
+#[command(
+    name = "ledgerd",
+    version,
+    about = "A sharded, durable double-entry ledger server"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -114,10 +118,16 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
-        print!("{}", toml::to_string_pretty(&config).expect("config serialises"));
+        print!(
+            "{}",
+            toml::to_string_pretty(&config).expect("config serialises")
+        );
         return ExitCode::SUCCESS;
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     runtime.block_on(async move {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
@@ -127,8 +137,9 @@ fn main() -> ExitCode {
             }
         };
         let shutdown = async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}

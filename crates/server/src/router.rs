@@ -30,7 +30,10 @@ pub struct Router {
 
 impl Router {
     pub fn new(node: Arc<Node>, batch_size_max: usize) -> Self {
-        Self { node, batch_size_max }
+        Self {
+            node,
+            batch_size_max,
+        }
     }
 
     pub fn check_batch(&self, field: &str, len: usize) -> Result<(), ApiError> {
@@ -98,7 +101,10 @@ impl Router {
                 } else {
                     Rejection::PendingTransferNotFound
                 };
-                let record = TransferRecord { request: transfer, result: Err(reason) };
+                let record = TransferRecord {
+                    request: transfer,
+                    result: Err(reason),
+                };
                 return Ok(TransferReply { record, hold: None });
             }
         };
@@ -111,7 +117,10 @@ impl Router {
     /// The shard that coordinates a transfer: its debit account's. A post or void that leaves
     /// the accounts empty inherits them from the hold, found by its id.
     fn home_of_transfer(&self, transfer: &Transfer) -> Result<Option<ShardId>, ApiError> {
-        let resolves = matches!(transfer.kind, TransferKind::PostPending | TransferKind::VoidPending);
+        let resolves = matches!(
+            transfer.kind,
+            TransferKind::PostPending | TransferKind::VoidPending
+        );
         if !resolves {
             return Ok(Some(self.node.locate(&transfer.debit_account_id)));
         }
@@ -119,7 +128,9 @@ impl Router {
         if let Some((_, _, shard)) = self.find_transfer(&transfer.id)? {
             return Ok(Some(shard));
         }
-        Ok(self.find_hold(&transfer.pending_id)?.map(|hold| self.node.locate(&hold.debit_account_id)))
+        Ok(self
+            .find_hold(&transfer.pending_id)?
+            .map(|hold| self.node.locate(&hold.debit_account_id)))
     }
 
     fn find_hold(&self, pending_id: &str) -> Result<Option<HoldStatus>, ApiError> {
@@ -138,8 +149,13 @@ impl Router {
     }
 
     /// A transfer is recorded on its debit account's shard; without knowing it, look on each.
-    pub fn transfer(&self, id: &str) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, ApiError> {
-        Ok(self.find_transfer(id)?.map(|(record, hold, _)| (record, hold)))
+    pub fn transfer(
+        &self,
+        id: &str,
+    ) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, ApiError> {
+        Ok(self
+            .find_transfer(id)?
+            .map(|(record, hold, _)| (record, hold)))
     }
 
     fn find_transfer(
@@ -162,7 +178,13 @@ impl Router {
         limit: usize,
     ) -> Result<Vec<Entry>, ApiError> {
         let shard = self.node.locate(account_id);
-        Ok(read::entries(&**self.node.store(shard), shard, account_id, from_version, limit)?)
+        Ok(read::entries(
+            &**self.node.store(shard),
+            shard,
+            account_id,
+            from_version,
+            limit,
+        )?)
     }
 }
 

@@ -51,7 +51,9 @@ impl LedgerService for Ledger {
             .into_iter()
             .enumerate()
             .map(|(i, a)| {
-                wire::new_account(a).normalize().map_err(|e| e.within(&format!("accounts[{i}]")))
+                wire::new_account(a)
+                    .normalize()
+                    .map_err(|e| e.within(&format!("accounts[{i}]")))
             })
             .collect::<Result<Vec<_>, InvalidInput>>()
             .map_err(ApiError::from)?;
@@ -63,7 +65,9 @@ impl LedgerService for Ledger {
             .map(|(id, (result, shard))| pb::AccountResult {
                 id,
                 outcome: Some(match result {
-                    Ok(account) => pb::account_result::Outcome::Account(wire::account(&account, shard.0)),
+                    Ok(account) => {
+                        pb::account_result::Outcome::Account(wire::account(&account, shard.0))
+                    }
                     Err(reason) => pb::account_result::Outcome::Rejection(wire::rejection(reason)),
                 }),
             })
@@ -122,7 +126,11 @@ impl LedgerService for Ledger {
         let mut response = pb::GetTransfersResponse::default();
         for id in ids {
             // Only committed transfers are shown; a recorded rejection is not a transfer.
-            match self.router.transfer(&id)?.and_then(|(r, h)| wire::committed_transfer(&r, h.as_ref())) {
+            match self
+                .router
+                .transfer(&id)?
+                .and_then(|(r, h)| wire::committed_transfer(&r, h.as_ref()))
+            {
                 Some(t) => response.transfers.push(t),
                 None => response.not_found.push(id),
             }
@@ -162,17 +170,25 @@ impl LedgerService for Ledger {
         let from_version = if r.page_token.is_empty() {
             1
         } else {
-            r.page_token.parse::<u64>().ok().filter(|v| *v > 0).ok_or_else(|| {
-                ApiError::from(InvalidInput::new(
-                    "page_token",
-                    "is not a token from a previous ListEntries response",
-                ))
-            })?
+            r.page_token
+                .parse::<u64>()
+                .ok()
+                .filter(|v| *v > 0)
+                .ok_or_else(|| {
+                    ApiError::from(InvalidInput::new(
+                        "page_token",
+                        "is not a token from a previous ListEntries response",
+                    ))
+                })?
         };
         if self.router.account(&r.account_id)?.is_none() {
-            return Err(ApiError::NotFound(format!("account {:?} does not exist", r.account_id)).into());
+            return Err(
+                ApiError::NotFound(format!("account {:?} does not exist", r.account_id)).into(),
+            );
         }
-        let mut entries = self.router.entries(&r.account_id, from_version, page_size + 1)?;
+        let mut entries = self
+            .router
+            .entries(&r.account_id, from_version, page_size + 1)?;
         let next_page_token = if entries.len() > page_size {
             entries.truncate(page_size);
             (entries.last().expect("non-empty").version + 1).to_string()
@@ -180,6 +196,9 @@ impl LedgerService for Ledger {
             String::new()
         };
         let entries = entries.iter().map(wire::entry).collect();
-        Ok(Response::new(pb::ListEntriesResponse { entries, next_page_token }))
+        Ok(Response::new(pb::ListEntriesResponse {
+            entries,
+            next_page_token,
+        }))
     }
 }

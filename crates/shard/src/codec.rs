@@ -25,12 +25,18 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
     match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => postcard::from_bytes(body)
-            .map_err(|e| DecodeError { what, reason: e.to_string() }),
-        Some((format, _)) => {
-            Err(DecodeError { what, reason: format!("unknown format byte {format}") })
-        }
-        None => Err(DecodeError { what, reason: "empty value".into() }),
+        Some((&FORMAT_V1, body)) => postcard::from_bytes(body).map_err(|e| DecodeError {
+            what,
+            reason: e.to_string(),
+        }),
+        Some((format, _)) => Err(DecodeError {
+            what,
+            reason: format!("unknown format byte {format}"),
+        }),
+        None => Err(DecodeError {
+            what,
+            reason: "empty value".into(),
+        }),
     }
 }
 
@@ -45,8 +51,13 @@ pub fn encode_account(account: &Account) -> Vec<u8> {
 }
 
 pub fn decode_account(bytes: &[u8]) -> Result<Account, DecodeError> {
-    let err = |reason: &str| DecodeError { what: "account", reason: reason.into() };
-    let (head, body) = bytes.split_at_checked(8).ok_or_else(|| err("shorter than its header"))?;
+    let err = |reason: &str| DecodeError {
+        what: "account",
+        reason: reason.into(),
+    };
+    let (head, body) = bytes
+        .split_at_checked(8)
+        .ok_or_else(|| err("shorter than its header"))?;
     let account: Account = decode("account", body)?;
     // Assert in pairs: the header written beside the record must agree with it.
     let header = u64::from_be_bytes(head.try_into().expect("8 bytes"));
@@ -64,8 +75,15 @@ mod tests {
     #[test]
     fn account_round_trip() {
         let account = Account {
-            spec: NewAccount { id: "a".into(), ledger: "USD".into(), ..Default::default() },
-            balances: Balances { credits_posted: 5, ..Default::default() },
+            spec: NewAccount {
+                id: "a".into(),
+                ledger: "USD".into(),
+                ..Default::default()
+            },
+            balances: Balances {
+                credits_posted: 5,
+                ..Default::default()
+            },
             version: 7,
             created_at_ms: 1,
         };

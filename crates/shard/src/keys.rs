@@ -97,6 +97,9 @@ pub fn forwards(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
 /// Entries of one account from `from_version` on.
 pub fn entries(shard: ShardId, account_id: &str, from_version: u64) -> (Vec<u8>, Vec<u8>) {
     let prefix = base(shard, ENTRY).str(account_id).into_bytes();
-    let start = base(shard, ENTRY).str(account_id).u64(from_version).into_bytes();
+    let start = base(shard, ENTRY)
+        .str(account_id)
+        .u64(from_version)
+        .into_bytes();
     (start, prefix_end(&prefix))
 }

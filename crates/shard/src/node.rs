@@ -39,7 +39,9 @@ pub struct Node {
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("shards", &self.handles.len()).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("shards", &self.handles.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -62,7 +64,10 @@ impl Node {
             let (start, end) = keys::forwards(ShardId(i as u32));
             for (key, value) in store.scan(&start, &end, usize::MAX)? {
                 let (id, _) = ledger_store::key::read_str(&key, 6).ok_or_else(|| {
-                    Fatal::Decode(codec::DecodeError { what: "forward key", reason: format!("{key:?}") })
+                    Fatal::Decode(codec::DecodeError {
+                        what: "forward key",
+                        reason: format!("{key:?}"),
+                    })
                 })?;
                 let placement_key: String = codec::decode("forward", &value)?;
                 forwards.insert(id, placement.shard_of(&placement_key));
@@ -72,7 +77,9 @@ impl Node {
         let (handles, receivers): (Vec<_>, Vec<_>) = (0..placement.shard_count())
             .map(|i| channel(ShardId(i), options.queue_capacity))
             .unzip();
-        let peers: Arc<dyn Peers> = Arc::new(LocalPeers { handles: handles.clone() });
+        let peers: Arc<dyn Peers> = Arc::new(LocalPeers {
+            handles: handles.clone(),
+        });
         let locate = locate_fn(placement.clone(), Arc::clone(&forwards));
         let mut threads = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {
@@ -92,7 +99,13 @@ impl Node {
                 .expect("spawn a shard thread");
             threads.push(thread);
         }
-        Ok(Node { placement, forwards, handles, stores, threads })
+        Ok(Node {
+            placement,
+            forwards,
+            handles,
+            stores,
+            threads,
+        })
     }
 
     pub fn placement(&self) -> &Placement {
@@ -110,7 +123,10 @@ impl Node {
 
     /// Records (in memory) that `id` lives on `home`; call after the directory shard accepted it.
     pub fn remember_forward(&self, id: &str, home: ShardId) {
-        self.forwards.write().expect("poisoned").insert(id.to_string(), home);
+        self.forwards
+            .write()
+            .expect("poisoned")
+            .insert(id.to_string(), home);
     }
 
     pub fn handle(&self, shard: ShardId) -> &ShardHandle {
@@ -146,4 +162,3 @@ fn locate(placement: &Placement, forwards: &RwLock<HashMap<String, ShardId>>, id
 fn locate_fn(placement: Placement, forwards: Arc<RwLock<HashMap<String, ShardId>>>) -> Locate {
     Arc::new(move |id: &str| locate(&placement, &forwards, id))
 }
-

@@ -21,12 +21,18 @@ pub fn transfer(
     shard: ShardId,
     id: &str,
 ) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, Fatal> {
-    let Some(bytes) = store.get(&keys::transfer(shard, id))? else { return Ok(None) };
+    let Some(bytes) = store.get(&keys::transfer(shard, id))? else {
+        return Ok(None);
+    };
     let record: TransferRecord = codec::decode("transfer", &bytes)?;
     Ok(Some((record, hold(store, shard, id)?)))
 }
 
-pub fn hold(store: &dyn Store, shard: ShardId, pending_id: &str) -> Result<Option<HoldStatus>, Fatal> {
+pub fn hold(
+    store: &dyn Store,
+    shard: ShardId,
+    pending_id: &str,
+) -> Result<Option<HoldStatus>, Fatal> {
     match store.get(&keys::hold(shard, pending_id))? {
         Some(bytes) => Ok(Some(codec::decode("hold", &bytes)?)),
         None => Ok(None),

@@ -41,7 +41,11 @@ pub struct Lease {
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
     #[error("shard {shard}: the lease is held by node {node} until {expires_at_ms}")]
-    Held { shard: ShardId, node: String, expires_at_ms: u64 },
+    Held {
+        shard: ShardId,
+        node: String,
+        expires_at_ms: u64,
+    },
     #[error("shard {shard}: lost a race for the lease; retry")]
     Raced { shard: ShardId },
     #[error(transparent)]
@@ -92,9 +96,15 @@ pub fn acquire_lease(
             lease.epoch + 1
         }
     };
-    let lease = Lease { epoch, node: node.to_string(), expires_at_ms: now_ms + lease_ms };
+    let lease = Lease {
+        epoch,
+        node: node.to_string(),
+        expires_at_ms: now_ms + lease_ms,
+    };
     batch.put(key, encode_lease(&lease));
-    store.commit(&batch).map_err(|_| LeaseError::Raced { shard })?;
+    store
+        .commit(&batch)
+        .map_err(|_| LeaseError::Raced { shard })?;
     Ok(lease)
 }
 
@@ -120,14 +130,25 @@ pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
         .iter()
         .map(|(_, v)| codec::decode::<PreparedRecord>("prepared record", v))
         .collect::<Result<_, _>>()?;
-    Ok(Recovered { accounts, forwards, holds, coordinations, prepared })
+    Ok(Recovered {
+        accounts,
+        forwards,
+        holds,
+        coordinations,
+        prepared,
+    })
 }
 
 /// Keys are `S <u32> <kind u8> <string>`: returns the string.
 fn key_tail_str(key: &[u8]) -> Result<((), String), Fatal> {
-    ledger_store::key::read_str(key, 6).map(|(s, _)| ((), s)).ok_or_else(|| {
-        Fatal::Decode(codec::DecodeError { what: "key", reason: format!("{key:?}") })
-    })
+    ledger_store::key::read_str(key, 6)
+        .map(|(s, _)| ((), s))
+        .ok_or_else(|| {
+            Fatal::Decode(codec::DecodeError {
+                what: "key",
+                reason: format!("{key:?}"),
+            })
+        })
 }
 
 /// Delivers messages between shards (in this process: their queues; later: gRPC).
@@ -140,9 +161,17 @@ pub trait Peers: Send + Sync + 'static {
 #[derive(Debug)]
 pub enum Command {
     CreateAccount(NewAccount, oneshot::Sender<Reply>),
-    ReserveForward { id: String, placement_key: String, home: ShardId, reply: oneshot::Sender<Reply> },
+    ReserveForward {
+        id: String,
+        placement_key: String,
+        home: ShardId,
+        reply: oneshot::Sender<Reply>,
+    },
     CreateTransfer(Transfer, oneshot::Sender<Reply>),
-    Peer { from: ShardId, message: Message },
+    Peer {
+        from: ShardId,
+        message: Message,
+    },
     Stop,
 }
 
@@ -166,9 +195,15 @@ impl ShardHandle {
         self.shard
     }
 
-    async fn call(&self, make: impl FnOnce(oneshot::Sender<Reply>) -> Command) -> Result<Reply, ShardError> {
+    async fn call(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Reply>) -> Command,
+    ) -> Result<Reply, ShardError> {
         let (tx, rx) = oneshot::channel();
-        self.tx.send(make(tx)).await.map_err(|_| ShardError::Unavailable(self.shard))?;
+        self.tx
+            .send(make(tx))
+            .await
+            .map_err(|_| ShardError::Unavailable(self.shard))?;
         rx.await.map_err(|_| ShardError::Unavailable(self.shard))
     }
 
@@ -182,7 +217,13 @@ impl ShardHandle {
         placement_key: String,
         home: ShardId,
     ) -> Result<Reply, ShardError> {
-        self.call(|reply| Command::ReserveForward { id, placement_key, home, reply }).await
+        self.call(|reply| Command::ReserveForward {
+            id,
+            placement_key,
+            home,
+            reply,
+        })
+        .await
     }
 
     pub async fn create_transfer(&self, transfer: Transfer) -> Result<Reply, ShardError> {
@@ -248,7 +289,13 @@ impl Runtime {
 
     fn begin_term(&self) -> Result<Engine, LeaseError> {
         let now = self.clock.now_ms();
-        let lease = acquire_lease(&*self.store, self.shard, &self.node, now, self.options.lease_ms)?;
+        let lease = acquire_lease(
+            &*self.store,
+            self.shard,
+            &self.node,
+            now,
+            self.options.lease_ms,
+        )?;
         let recovered = load(&*self.store, self.shard)?;
         Ok(Engine::new(
             self.shard,
@@ -289,9 +336,19 @@ impl Runtime {
                         let token = register(&mut waiting, &mut next_token, tx);
                         Input::CreateAccount { token, account }
                     }
-                    Command::ReserveForward { id, placement_key, home, reply } => {
+                    Command::ReserveForward {
+                        id,
+                        placement_key,
+                        home,
+                        reply,
+                    } => {
                         let token = register(&mut waiting, &mut next_token, reply);
-                        Input::ReserveForward { token, id, placement_key, home }
+                        Input::ReserveForward {
+                            token,
+                            id,
+                            placement_key,
+                            home,
+                        }
                     }
                     Command::CreateTransfer(transfer, tx) => {
                         let token = register(&mut waiting, &mut next_token, tx);
@@ -320,15 +377,17 @@ impl Runtime {
                     keys::lease(self.shard),
                     Expect::Prefix(codec::version_prefix(engine.epoch())),
                 );
-                output.writes.put(keys::lease(self.shard), encode_lease(&lease));
+                output
+                    .writes
+                    .put(keys::lease(self.shard), encode_lease(&lease));
                 renewed_at = now;
             }
-            if !output.writes.is_empty() {
-                if let Err(e) = self.store.commit(&output.writes) {
-                    // Fenced or failed: nothing of this batch is acknowledged. Dropping the
-                    // reply senders tells every waiting caller `Unavailable`.
-                    return Term::SteppedDown(format!("commit failed: {e}"));
-                }
+            if !output.writes.is_empty()
+                && let Err(e) = self.store.commit(&output.writes)
+            {
+                // Fenced or failed: nothing of this batch is acknowledged. Dropping the reply
+                // senders tells every waiting caller `Unavailable`.
+                return Term::SteppedDown(format!("commit failed: {e}"));
             }
             for (token, reply) in output.replies {
                 if let Some(tx) = waiting.remove(&token) {

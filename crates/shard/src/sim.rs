@@ -27,7 +27,10 @@ pub struct Sim {
 
 impl std::fmt::Debug for Sim {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sim").field("now_ms", &self.now_ms).field("inbox", &self.inbox.len()).finish()
+        f.debug_struct("Sim")
+            .field("now_ms", &self.now_ms)
+            .field("inbox", &self.inbox.len())
+            .finish()
     }
 }
 
@@ -56,7 +59,14 @@ impl Sim {
         let lease = acquire_lease(&*store, shard, "sim", self.now_ms, self.options.lease_ms)
             .expect("lease");
         let recovered = load(&*store, shard).expect("load");
-        Engine::new(shard, lease.epoch, self.options.clone(), store, self.locate.clone(), recovered)
+        Engine::new(
+            shard,
+            lease.epoch,
+            self.options.clone(),
+            store,
+            self.locate.clone(),
+            recovered,
+        )
     }
 
     /// Loses the shard's memory and rebuilds it from its store under a new epoch.
@@ -80,7 +90,9 @@ impl Sim {
         engine.tick().expect("tick");
         let output = engine.finish();
         if !output.writes.is_empty() {
-            self.stores[shard.0 as usize].commit(&output.writes).expect("commit");
+            self.stores[shard.0 as usize]
+                .commit(&output.writes)
+                .expect("commit");
         }
         for (token, reply) in &output.replies {
             self.replies.insert(*token, reply.clone());
@@ -96,7 +108,9 @@ impl Sim {
     pub fn deliver_all(&mut self, max: usize) -> usize {
         let mut delivered = 0;
         while delivered < max {
-            let Some((to, from, message)) = self.inbox.pop_front() else { break };
+            let Some((to, from, message)) = self.inbox.pop_front() else {
+                break;
+            };
             self.batch(to, vec![Input::Peer { from, message }]);
             delivered += 1;
         }

@@ -47,7 +47,13 @@ pub fn scan_is_ordered_and_bounded(store: &dyn Store) {
     let values: Vec<u8> = all.iter().map(|(_, v)| v[0]).collect();
     assert_eq!(values, vec![1, 3, 5, 9]);
     assert_eq!(store.scan(b"c2/", b"c2/\xff", 2).unwrap().len(), 2);
-    assert_eq!(store.scan(&[b'c', b'2', b'/', 4], &[b'c', b'2', b'/', 9], 100).unwrap().len(), 1);
+    assert_eq!(
+        store
+            .scan(&[b'c', b'2', b'/', 4], &[b'c', b'2', b'/', 9], 100)
+            .unwrap()
+            .len(),
+        1
+    );
     assert!(store.scan(b"c2/\xff", b"c2/", 100).unwrap().is_empty());
 }
 
@@ -62,7 +68,10 @@ pub fn preconditions_gate_the_whole_commit(store: &dyn Store) {
     let mut b = WriteBatch::default();
     b.expect(b"c4/v".to_vec(), Expect::Absent);
     b.put(b"c4/other".to_vec(), b"x".to_vec());
-    assert!(matches!(store.commit(&b), Err(CommitError::Conflict { .. })));
+    assert!(matches!(
+        store.commit(&b),
+        Err(CommitError::Conflict { .. })
+    ));
     assert_eq!(store.get(b"c4/other").unwrap(), None);
 
     let mut b = WriteBatch::default();
@@ -74,12 +83,18 @@ pub fn preconditions_gate_the_whole_commit(store: &dyn Store) {
     let mut b = WriteBatch::default();
     b.expect(b"c4/v".to_vec(), Expect::Prefix(b"\x00\x01".to_vec()));
     b.put(b"c4/v".to_vec(), b"\x00\x03".to_vec());
-    assert!(matches!(store.commit(&b), Err(CommitError::Conflict { .. })));
+    assert!(matches!(
+        store.commit(&b),
+        Err(CommitError::Conflict { .. })
+    ));
     assert_eq!(store.get(b"c4/v").unwrap(), Some(b"\x00\x02body".to_vec()));
 
     let mut b = WriteBatch::default();
     b.expect(b"c4/missing".to_vec(), Expect::Prefix(Vec::new()));
-    assert!(matches!(store.commit(&b), Err(CommitError::Conflict { .. })));
+    assert!(matches!(
+        store.commit(&b),
+        Err(CommitError::Conflict { .. })
+    ));
 }
 
 /// The fencing pattern the shard leader uses: every commit expects the lease epoch it holds.
@@ -103,7 +118,10 @@ pub fn stale_epoch_is_fenced(store: &dyn Store) {
     let mut b = WriteBatch::default();
     b.expect(lease.clone(), Expect::Equals(epoch(1)));
     b.put(b"c5/data".to_vec(), b"stale".to_vec());
-    assert!(matches!(store.commit(&b), Err(CommitError::Conflict { .. })));
+    assert!(matches!(
+        store.commit(&b),
+        Err(CommitError::Conflict { .. })
+    ));
     assert_eq!(store.get(b"c5/data").unwrap(), None);
 
     let mut b = WriteBatch::default();

@@ -19,7 +19,9 @@ pub struct Embedded {
 
 impl std::fmt::Debug for Embedded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Embedded").field("path", &self.path).finish()
+        f.debug_struct("Embedded")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -28,11 +30,14 @@ impl Embedded {
     /// open or the file is not a redb database.
     pub fn open(path: &Path) -> Result<Self, Error> {
         let shown = path.display().to_string();
-        let open_err = |reason: String| Error::Open { path: shown.clone(), reason };
+        let open_err = |reason: String| Error::Open {
+            path: shown.clone(),
+            reason,
+        };
         let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => {
-                open_err("it is already open in another process (is another ledgerd running?)".into())
-            }
+            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                "it is already open in another process (is another ledgerd running?)".into(),
+            ),
             other => open_err(other.to_string()),
         })?;
         // Create the table up front so readers never meet a missing table.
@@ -54,7 +59,7 @@ impl Store for Embedded {
         Ok(table.get(key).map_err(io)?.map(|v| v.value().to_vec()))
     }
 
-    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<crate::Pairs, Error> {
         if start >= end {
             return Ok(Vec::new());
         }
@@ -82,7 +87,9 @@ impl Store for Embedded {
             for write in &batch.writes {
                 match write {
                     Write::Put(k, v) => {
-                        table.insert(k.as_slice(), v.as_slice()).map_err(|e| not_committed(&e))?;
+                        table
+                            .insert(k.as_slice(), v.as_slice())
+                            .map_err(|e| not_committed(&e))?;
                     }
                     Write::Delete(k) => {
                         table.remove(k.as_slice()).map_err(|e| not_committed(&e))?;
@@ -91,7 +98,8 @@ impl Store for Embedded {
             }
         }
         // An error from the final commit (fsync) leaves the outcome unknown to us.
-        txn.commit().map_err(|e| CommitError::Unknown(e.to_string()))
+        txn.commit()
+            .map_err(|e| CommitError::Unknown(e.to_string()))
     }
 
     fn kind(&self) -> &'static str {

@@ -64,7 +64,9 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
 
 /// Reads a big-endian u64 at `at`.
 pub fn read_u64(bytes: &[u8], at: usize) -> Option<u64> {
-    bytes.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+    bytes
+        .get(at..at + 8)
+        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
 }
 
 /// Reads a terminated string starting at `at`; returns it and the index after the terminator.
@@ -94,7 +96,10 @@ mod tests {
         let a = Key::new().str("a").u64(2).into_bytes();
         let b = Key::new().str("a").u64(10).into_bytes();
         let c = Key::new().str("ab").u64(0).into_bytes();
-        assert!(a < b && b < c, "strings end before longer strings with the same start");
+        assert!(
+            a < b && b < c,
+            "strings end before longer strings with the same start"
+        );
         assert!(Key::new().str("a\0b").into_bytes() > Key::new().str("a").into_bytes());
     }
 

@@ -124,7 +124,7 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
 
     /// Up to `limit` pairs with `start <= key < end`, ascending.
-    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, Error>;
 
     /// Checks every precondition and applies every write atomically. When it returns `Ok`, the
     /// commit is durable (for durable backends).
@@ -135,3 +135,6 @@ pub trait Store: Send + Sync + 'static {
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+/// Key-value pairs from a scan, ascending by key.
+pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;

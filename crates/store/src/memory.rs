@@ -22,7 +22,7 @@ impl Store for Memory {
         Ok(self.map.lock().expect("poisoned").get(key).cloned())
     }
 
-    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<crate::Pairs, Error> {
         if start >= end {
             return Ok(Vec::new());
         }

@@ -29,7 +29,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use ledger_domain::{EntryKind, HoldState, HoldStatus, Rejection, ShardId, Transfer, TransferRecord};
+use ledger_domain::{
+    EntryKind, HoldState, HoldStatus, Rejection, ShardId, Transfer, TransferRecord,
+};
 
 use super::{
     Attempt, Engine, Fatal, Leg, Message, Parked, Plan, Reply, Token, TransferReply,
@@ -42,7 +44,9 @@ use crate::{codec, keys};
 pub enum Work {
     Transfer(Transfer),
     /// Release an expired cross-shard hold.
-    Expire { pending_id: String },
+    Expire {
+        pending_id: String,
+    },
 }
 
 /// The durable coordinator log record.
@@ -104,9 +108,12 @@ impl Coordination {
     fn leg(&self) -> Leg {
         let plan = &self.record.plan;
         let (transfer_id, entry_kind, code, expected_version) = match &self.record.work {
-            Work::Transfer(t) => {
-                (t.id.clone(), EntryKind::of(t.kind), t.code, t.expected_credit_version)
-            }
+            Work::Transfer(t) => (
+                t.id.clone(),
+                EntryKind::of(t.kind),
+                t.code,
+                t.expected_credit_version,
+            ),
             Work::Expire { pending_id } => (pending_id.clone(), EntryKind::ExpirePending, 0, None),
         };
         Leg {
@@ -134,7 +141,10 @@ impl Engine {
         plan: Plan,
     ) -> Result<(), Fatal> {
         if self.coordinations.len() >= self.options.coordinations_max {
-            let record = TransferRecord { request: transfer, result: Err(Rejection::AccountBusy) };
+            let record = TransferRecord {
+                request: transfer,
+                result: Err(Rejection::AccountBusy),
+            };
             self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
             return Ok(());
         }
@@ -169,10 +179,19 @@ impl Engine {
     }
 
     fn insert_coordination(&mut self, op: String, work: Work, plan: Plan, waiters: Vec<Token>) {
-        let attempt = Attempt { op: op.clone(), epoch: self.epoch, seq: self.next_seq };
+        let attempt = Attempt {
+            op: op.clone(),
+            epoch: self.epoch,
+            seq: self.next_seq,
+        };
         self.next_seq += 1;
         let coordination = Coordination {
-            record: CoordRecord { attempt, work, plan, decision: None },
+            record: CoordRecord {
+                attempt,
+                work,
+                plan,
+                decision: None,
+            },
             step: Step::Locking,
             logged: false,
             hold_locked: false,
@@ -192,7 +211,11 @@ impl Engine {
         let coordination = Coordination {
             // Undecided: the Prepare may have gone out, so wait for its timeout, then abort.
             // `started_ms: 0` makes the first tick do that (presumed abort).
-            step: if decided { Step::AwaitAck } else { Step::AwaitPrepared },
+            step: if decided {
+                Step::AwaitAck
+            } else {
+                Step::AwaitPrepared
+            },
             record,
             logged: true,
             hold_locked: false,
@@ -208,7 +231,9 @@ impl Engine {
 
     /// Drives a coordination as far as it can go now. Idempotent: a stale wake-up is harmless.
     pub(super) fn advance(&mut self, op: &str) -> Result<(), Fatal> {
-        let Some(c) = self.coordinations.get(op) else { return Ok(()) };
+        let Some(c) = self.coordinations.get(op) else {
+            return Ok(());
+        };
         if c.step != Step::Locking && !(c.step == Step::AwaitPrepared && c.credit_version.is_some())
         {
             return Ok(());
@@ -236,8 +261,12 @@ impl Engine {
                 Ok(false) => return Ok(()),
                 Err(_) => return self.abort(op, Rejection::AccountBusy),
             }
-            let expected = self.coordination(op).request().and_then(|t| t.expected_debit_version);
-            if let Err(reason) = self.check_change(&plan.debit_id, &plan.ledger, &plan.debit, expected)
+            let expected = self
+                .coordination(op)
+                .request()
+                .and_then(|t| t.expected_debit_version);
+            if let Err(reason) =
+                self.check_change(&plan.debit_id, &plan.ledger, &plan.debit, expected)
             {
                 return self.abort(op, reason);
             }
@@ -256,7 +285,9 @@ impl Engine {
             c.last_sent_ms = now;
             let record = c.record.clone();
             let leg = c.leg();
-            self.batch.writes.put(keys::coord(self.shard, op), codec::encode(&record));
+            self.batch
+                .writes
+                .put(keys::coord(self.shard, op), codec::encode(&record));
             self.send(plan.credit_shard, Message::Prepare(leg));
         }
         Ok(())
@@ -298,18 +329,28 @@ impl Engine {
             Work::Transfer(t) => (t.id.clone(), EntryKind::of(t.kind), t.code),
             Work::Expire { pending_id } => (pending_id.clone(), EntryKind::ExpirePending, 0),
         };
-        let debit_version = self.apply_change(&plan.debit_id, &plan.debit, &transfer_id, kind, code);
+        let debit_version =
+            self.apply_change(&plan.debit_id, &plan.debit, &transfer_id, kind, code);
         let reply = match &work {
             Work::Transfer(transfer) => {
                 let committed = self.committed(&plan, debit_version, credit_version, true);
                 let hold = self.settle_hold(transfer, &plan);
-                let record = TransferRecord { request: transfer.clone(), result: Ok(committed) };
+                let record = TransferRecord {
+                    request: transfer.clone(),
+                    result: Ok(committed),
+                };
                 self.put_transfer(record.clone());
                 Some(TransferReply { record, hold })
             }
             Work::Expire { pending_id } => {
                 let hold = plan.hold.clone().expect("expiry has a hold");
-                self.put_hold(pending_id, HoldStatus { state: HoldState::Expired, ..hold });
+                self.put_hold(
+                    pending_id,
+                    HoldStatus {
+                        state: HoldState::Expired,
+                        ..hold
+                    },
+                );
                 None
             }
         };
@@ -319,8 +360,14 @@ impl Engine {
         c.last_sent_ms = now;
         c.reply = reply;
         let record = c.record.clone();
-        self.batch.writes.put(keys::coord(self.shard, op), codec::encode(&record));
-        let decide = Message::Decide { attempt: record.attempt, commit: true, committed_at_ms: now };
+        self.batch
+            .writes
+            .put(keys::coord(self.shard, op), codec::encode(&record));
+        let decide = Message::Decide {
+            attempt: record.attempt,
+            commit: true,
+            committed_at_ms: now,
+        };
         self.send(plan.credit_shard, decide);
         self.unlock(&lock_key_account(&plan.debit_id), &holder);
         if let Some(hold) = self.coordination(op).hold_id().map(str::to_string) {
@@ -334,19 +381,29 @@ impl Engine {
     /// and sent; otherwise the coordination simply ends.
     fn abort(&mut self, op: &str, reason: Rejection) -> Result<(), Fatal> {
         let c = self.coordinations.get_mut(op).expect("live coordination");
-        assert!(c.record.decision.is_none(), "shard={} abort after decision {op}", self.shard);
+        assert!(
+            c.record.decision.is_none(),
+            "shard={} abort after decision {op}",
+            self.shard
+        );
         let participant_may_hold = c.step == Step::AwaitPrepared;
         let holder = c.attempt_key();
         let hold = c.hold_id().map(str::to_string);
         let waiters = std::mem::take(&mut c.waiters);
         let plan = c.record.plan.clone();
         if let Work::Transfer(transfer) = c.record.work.clone() {
-            let record = TransferRecord { request: transfer, result: Err(reason) };
+            let record = TransferRecord {
+                request: transfer,
+                result: Err(reason),
+            };
             if !reason.is_retriable() {
                 self.put_transfer(record.clone());
             }
             for token in waiters {
-                let reply = TransferReply { record: record.clone(), hold: None };
+                let reply = TransferReply {
+                    record: record.clone(),
+                    hold: None,
+                };
                 self.reply(token, Reply::Transfer(reply));
             }
         }
@@ -361,8 +418,14 @@ impl Engine {
             c.step = Step::AwaitAck;
             c.last_sent_ms = now;
             let record = c.record.clone();
-            self.batch.writes.put(keys::coord(self.shard, op), codec::encode(&record));
-            let decide = Message::Decide { attempt: record.attempt, commit: false, committed_at_ms: now };
+            self.batch
+                .writes
+                .put(keys::coord(self.shard, op), codec::encode(&record));
+            let decide = Message::Decide {
+                attempt: record.attempt,
+                commit: false,
+                committed_at_ms: now,
+            };
             self.send(plan.credit_shard, decide);
         } else {
             let c = self.coordinations.remove(op).expect("live coordination");
@@ -373,7 +436,11 @@ impl Engine {
         Ok(())
     }
 
-    pub(super) fn on_coordinator_message(&mut self, from: ShardId, message: Message) -> Result<(), Fatal> {
+    pub(super) fn on_coordinator_message(
+        &mut self,
+        from: ShardId,
+        message: Message,
+    ) -> Result<(), Fatal> {
         let attempt = match &message {
             Message::Prepared { attempt, .. }
             | Message::Refused { attempt, .. }
@@ -397,8 +464,13 @@ impl Engine {
                 self.abort(&attempt.op, reason)?;
             }
             (Message::Acked { .. }, Some((Step::AwaitAck, Some(_)))) => {
-                let c = self.coordinations.remove(&attempt.op).expect("live coordination");
-                self.batch.writes.delete(keys::coord(self.shard, &attempt.op));
+                let c = self
+                    .coordinations
+                    .remove(&attempt.op)
+                    .expect("live coordination");
+                self.batch
+                    .writes
+                    .delete(keys::coord(self.shard, &attempt.op));
                 if let Some(reply) = c.reply {
                     for token in c.waiters {
                         self.reply(token, Reply::Transfer(reply.clone()));
@@ -406,14 +478,22 @@ impl Engine {
                 }
             }
             (Message::QueryDecision { .. }, Some((_, Some(commit)))) => {
-                let decide = Message::Decide { attempt, commit, committed_at_ms: self.now_ms };
+                let decide = Message::Decide {
+                    attempt,
+                    commit,
+                    committed_at_ms: self.now_ms,
+                };
                 self.send(from, decide);
             }
             (Message::QueryDecision { .. }, Some((_, None))) => {} // Undecided: it will be sent.
             (Message::QueryDecision { .. }, None) => {
                 // No live record for this attempt: it was never decided commit (a committed
                 // attempt keeps its record until the participant acks). Presumed abort.
-                let decide = Message::Decide { attempt, commit: false, committed_at_ms: self.now_ms };
+                let decide = Message::Decide {
+                    attempt,
+                    commit: false,
+                    committed_at_ms: self.now_ms,
+                };
                 self.send(from, decide);
             }
             _ => {} // Late duplicates of answers already handled.
@@ -427,13 +507,19 @@ impl Engine {
         for (op, c) in &mut self.coordinations {
             let waited = now.saturating_sub(c.started_ms);
             match c.step {
-                Step::Locking if waited >= self.options.lock_wait_ms_max => timed_out.push(op.clone()),
+                Step::Locking if waited >= self.options.lock_wait_ms_max => {
+                    timed_out.push(op.clone())
+                }
                 Step::AwaitPrepared if waited >= self.options.prepare_timeout_ms => {
                     timed_out.push(op.clone());
                 }
-                Step::AwaitPrepared if now.saturating_sub(c.last_sent_ms) >= self.options.retry_ms => {
+                Step::AwaitPrepared
+                    if now.saturating_sub(c.last_sent_ms) >= self.options.retry_ms =>
+                {
                     c.last_sent_ms = now;
-                    self.batch.messages.push((c.record.plan.credit_shard, Message::Prepare(c.leg())));
+                    self.batch
+                        .messages
+                        .push((c.record.plan.credit_shard, Message::Prepare(c.leg())));
                 }
                 Step::AwaitAck if now.saturating_sub(c.last_sent_ms) >= self.options.retry_ms => {
                     c.last_sent_ms = now;
@@ -442,7 +528,9 @@ impl Engine {
                         commit: c.record.decision.expect("decided"),
                         committed_at_ms: now,
                     };
-                    self.batch.messages.push((c.record.plan.credit_shard, decide));
+                    self.batch
+                        .messages
+                        .push((c.record.plan.credit_shard, decide));
                 }
                 _ => {}
             }

@@ -21,6 +21,10 @@
 //! Other operations on it wait in a bounded queue per lock, with a deadline; other accounts are
 //! unaffected.
 
+// Inputs and replies are moved once through channels and queues; boxing them would add an
+// allocation per transfer for no gain.
+#![allow(clippy::large_enum_variant, clippy::result_large_err)]
+
 mod coordinator;
 mod participant;
 #[cfg(test)]
@@ -55,7 +59,12 @@ pub enum Input {
     CreateAccount { token: Token, account: NewAccount },
     /// This shard is the directory shard of `id` (the shard its id hashes to): record that the
     /// account lives on `home` because of its placement key. First writer wins.
-    ReserveForward { token: Token, id: String, placement_key: String, home: ShardId },
+    ReserveForward {
+        token: Token,
+        id: String,
+        placement_key: String,
+        home: ShardId,
+    },
     /// A transfer whose debit account (or hold) is on this shard (already validated).
     CreateTransfer { token: Token, transfer: Transfer },
     /// A two-phase commit message from another shard.
@@ -100,11 +109,18 @@ pub enum Message {
     /// Coordinator -> participant: lock the account, check the change, make it durable, answer.
     Prepare(Leg),
     /// Participant -> coordinator: prepared; the account's version once the leg applies.
-    Prepared { attempt: Attempt, version_after: u64 },
+    Prepared {
+        attempt: Attempt,
+        version_after: u64,
+    },
     /// Participant -> coordinator: the change cannot be applied; nothing is held.
     Refused { attempt: Attempt, reason: Rejection },
     /// Coordinator -> participant: the durable decision.
-    Decide { attempt: Attempt, commit: bool, committed_at_ms: u64 },
+    Decide {
+        attempt: Attempt,
+        commit: bool,
+        committed_at_ms: u64,
+    },
     /// Participant -> coordinator: the decision is applied and the lock released.
     Acked { attempt: Attempt },
     /// Participant -> coordinator: what was decided? (no answer while undecided)
@@ -234,7 +250,11 @@ impl Engine {
             store,
             locate,
             now_ms: 0,
-            accounts: recovered.accounts.into_iter().map(|a| (a.spec.id.clone(), a)).collect(),
+            accounts: recovered
+                .accounts
+                .into_iter()
+                .map(|a| (a.spec.id.clone(), a))
+                .collect(),
             forwards: recovered.forwards.into_iter().collect(),
             expiries: BTreeSet::new(),
             locks: HashMap::new(),
@@ -268,7 +288,11 @@ impl Engine {
 
     /// Starts a batch at time `now_ms`.
     pub fn begin(&mut self, now_ms: u64) {
-        assert!(self.batch.writes.is_empty(), "shard={} a batch is already open", self.shard);
+        assert!(
+            self.batch.writes.is_empty(),
+            "shard={} a batch is already open",
+            self.shard
+        );
         // Time never goes backwards inside the engine, even if the wall clock does.
         self.now_ms = self.now_ms.max(now_ms);
     }
@@ -293,7 +317,12 @@ impl Engine {
     fn dispatch(&mut self, input: Input) -> Result<(), Fatal> {
         match input {
             Input::CreateAccount { token, account } => self.create_account(token, account),
-            Input::ReserveForward { token, id, placement_key, home } => {
+            Input::ReserveForward {
+                token,
+                id,
+                placement_key,
+                home,
+            } => {
                 self.reserve_forward(token, id, placement_key, home);
             }
             Input::CreateTransfer { token, transfer } => self.create_transfer(token, transfer)?,
@@ -327,7 +356,10 @@ impl Engine {
         let mut dirty: Vec<_> = batch.dirty.into_iter().collect();
         dirty.sort_unstable();
         if !writes.writes.is_empty() || !dirty.is_empty() {
-            writes.expect(keys::lease(self.shard), Expect::Prefix(codec::version_prefix(self.epoch)));
+            writes.expect(
+                keys::lease(self.shard),
+                Expect::Prefix(codec::version_prefix(self.epoch)),
+            );
         }
         for (id, before) in dirty {
             let account = &self.accounts[&id];
@@ -339,22 +371,41 @@ impl Engine {
             writes.expect(key.clone(), expect);
             writes.put(key, codec::encode_account(account));
         }
-        Output { writes, replies: batch.replies, messages: batch.messages }
+        Output {
+            writes,
+            replies: batch.replies,
+            messages: batch.messages,
+        }
     }
 
     #[cfg(debug_assertions)]
     fn check_invariants(&self, batch: &Batch) {
         for (id, before) in &batch.dirty {
             let account = &self.accounts[id];
-            assert!(account.satisfies_flags(), "shard={} I2 broken: {account:?}", self.shard);
+            assert!(
+                account.satisfies_flags(),
+                "shard={} I2 broken: {account:?}",
+                self.shard
+            );
             if let Some(before) = before {
-                assert!(account.version > *before, "shard={} I4: {id} version went back", self.shard);
+                assert!(
+                    account.version > *before,
+                    "shard={} I4: {id} version went back",
+                    self.shard
+                );
             }
         }
         for (key, lock) in &self.locks {
             let held = self.prepared.contains_key(&lock.holder)
-                || self.coordinations.values().any(|c| c.attempt_key() == lock.holder);
-            assert!(held, "shard={} lock {key} held by unknown {}", self.shard, lock.holder);
+                || self
+                    .coordinations
+                    .values()
+                    .any(|c| c.attempt_key() == lock.holder);
+            assert!(
+                held,
+                "shard={} lock {key} held by unknown {}",
+                self.shard, lock.holder
+            );
         }
     }
 
@@ -392,7 +443,9 @@ impl Engine {
 
     fn put_transfer(&mut self, record: TransferRecord) {
         let id = record.request.id.clone();
-        self.batch.writes.put(keys::transfer(self.shard, &id), codec::encode(&record));
+        self.batch
+            .writes
+            .put(keys::transfer(self.shard, &id), codec::encode(&record));
         self.batch.transfers.insert(id, record);
     }
 
@@ -406,7 +459,9 @@ impl Engine {
             }
             _ => {}
         }
-        self.batch.writes.put(keys::hold(self.shard, pending_id), codec::encode(&hold));
+        self.batch
+            .writes
+            .put(keys::hold(self.shard, pending_id), codec::encode(&hold));
         self.batch.holds.insert(pending_id.to_string(), hold);
     }
 
@@ -422,12 +477,18 @@ impl Engine {
     ) -> u64 {
         let now_ms = self.now_ms;
         let shard = self.shard;
-        let account = self.accounts.get_mut(account_id).expect("checked account exists");
+        let account = self
+            .accounts
+            .get_mut(account_id)
+            .expect("checked account exists");
         let after = account
             .balances
             .apply(change, account.spec.flags, account.spec.credit_limit)
             .unwrap_or_else(|r| panic!("shard={shard} checked change failed: {r} {change:?}"));
-        self.batch.dirty.entry(account_id.to_string()).or_insert(Some(account.version));
+        self.batch
+            .dirty
+            .entry(account_id.to_string())
+            .or_insert(Some(account.version));
         account.balances = after;
         account.version += 1;
         let entry = Entry {
@@ -442,7 +503,10 @@ impl Engine {
             code,
         };
         let version = account.version;
-        self.batch.writes.put(keys::entry(shard, account_id, version), codec::encode(&entry));
+        self.batch.writes.put(
+            keys::entry(shard, account_id, version),
+            codec::encode(&entry),
+        );
         version
     }
 
@@ -455,8 +519,14 @@ impl Engine {
         expected_version: Option<u64>,
     ) -> Result<Balances, Rejection> {
         let (not_found, version_mismatch) = match change.side {
-            Side::Debit => (Rejection::DebitAccountNotFound, Rejection::DebitVersionMismatch),
-            Side::Credit => (Rejection::CreditAccountNotFound, Rejection::CreditVersionMismatch),
+            Side::Debit => (
+                Rejection::DebitAccountNotFound,
+                Rejection::DebitVersionMismatch,
+            ),
+            Side::Credit => (
+                Rejection::CreditAccountNotFound,
+                Rejection::CreditVersionMismatch,
+            ),
         };
         let account = self.accounts.get(account_id).ok_or(not_found)?;
         if account.spec.ledger != ledger {
@@ -465,7 +535,9 @@ impl Engine {
         if expected_version.is_some_and(|v| v != account.version) {
             return Err(version_mismatch);
         }
-        account.balances.apply(change, account.spec.flags, account.spec.credit_limit)
+        account
+            .balances
+            .apply(change, account.spec.flags, account.spec.credit_limit)
     }
 
     // ---- locks -------------------------------------------------------------------------------
@@ -479,7 +551,10 @@ impl Engine {
     fn lock_or_park(&mut self, key: &str, holder: &str, parked: Parked) -> Result<bool, Parked> {
         match self.locks.get_mut(key) {
             None => {
-                let lock = Lock { holder: holder.to_string(), waiters: VecDeque::new() };
+                let lock = Lock {
+                    holder: holder.to_string(),
+                    waiters: VecDeque::new(),
+                };
                 self.locks.insert(key.to_string(), lock);
                 Ok(true)
             }
@@ -505,11 +580,13 @@ impl Engine {
     }
 
     fn unlock(&mut self, key: &str, holder: &str) {
-        if let Some(lock) = self.locks.get(key) {
-            if lock.holder == holder {
-                let lock = self.locks.remove(key).expect("present");
-                self.rerun.extend(lock.waiters);
-            }
+        if self
+            .locks
+            .get(key)
+            .is_some_and(|lock| lock.holder == holder)
+        {
+            let lock = self.locks.remove(key).expect("present");
+            self.rerun.extend(lock.waiters);
         }
     }
 
@@ -519,7 +596,10 @@ impl Engine {
         for lock in self.locks.values_mut() {
             lock.waiters.retain_mut(|parked| match parked {
                 Parked::Input { deadline_ms, .. } if *deadline_ms <= now => {
-                    expired.push(std::mem::replace(parked, Parked::Coordination { op: String::new() }));
+                    expired.push(std::mem::replace(
+                        parked,
+                        Parked::Coordination { op: String::new() },
+                    ));
                     false
                 }
                 _ => true,
@@ -541,11 +621,23 @@ impl Engine {
         debug_assert!(reason.is_retriable());
         match input {
             Input::CreateTransfer { token, transfer } => {
-                let record = TransferRecord { request: transfer, result: Err(reason) };
+                let record = TransferRecord {
+                    request: transfer,
+                    result: Err(reason),
+                };
                 self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
             }
-            Input::Peer { from, message: Message::Prepare(leg) } => {
-                self.send(from, Message::Refused { attempt: leg.attempt, reason });
+            Input::Peer {
+                from,
+                message: Message::Prepare(leg),
+            } => {
+                self.send(
+                    from,
+                    Message::Refused {
+                        attempt: leg.attempt,
+                        reason,
+                    },
+                );
             }
             other => unreachable!("only transfers and prepares wait for locks: {other:?}"),
         }
@@ -563,14 +655,26 @@ impl Engine {
             self.reply(token, Reply::Account(reply));
             return;
         }
-        if self.forwards.get(&spec.id).is_some_and(|key| *key != spec.placement_key) {
-            self.reply(token, Reply::Account(Err(Rejection::ExistsWithDifferentFields)));
+        if self
+            .forwards
+            .get(&spec.id)
+            .is_some_and(|key| *key != spec.placement_key)
+        {
+            self.reply(
+                token,
+                Reply::Account(Err(Rejection::ExistsWithDifferentFields)),
+            );
             return;
         }
-        let account =
-            Account { spec, balances: Balances::default(), version: 0, created_at_ms: self.now_ms };
+        let account = Account {
+            spec,
+            balances: Balances::default(),
+            version: 0,
+            created_at_ms: self.now_ms,
+        };
         self.batch.dirty.insert(account.spec.id.clone(), None);
-        self.accounts.insert(account.spec.id.clone(), account.clone());
+        self.accounts
+            .insert(account.spec.id.clone(), account.clone());
         self.reply(token, Reply::Account(Ok(account)));
     }
 
@@ -578,9 +682,17 @@ impl Engine {
         debug_assert_ne!(home, self.shard, "a forward points elsewhere");
         let same = |key: &String| *key == placement_key;
         let reply = if let Some(account) = self.accounts.get(&id) {
-            if same(&account.spec.placement_key) { Ok(()) } else { Err(Rejection::ExistsWithDifferentFields) }
+            if same(&account.spec.placement_key) {
+                Ok(())
+            } else {
+                Err(Rejection::ExistsWithDifferentFields)
+            }
         } else if let Some(key) = self.forwards.get(&id) {
-            if same(key) { Ok(()) } else { Err(Rejection::ExistsWithDifferentFields) }
+            if same(key) {
+                Ok(())
+            } else {
+                Err(Rejection::ExistsWithDifferentFields)
+            }
         } else {
             let key = keys::forward(self.shard, &id);
             self.batch.writes.expect(key.clone(), Expect::Absent);
@@ -661,7 +773,10 @@ impl Engine {
     /// Records a final rejection (so a replay returns it) and replies. Retriable rejections are
     /// not recorded.
     fn reject(&mut self, token: Token, request: Transfer, reason: Rejection) {
-        let record = TransferRecord { request, result: Err(reason) };
+        let record = TransferRecord {
+            request,
+            result: Err(reason),
+        };
         if !reason.is_retriable() {
             self.put_transfer(record.clone());
         }
@@ -714,31 +829,62 @@ impl Engine {
             return Ok(Err(reason));
         }
         let credit_shard = (self.locate)(&credit_id);
-        if credit_shard == self.shard {
-            if let Err(reason) =
-                self.check_change(&credit_id, &ledger, &credit, transfer.expected_credit_version)
-            {
-                return Ok(Err(reason));
-            }
+        if credit_shard == self.shard
+            && let Err(reason) = self.check_change(
+                &credit_id,
+                &ledger,
+                &credit,
+                transfer.expected_credit_version,
+            )
+        {
+            return Ok(Err(reason));
         }
-        Ok(Ok(Plan { debit_id, credit_id, credit_shard, ledger, amount, debit, credit, hold }))
+        Ok(Ok(Plan {
+            debit_id,
+            credit_id,
+            credit_shard,
+            ledger,
+            amount,
+            debit,
+            credit,
+            hold,
+        }))
     }
 
     /// Applies a checked single-shard transfer.
     fn commit_local(&mut self, transfer: &Transfer, plan: &Plan) -> TransferReply {
         let kind = EntryKind::of(transfer.kind);
-        let debit_version =
-            self.apply_change(&plan.debit_id, &plan.debit, &transfer.id, kind, transfer.code);
-        let credit_version =
-            self.apply_change(&plan.credit_id, &plan.credit, &transfer.id, kind, transfer.code);
+        let debit_version = self.apply_change(
+            &plan.debit_id,
+            &plan.debit,
+            &transfer.id,
+            kind,
+            transfer.code,
+        );
+        let credit_version = self.apply_change(
+            &plan.credit_id,
+            &plan.credit,
+            &transfer.id,
+            kind,
+            transfer.code,
+        );
         let committed = self.committed(plan, debit_version, credit_version, false);
         let hold = self.settle_hold(transfer, plan);
-        let record = TransferRecord { request: transfer.clone(), result: Ok(committed) };
+        let record = TransferRecord {
+            request: transfer.clone(),
+            result: Ok(committed),
+        };
         self.put_transfer(record.clone());
         TransferReply { record, hold }
     }
 
-    fn committed(&self, plan: &Plan, debit_version: u64, credit_version: u64, cross: bool) -> Committed {
+    fn committed(
+        &self,
+        plan: &Plan,
+        debit_version: u64,
+        credit_version: u64,
+        cross: bool,
+    ) -> Committed {
         Committed {
             debit_account_id: plan.debit_id.clone(),
             credit_account_id: plan.credit_id.clone(),
@@ -794,7 +940,9 @@ impl Engine {
             .map(|(_, id)| id.clone())
             .collect();
         for pending_id in due {
-            let Some(hold) = self.hold_status(&pending_id)? else { continue };
+            let Some(hold) = self.hold_status(&pending_id)? else {
+                continue;
+            };
             if hold.state != HoldState::Pending {
                 continue;
             }
@@ -813,7 +961,13 @@ impl Engine {
             let kind = EntryKind::ExpirePending;
             self.apply_change(&hold.debit_account_id, &debit, &pending_id, kind, 0);
             self.apply_change(&hold.credit_account_id, &credit, &pending_id, kind, 0);
-            self.put_hold(&pending_id, HoldStatus { state: HoldState::Expired, ..hold });
+            self.put_hold(
+                &pending_id,
+                HoldStatus {
+                    state: HoldState::Expired,
+                    ..hold
+                },
+            );
         }
         Ok(())
     }

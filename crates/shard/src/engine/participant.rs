@@ -33,7 +33,9 @@ impl Engine {
     pub(super) fn on_message(&mut self, from: ShardId, message: Message) -> Result<(), Fatal> {
         match message {
             Message::Prepare(leg) => self.on_prepare(from, leg),
-            Message::Decide { attempt, commit, .. } => {
+            Message::Decide {
+                attempt, commit, ..
+            } => {
                 self.on_decide(from, &attempt.key(), commit);
                 self.send(from, Message::Acked { attempt });
                 Ok(())
@@ -46,7 +48,13 @@ impl Engine {
         let key = leg.attempt.key();
         if self.prepared.contains_key(&key) {
             let version_after = self.accounts[&leg.account_id].version + 1;
-            self.send(from, Message::Prepared { attempt: leg.attempt, version_after });
+            self.send(
+                from,
+                Message::Prepared {
+                    attempt: leg.attempt,
+                    version_after,
+                },
+            );
             return Ok(());
         }
         if self.store.get(&keys::done(self.shard, &key))?.is_some() {
@@ -55,7 +63,10 @@ impl Engine {
         let lock = lock_key_account(&leg.account_id);
         if self.is_locked(&lock) {
             let deadline_ms = self.now_ms + self.options.lock_wait_ms_max;
-            let input = Input::Peer { from, message: Message::Prepare(leg) };
+            let input = Input::Peer {
+                from,
+                message: Message::Prepare(leg),
+            };
             if let Err(Parked::Input { input, .. }) =
                 self.park(&lock, Parked::Input { input, deadline_ms })
             {
@@ -63,27 +74,63 @@ impl Engine {
             }
             return Ok(());
         }
-        if let Err(reason) =
-            self.check_change(&leg.account_id, &leg.ledger, &leg.change, leg.expected_version)
-        {
-            self.send(from, Message::Refused { attempt: leg.attempt, reason });
+        if let Err(reason) = self.check_change(
+            &leg.account_id,
+            &leg.ledger,
+            &leg.change,
+            leg.expected_version,
+        ) {
+            self.send(
+                from,
+                Message::Refused {
+                    attempt: leg.attempt,
+                    reason,
+                },
+            );
             return Ok(());
         }
         let version_after = self.accounts[&leg.account_id].version + 1;
-        let record = PreparedRecord { leg, coordinator: from };
-        self.batch.writes.put(keys::prepared(self.shard, &key), codec::encode(&record));
+        let record = PreparedRecord {
+            leg,
+            coordinator: from,
+        };
+        self.batch
+            .writes
+            .put(keys::prepared(self.shard, &key), codec::encode(&record));
         let attempt = record.leg.attempt.clone();
         self.hold_prepared(record, self.now_ms);
-        self.send(from, Message::Prepared { attempt, version_after });
+        self.send(
+            from,
+            Message::Prepared {
+                attempt,
+                version_after,
+            },
+        );
         Ok(())
     }
 
     fn hold_prepared(&mut self, record: PreparedRecord, prepared_ms: u64) {
         let key = record.leg.attempt.key();
-        let lock = Lock { holder: key.clone(), waiters: Default::default() };
-        let previous = self.locks.insert(lock_key_account(&record.leg.account_id), lock);
-        assert!(previous.is_none(), "shard={} {key}: account already locked", self.shard);
-        self.prepared.insert(key, Prepared { record, prepared_ms, last_query_ms: 0 });
+        let lock = Lock {
+            holder: key.clone(),
+            waiters: Default::default(),
+        };
+        let previous = self
+            .locks
+            .insert(lock_key_account(&record.leg.account_id), lock);
+        assert!(
+            previous.is_none(),
+            "shard={} {key}: account already locked",
+            self.shard
+        );
+        self.prepared.insert(
+            key,
+            Prepared {
+                record,
+                prepared_ms,
+                last_query_ms: 0,
+            },
+        );
     }
 
     pub(super) fn recover_prepared(&mut self, record: PreparedRecord) {
@@ -92,13 +139,23 @@ impl Engine {
     }
 
     fn on_decide(&mut self, _from: ShardId, key: &str, commit: bool) {
-        let Some(prepared) = self.prepared.remove(key) else { return };
+        let Some(prepared) = self.prepared.remove(key) else {
+            return;
+        };
         let leg = prepared.record.leg;
         if commit {
-            self.apply_change(&leg.account_id, &leg.change, &leg.transfer_id, leg.entry_kind, leg.code);
+            self.apply_change(
+                &leg.account_id,
+                &leg.change,
+                &leg.transfer_id,
+                leg.entry_kind,
+                leg.code,
+            );
         }
         self.batch.writes.delete(keys::prepared(self.shard, key));
-        self.batch.writes.put(keys::done(self.shard, key), codec::encode(&commit));
+        self.batch
+            .writes
+            .put(keys::done(self.shard, key), codec::encode(&commit));
         self.unlock(&lock_key_account(&leg.account_id), key);
     }
 
@@ -110,7 +167,9 @@ impl Engine {
                 && now.saturating_sub(p.last_query_ms) >= self.options.retry_ms
             {
                 p.last_query_ms = now;
-                let query = Message::QueryDecision { attempt: p.record.leg.attempt.clone() };
+                let query = Message::QueryDecision {
+                    attempt: p.record.leg.attempt.clone(),
+                };
                 self.batch.messages.push((p.record.coordinator, query));
             }
         }

@@ -16,7 +16,11 @@ const S1: ShardId = ShardId(1);
 
 /// Accounts whose id starts with `s1` live on shard 1, the rest on shard 0.
 fn sim() -> Sim {
-    Sim::new(2, Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }), Options::default())
+    Sim::new(
+        2,
+        Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }),
+        Options::default(),
+    )
 }
 
 fn shard_of(id: &str) -> ShardId {
@@ -29,7 +33,10 @@ fn open(sim: &mut Sim, id: &str, no_overdraft: bool) {
         id: id.into(),
         ledger: "USD".into(),
         placement_key: id.into(),
-        flags: AccountFlags { debits_must_not_exceed_credits: no_overdraft, ..Default::default() },
+        flags: AccountFlags {
+            debits_must_not_exceed_credits: no_overdraft,
+            ..Default::default()
+        },
         ..Default::default()
     };
     sim.batch(shard_of(id), vec![Input::CreateAccount { token, account }]);
@@ -64,9 +71,17 @@ fn outcome(sim: &Sim, token: u64) -> Option<Result<u64, Rejection>> {
 
 fn balance(sim: &Sim, id: &str) -> (u64, u64, u64, u64, u64) {
     let shard = shard_of(id);
-    let a = read::account(&*sim.stores[shard.0 as usize], shard, id).unwrap().unwrap();
+    let a = read::account(&*sim.stores[shard.0 as usize], shard, id)
+        .unwrap()
+        .unwrap();
     let b = a.balances;
-    (b.debits_pending, b.debits_posted, b.credits_pending, b.credits_posted, a.version)
+    (
+        b.debits_pending,
+        b.debits_posted,
+        b.credits_pending,
+        b.credits_posted,
+        a.version,
+    )
 }
 
 #[test]
@@ -75,7 +90,13 @@ fn single_shard_transfer_is_one_commit_without_messages() {
     open(&mut sim, "a", false);
     open(&mut sim, "b", false);
     let token = sim.token();
-    let out = sim.batch(S0, vec![Input::CreateTransfer { token, transfer: transfer("t1", "a", "b", 7) }]);
+    let out = sim.batch(
+        S0,
+        vec![Input::CreateTransfer {
+            token,
+            transfer: transfer("t1", "a", "b", 7),
+        }],
+    );
     assert!(out.messages.is_empty());
     // Two accounts, two entries, one transfer record; epoch + two account-version preconditions.
     assert_eq!(out.writes.writes.len(), 5);
@@ -95,7 +116,10 @@ fn replay_returns_the_original_and_different_fields_are_rejected() {
     let other = submit(&mut sim, transfer("t1", "a", "b", 8));
     assert_eq!(outcome(&sim, first), Some(Ok(7)));
     assert_eq!(outcome(&sim, again), Some(Ok(7)));
-    assert_eq!(outcome(&sim, other), Some(Err(Rejection::ExistsWithDifferentFields)));
+    assert_eq!(
+        outcome(&sim, other),
+        Some(Err(Rejection::ExistsWithDifferentFields))
+    );
     assert_eq!(balance(&sim, "a").1, 7, "applied once");
 }
 
@@ -126,18 +150,38 @@ fn cross_shard_transfer_walks_the_protocol() {
     assert_eq!(out.writes.writes.len(), 1, "only the coordinator record");
     assert!(sim.stores[0].get(&keys::coord(S0, "x1")).unwrap().is_some());
     assert!(matches!(&out.messages[..], [(S1, Message::Prepare(leg))] if leg.account_id == "s1-b"));
-    assert!(sim.replies.get(&token).is_none(), "no reply before the decision");
+    assert!(
+        !sim.replies.contains_key(&token),
+        "no reply before the decision"
+    );
 
     // Participant: locks, logs the prepared record, answers Prepared.
     sim.deliver_all(1);
     assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (1, 0));
-    assert!(matches!(sim.inbox.front(), Some((S0, S1, Message::Prepared { version_after: 1, .. }))));
+    assert!(matches!(
+        sim.inbox.front(),
+        Some((
+            S0,
+            S1,
+            Message::Prepared {
+                version_after: 1,
+                ..
+            }
+        ))
+    ));
 
     // Coordinator: decides commit (applies the debit, records the transfer) and sends Decide.
     sim.deliver_all(1);
     assert_eq!(balance(&sim, "a"), (0, 9, 0, 0, 1));
-    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 0, 0), "credit waits for the decision");
-    assert!(matches!(sim.inbox.front(), Some((S1, S0, Message::Decide { commit: true, .. }))));
+    assert_eq!(
+        balance(&sim, "s1-b"),
+        (0, 0, 0, 0, 0),
+        "credit waits for the decision"
+    );
+    assert!(matches!(
+        sim.inbox.front(),
+        Some((S1, S0, Message::Decide { commit: true, .. }))
+    ));
 
     // Participant applies and acks; coordinator forgets the record and replies.
     sim.deliver_all(2);
@@ -153,7 +197,10 @@ fn participant_refusal_aborts_and_records_the_reason() {
     open(&mut sim, "a", false);
     let token = submit(&mut sim, transfer("x1", "a", "s1-missing", 9));
     sim.deliver_all(10);
-    assert_eq!(outcome(&sim, token), Some(Err(Rejection::CreditAccountNotFound)));
+    assert_eq!(
+        outcome(&sim, token),
+        Some(Err(Rejection::CreditAccountNotFound))
+    );
     assert_eq!(balance(&sim, "a"), (0, 0, 0, 0, 0));
     assert_eq!(read::in_flight(&*sim.stores[0], S0).unwrap(), (0, 0));
 }
@@ -168,10 +215,20 @@ fn coordinator_crash_before_decision_is_presumed_abort() {
     sim.inbox.clear(); // ... and lost with the coordinator's crash
     sim.crash(S0);
     sim.tick_all(); // the recovered coordinator aborts the undecided record
-    assert!(matches!(sim.inbox.front(), Some((S1, S0, Message::Decide { commit: false, .. }))));
+    assert!(matches!(
+        sim.inbox.front(),
+        Some((S1, S0, Message::Decide { commit: false, .. }))
+    ));
     sim.deliver_all(10);
-    assert!(sim.replies.get(&token).is_none(), "the caller of the dead leader gets no reply");
-    assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (0, 0), "lock released");
+    assert!(
+        !sim.replies.contains_key(&token),
+        "the caller of the dead leader gets no reply"
+    );
+    assert_eq!(
+        read::in_flight(&*sim.stores[1], S1).unwrap(),
+        (0, 0),
+        "lock released"
+    );
     assert_eq!(read::in_flight(&*sim.stores[0], S0).unwrap(), (0, 0));
     assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 0, 0));
     // A retry of the same id (the abort was retriable, so nothing recorded) now commits.
@@ -191,7 +248,11 @@ fn coordinator_crash_after_decision_resends_it() {
     sim.crash(S0);
     sim.tick_all();
     sim.deliver_all(10);
-    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1), "I6: the decision reaches the participant");
+    assert_eq!(
+        balance(&sim, "s1-b"),
+        (0, 0, 0, 9, 1),
+        "I6: the decision reaches the participant"
+    );
     assert_eq!(read::in_flight(&*sim.stores[0], S0).unwrap(), (0, 0));
 }
 
@@ -205,7 +266,11 @@ fn participant_asks_for_a_lost_decision() {
     sim.inbox.clear(); // the Decide is lost
     sim.crash(S1); // and the participant restarts holding its prepared lock
     sim.tick_all();
-    assert!(sim.inbox.iter().any(|(to, _, m)| *to == S0 && matches!(m, Message::QueryDecision { .. })));
+    assert!(
+        sim.inbox
+            .iter()
+            .any(|(to, _, m)| *to == S0 && matches!(m, Message::QueryDecision { .. }))
+    );
     sim.deliver_all(10);
     assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1));
 }
@@ -221,9 +286,13 @@ fn locked_account_makes_single_shard_transfers_wait() {
     sim.deliver_all(1);
     // A single-shard transfer on shard 1 touching s1-a waits for the lock.
     let waiting = submit(&mut sim, transfer("t2", "s1-a", "s1-c", 2));
-    assert!(sim.replies.get(&waiting).is_none());
+    assert!(!sim.replies.contains_key(&waiting));
     sim.deliver_all(10);
-    assert_eq!(outcome(&sim, waiting), Some(Ok(2)), "ran once the lock was released");
+    assert_eq!(
+        outcome(&sim, waiting),
+        Some(Ok(2)),
+        "ran once the lock was released"
+    );
     assert_eq!(balance(&sim, "s1-a"), (0, 2, 0, 5, 2));
 }
 
@@ -241,7 +310,12 @@ fn lock_wait_is_bounded() {
     sim.batch(S1, Vec::new());
     assert_eq!(outcome(&sim, waiting), Some(Err(Rejection::LockTimeout)));
     // Nothing was recorded for t2: a retry later is free to succeed.
-    assert!(sim.stores[1].get(&keys::transfer(S1, "t2")).unwrap().is_none());
+    assert!(
+        sim.stores[1]
+            .get(&keys::transfer(S1, "t2"))
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[test]
@@ -265,9 +339,16 @@ fn holds_post_void_and_expire() {
     assert_eq!(balance(&sim, "a"), (10, 0, 0, 0, 1));
     let post = submit(&mut sim, resolve("p1", "h1", TransferKind::PostPending, 4));
     assert_eq!(outcome(&sim, post), Some(Ok(4)));
-    assert_eq!(balance(&sim, "a"), (0, 4, 0, 0, 2), "partial post releases the rest");
+    assert_eq!(
+        balance(&sim, "a"),
+        (0, 4, 0, 0, 2),
+        "partial post releases the rest"
+    );
     let again = submit(&mut sim, resolve("p2", "h1", TransferKind::VoidPending, 0));
-    assert_eq!(outcome(&sim, again), Some(Err(Rejection::PendingTransferAlreadyPosted)));
+    assert_eq!(
+        outcome(&sim, again),
+        Some(Err(Rejection::PendingTransferAlreadyPosted))
+    );
 
     submit(&mut sim, hold("h2", 3, 0));
     let void = submit(&mut sim, resolve("v1", "h2", TransferKind::VoidPending, 0));
@@ -281,7 +362,10 @@ fn holds_post_void_and_expire() {
     let hold_status = read::hold(&*sim.stores[0], S0, "h3").unwrap().unwrap();
     assert_eq!(hold_status.state, HoldState::Expired);
     let late = submit(&mut sim, resolve("p3", "h3", TransferKind::PostPending, 0));
-    assert_eq!(outcome(&sim, late), Some(Err(Rejection::PendingTransferExpired)));
+    assert_eq!(
+        outcome(&sim, late),
+        Some(Err(Rejection::PendingTransferExpired))
+    );
 }
 
 #[test]
@@ -289,7 +373,11 @@ fn cross_shard_hold_expires_through_the_protocol() {
     let mut sim = sim();
     open(&mut sim, "a", false);
     open(&mut sim, "s1-b", false);
-    let t = Transfer { kind: TransferKind::Pending, timeout_seconds: 1, ..transfer("h", "a", "s1-b", 6) };
+    let t = Transfer {
+        kind: TransferKind::Pending,
+        timeout_seconds: 1,
+        ..transfer("h", "a", "s1-b", 6)
+    };
     submit(&mut sim, t);
     sim.deliver_all(10);
     assert_eq!(balance(&sim, "s1-b"), (0, 0, 6, 0, 1));
@@ -305,9 +393,15 @@ fn expected_versions_gate_the_transfer() {
     let mut sim = sim();
     open(&mut sim, "a", false);
     open(&mut sim, "b", false);
-    let stale = Transfer { expected_debit_version: Some(3), ..transfer("t1", "a", "b", 1) };
+    let stale = Transfer {
+        expected_debit_version: Some(3),
+        ..transfer("t1", "a", "b", 1)
+    };
     let token = submit(&mut sim, stale);
-    assert_eq!(outcome(&sim, token), Some(Err(Rejection::DebitVersionMismatch)));
+    assert_eq!(
+        outcome(&sim, token),
+        Some(Err(Rejection::DebitVersionMismatch))
+    );
     let fresh = Transfer {
         expected_debit_version: Some(0),
         expected_credit_version: Some(0),
@@ -333,12 +427,31 @@ fn stale_epoch_commit_is_rejected_by_the_store() {
         let lease = crate::runtime::acquire_lease(&*store, S0, "other", later, 1).unwrap();
         assert_eq!(lease.epoch, stale_epoch + 1);
         let recovered = crate::runtime::load(&*store, S0).unwrap();
-        super::Engine::new(S0, lease.epoch, Options::default(), store, Arc::new(shard_of), recovered)
+        super::Engine::new(
+            S0,
+            lease.epoch,
+            Options::default(),
+            store,
+            Arc::new(shard_of),
+            recovered,
+        )
     });
     stale.begin(sim.now_ms);
-    stale.handle(Input::CreateTransfer { token: 99, transfer: transfer("t1", "a", "b", 1) }).unwrap();
+    stale
+        .handle(Input::CreateTransfer {
+            token: 99,
+            transfer: transfer("t1", "a", "b", 1),
+        })
+        .unwrap();
     let out = stale.finish();
     let err = sim.stores[0].commit(&out.writes).unwrap_err();
-    assert!(matches!(err, ledger_store::CommitError::Conflict { .. }), "{err}");
-    assert_eq!(balance(&sim, "a"), (0, 0, 0, 0, 0), "the fenced commit wrote nothing");
+    assert!(
+        matches!(err, ledger_store::CommitError::Conflict { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        balance(&sim, "a"),
+        (0, 0, 0, 0, 0),
+        "the fenced commit wrote nothing"
+    );
 }
