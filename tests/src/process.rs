@@ -73,21 +73,30 @@ pub fn test_config(dir: &Path, shards: u32) -> Config {
 
 /// The `ledgerd` binary next to this test binary (target/<profile>/ledgerd), built if missing.
 pub fn ledgerd_bin() -> PathBuf {
+    workspace_bin("ledger-server", "ledgerd")
+}
+
+/// The `ledger` CLI binary, built if missing.
+pub fn ledger_bin() -> PathBuf {
+    workspace_bin("ledger-client", "ledger")
+}
+
+fn workspace_bin(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>");
-    let bin = profile_dir.join("ledgerd");
+    let bin = profile_dir.join(name);
     if !bin.exists() {
         let release = profile_dir.ends_with("release");
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "ledger-server", "--bin", "ledgerd"]);
+        build.args(["build", "-p", package, "--bin", name]);
         if release {
             build.arg("--release");
         }
-        let status = build.status().expect("cargo build ledgerd");
-        assert!(status.success(), "building ledgerd failed");
+        let status = build.status().expect("cargo build");
+        assert!(status.success(), "building {name} failed");
     }
     bin
 }

@@ -344,6 +344,31 @@ async fn bad_input_is_refused_whole_and_changes_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path(), 2);
+    config.message_size_max_bytes = 64 * 1024;
+    let server = InProcess::start(config).await;
+    let client = Client::connect(&server.addr).await.unwrap();
+    create(&client, vec![account("a", false), account("b", false)]).await;
+    // About 100 KiB of metadata in one request.
+    let metadata = (0..16)
+        .map(|i| (format!("k{i}"), "v".repeat(256)))
+        .collect();
+    let big = pb::Transfer {
+        metadata,
+        ..transfer("big", "a", "b", 1)
+    };
+    let err = client.create_transfers(vec![big; 25]).await.unwrap_err();
+    let ledger_client::Error::Status(status) = err else {
+        panic!("{err}")
+    };
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(client.balance("a").await.unwrap().version, 0);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_retries_of_one_id_apply_once() {
     let dir = tempfile::tempdir().unwrap();
     let server = InProcess::start(test_config(dir.path(), 4)).await;
