@@ -569,3 +569,23 @@ async fn unusable_data_directories_are_refused_clearly() {
         .unwrap_err();
     assert!(err.to_string().contains("not a directory"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_fixes_the_shard_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = ledger_server::init(&test_config(dir.path(), 3)).unwrap();
+    assert_eq!(meta.shard_count, 3);
+    let again = ledger_server::init(&test_config(dir.path(), 3)).unwrap_err();
+    assert!(again.to_string().contains("already initialised"), "{again}");
+    // A later start asking for 8 shards keeps the 3 it was initialised with.
+    let server = InProcess::start(test_config(dir.path(), 8)).await;
+    let client = Client::connect(&server.addr).await.unwrap();
+    let accounts: Vec<pb::Account> = (0..40).map(|i| account(&format!("x{i}"), false)).collect();
+    for r in client.create_accounts(accounts).await.unwrap() {
+        let Some(pb::account_result::Outcome::Account(a)) = r.outcome else {
+            panic!()
+        };
+        assert!(a.shard < 3, "{a:?}");
+    }
+    server.stop().await;
+}

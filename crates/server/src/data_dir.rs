@@ -58,6 +58,17 @@ pub fn open(
     }
 }
 
+/// `ledgerd init`: like the first start, but refuses an initialised directory.
+pub fn init(config: &Config, now_ms: u64) -> Result<ClusterMeta, StartError> {
+    if config.data_dir.join(META_FILE).exists() {
+        return Err(StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            reason: "is already initialised; `ledgerd start` uses it as it is".into(),
+        });
+    }
+    open_embedded(config, now_ms).map(|(meta, _)| meta)
+}
+
 fn init_meta(config: &Config, now_ms: u64) -> ClusterMeta {
     ClusterMeta {
         cluster_id: format!("{}-{now_ms}", config.node_id),

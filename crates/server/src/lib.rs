@@ -29,6 +29,18 @@ pub struct Started {
     pub meta: ClusterMeta,
 }
 
+/// Initialises an empty data directory (cluster metadata and shard files) and returns the
+/// metadata. Refuses a directory that is already initialised or holds anything else.
+pub fn init(config: &Config) -> Result<ClusterMeta, StartError> {
+    config.validate()?;
+    if config.store != StoreKind::Embedded {
+        return Err(StartError::Internal(
+            "init applies to the embedded store only".into(),
+        ));
+    }
+    data_dir::init(config, SystemClock.now_ms())
+}
+
 /// Opens the data directory, starts every shard leader and serves gRPC on `listener` until
 /// `shutdown` resolves. Leaders finish their current batch before it returns.
 pub async fn run(

@@ -24,6 +24,8 @@ struct Cli {
 enum Command {
     /// Start serving (initialises an empty data directory first).
     Start(Settings),
+    /// Initialise a data directory (shard count, region) without serving.
+    Init(Settings),
     /// Validate the configuration (file, environment, flags) and print it.
     CheckConfig(Settings),
 }
@@ -99,11 +101,18 @@ impl Settings {
     }
 }
 
+enum Mode {
+    Start,
+    Init,
+    CheckConfig,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (settings, check_only) = match &cli.command {
-        Command::Start(s) => (s, false),
-        Command::CheckConfig(s) => (s, true),
+    let (settings, mode) = match &cli.command {
+        Command::Start(s) => (s, Mode::Start),
+        Command::Init(s) => (s, Mode::Init),
+        Command::CheckConfig(s) => (s, Mode::CheckConfig),
     };
     let filter = settings.log.clone().unwrap_or_else(|| "info".into());
     tracing_subscriber::fmt()
@@ -117,12 +126,33 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if check_only {
-        print!(
-            "{}",
-            toml::to_string_pretty(&config).expect("config serialises")
-        );
-        return ExitCode::SUCCESS;
+    match mode {
+        Mode::CheckConfig => {
+            print!(
+                "{}",
+                toml::to_string_pretty(&config).expect("config serialises")
+            );
+            return ExitCode::SUCCESS;
+        }
+        Mode::Init => {
+            return match ledger_server::init(&config) {
+                Ok(meta) => {
+                    println!(
+                        "initialised {} with {} shards in region {} (cluster {})",
+                        config.data_dir.display(),
+                        meta.shard_count,
+                        config.region,
+                        meta.cluster_id
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("ledgerd: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        Mode::Start => {}
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
