@@ -81,7 +81,8 @@ pub fn ledger_bin() -> PathBuf {
     workspace_bin("ledger-client", "ledger")
 }
 
-fn workspace_bin(package: &str, name: &str) -> PathBuf {
+/// A binary of the workspace next to this test binary, built if missing.
+pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()

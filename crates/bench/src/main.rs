@@ -1,0 +1,304 @@
+//! `ledger-bench`: throughput and latency of the ledger (and of a PostgreSQL ledger on the
+//! same workload, side by side), with every commit durable. Runs are bounded by time and count.
+//! See docs/benchmarks.md for the workloads and the figures.
+
+// Measuring wall-clock time is this tool's job; the injected-clock rule is for the engines.
+#![allow(clippy::disallowed_methods)]
+
+mod ledger;
+mod postgres;
+mod report;
+mod workload;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+
+use ledger_client::Client;
+use report::Tally;
+use workload::{Accounts, Knobs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Target {
+    Ledger,
+    Postgres,
+    Both,
+}
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ledger-bench",
+    version,
+    about = "Benchmark the ledger (and PostgreSQL) with durable commits"
+)]
+struct Args {
+    /// What to measure.
+    #[arg(long, value_enum, default_value = "ledger")]
+    target: Target,
+    /// A running ledgerd; without it the bench starts its own on a temporary data directory.
+    #[arg(long)]
+    addr: Option<String>,
+    /// Shards of the ledgerd the bench starts.
+    #[arg(long, default_value_t = 16)]
+    shards: u32,
+    /// Data directory for the ledgerd the bench starts (default: a temporary one here).
+    #[arg(long)]
+    data_dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value_t = 10_000)]
+    accounts: usize,
+    /// The first N accounts are hot.
+    #[arg(long, default_value_t = 0)]
+    hot_accounts: usize,
+    /// Percent of transfers whose debit account is hot.
+    #[arg(long, default_value_t = 0)]
+    hot_percent: u32,
+    /// Choose accounts with a Zipf distribution of this exponent (default: uniform).
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Percent of transfers between accounts on different shards.
+    #[arg(long, default_value_t = 0)]
+    cross_percent: u32,
+    /// Transfers per request (1 uses the single-transfer call).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Concurrent clients, each with one request in flight.
+    #[arg(long, default_value_t = 64)]
+    clients: usize,
+    /// HTTP/2 connections shared by the clients.
+    #[arg(long, default_value_t = 8)]
+    connections: usize,
+    /// Percent of operations that are holds or posts of holds.
+    #[arg(long, default_value_t = 0)]
+    pending_percent: u32,
+    /// Stop after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Stop after this many transfers.
+    #[arg(long, default_value_t = u64::MAX)]
+    count: u64,
+    /// Seconds of health-check calls to measure the gRPC ceiling (small calls only; 0 = skip).
+    #[arg(long, default_value_t = 3)]
+    ceiling_secs: u64,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+fn knobs(args: &Args) -> Knobs {
+    Knobs {
+        accounts: args.accounts,
+        hot_accounts: args.hot_accounts,
+        hot_percent: args.hot_percent,
+        zipf: args.zipf,
+        cross_percent: args.cross_percent,
+        batch: args.batch.max(1),
+        pending_percent: args.pending_percent.min(100),
+        seed: args.seed,
+    }
+}
+
+fn limit(args: &Args) -> Arc<ledger::Limit> {
+    Arc::new(ledger::Limit {
+        until: Instant::now() + Duration::from_secs(args.duration),
+        budget: Arc::new(AtomicI64::new(
+            i64::try_from(args.count).unwrap_or(i64::MAX),
+        )),
+    })
+}
+
+fn run_id() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("r{:x}", now.as_millis())
+}
+
+async fn connect(addr: &str) -> Result<Client, String> {
+    for _ in 0..50 {
+        if let Ok(c) = Client::connect(addr).await {
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("cannot connect to {addr}"))
+}
+
+/// Returns transfers/s.
+async fn bench_ledger(args: &Args) -> Result<f64, String> {
+    let server = match &args.addr {
+        Some(_) => None,
+        None => Some(ledger::Server::start(args.shards, args.data_dir.clone())?),
+    };
+    let addr = args
+        .addr
+        .clone()
+        .or_else(|| server.as_ref().map(|s| s.addr.clone()))
+        .expect("an address");
+    let client = connect(&addr).await?;
+    let knobs = Arc::new(knobs(args));
+    let mut accounts = Accounts::new(&knobs);
+    ledger::setup(&client, &mut accounts).await?;
+    let accounts = Arc::new(accounts);
+    let mut channels = Vec::new();
+    for _ in 0..args.connections.clamp(1, args.clients.max(1)) {
+        let endpoint =
+            tonic::transport::Endpoint::from_shared(addr.clone()).map_err(|e| e.to_string())?;
+        channels.push(endpoint.connect().await.map_err(|e| e.to_string())?);
+    }
+    let ceiling = if knobs.batch == 1 && args.ceiling_secs > 0 {
+        Some(ledger::ceiling(&channels, args.clients, args.ceiling_secs).await)
+    } else {
+        None
+    };
+    let run = run_id();
+    let limit = limit(args);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..args.clients)
+        .map(|n| {
+            tokio::spawn(ledger::client_loop(
+                channels[n % channels.len()].clone(),
+                knobs.clone(),
+                accounts.clone(),
+                run.clone(),
+                n,
+                limit.clone(),
+            ))
+        })
+        .collect();
+    let mut tally = Tally::default();
+    for t in futures::future::join_all(tasks).await {
+        tally.merge(t.map_err(|e| e.to_string())?);
+    }
+    let elapsed = started.elapsed();
+    let rate = tally.transfers as f64 / elapsed.as_secs_f64();
+    let mut extra = Vec::new();
+    if let Some(c) = ceiling {
+        extra.push((
+            format!("gRPC ceiling (health Check, {} clients)", args.clients),
+            format!(
+                "{c:.0} calls/s; this run reached {:.0}% of it",
+                100.0 * rate / c
+            ),
+        ));
+    }
+    if let Some((rss, peak)) = server.as_ref().and_then(|s| ledger::memory_of(s.pid())) {
+        extra.push((
+            "ledgerd memory".into(),
+            format!("{} MiB resident, {} MiB peak", rss >> 20, peak >> 20),
+        ));
+    }
+    let checked = ledger::check(&client, &accounts, &tally).await;
+    extra.push((
+        "check".into(),
+        checked.clone().unwrap_or_else(|e| format!("FAILED: {e}")),
+    ));
+    report::print("ledger", &tally, elapsed, &extra);
+    checked.map(|_| rate)
+}
+
+async fn bench_postgres(args: &Args) -> Result<f64, String> {
+    let pg = postgres::Postgres::start()?;
+    let admin = pg.connect().await?;
+    let knobs = Arc::new(knobs(args));
+    let accounts = Arc::new(Accounts::new(&knobs));
+    postgres::setup(&admin, &accounts).await?;
+    let run = run_id();
+    let mut clients = Vec::new();
+    for _ in 0..args.clients {
+        clients.push(pg.connect().await?);
+    }
+    let limit = limit(args);
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(n, c)| {
+            tokio::spawn(postgres::client_loop(
+                c,
+                knobs.clone(),
+                accounts.clone(),
+                run.clone(),
+                n,
+                limit.clone(),
+            ))
+        })
+        .collect();
+    let mut tally = Tally::default();
+    for t in futures::future::join_all(tasks).await {
+        tally.merge(t.map_err(|e| e.to_string())?);
+    }
+    let elapsed = started.elapsed();
+    let mut extra = Vec::new();
+    if let Some((rss, _)) = pg.pid().and_then(ledger::memory_of) {
+        extra.push((
+            "postmaster memory".into(),
+            format!("{} MiB resident (backends not counted)", rss >> 20),
+        ));
+    }
+    let checked = postgres::check(&admin, &tally).await;
+    extra.push((
+        "check".into(),
+        checked.clone().unwrap_or_else(|e| format!("FAILED: {e}")),
+    ));
+    report::print(
+        "postgresql (row locks in account order, fsync on)",
+        &tally,
+        elapsed,
+        &extra,
+    );
+    checked.map(|_| tally.transfers as f64 / elapsed.as_secs_f64())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    println!(
+        "workload: accounts={} hot={}@{}% {} cross_shard={}% batch={} clients={} holds={}% duration<={}s count<={}",
+        args.accounts,
+        args.hot_accounts,
+        args.hot_percent,
+        args.zipf.map_or("uniform".into(), |s| format!("zipf({s})")),
+        args.cross_percent,
+        args.batch,
+        args.clients,
+        args.pending_percent,
+        args.duration,
+        if args.count == u64::MAX {
+            "unbounded".into()
+        } else {
+            args.count.to_string()
+        },
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let ledger = if args.target != Target::Postgres {
+            Some(bench_ledger(&args).await)
+        } else {
+            None
+        };
+        let pg = if args.target != Target::Ledger {
+            Some(bench_postgres(&args).await)
+        } else {
+            None
+        };
+        let mut ok = true;
+        for result in [&ledger, &pg].into_iter().flatten() {
+            if let Err(e) = result {
+                eprintln!("ledger-bench: {e}");
+                ok = false;
+            }
+        }
+        if let (Some(Ok(l)), Some(Ok(p))) = (&ledger, &pg) {
+            println!("ratio ledger / postgresql: {:.1}x", l / p);
+        }
+        if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
+    })
+}

@@ -1,0 +1,45 @@
+//! A tiny run of the benchmark (a few hundred transfers, cross-shard and holds included) that
+//! checks correctness only: the bench's own end-of-run audit must pass. Speed is never asserted
+//! here; see docs/benchmarks.md.
+
+use std::process::Command;
+
+use ledger_tests::process::{ledgerd_bin, workspace_bin};
+
+#[test]
+fn bench_smoke_run_audits_clean() {
+    ledgerd_bin(); // the bench starts the ledgerd next to it
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(workspace_bin("ledger-bench", "ledger-bench"))
+        .current_dir(dir.path())
+        .args([
+            "--count",
+            "400",
+            "--clients",
+            "8",
+            "--accounts",
+            "200",
+            "--shards",
+            "4",
+        ])
+        .args([
+            "--cross-percent",
+            "50",
+            "--pending-percent",
+            "20",
+            "--ceiling-secs",
+            "0",
+            "--duration",
+            "60",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("transfers: 400 "), "{stdout}");
+    assert!(
+        stdout.contains("check: balances conserved; debit totals equal the acknowledged transfers"),
+        "{stdout}"
+    );
+}
