@@ -29,6 +29,8 @@ pub struct Config {
     pub message_size_max_bytes: usize,
     /// Server-side cap on a call's duration (a shorter client deadline wins).
     pub request_timeout_ms: u64,
+    /// Page cache of the embedded store for the whole node, split evenly between the shards.
+    pub store_cache_bytes: usize,
     pub shard: ShardOptions,
 }
 
@@ -55,6 +57,7 @@ impl Default for Config {
             batch_size_max: 8_190,
             message_size_max_bytes: 16 * 1024 * 1024,
             request_timeout_ms: 30_000,
+            store_cache_bytes: 256 << 20,
             shard: ShardOptions::default(),
         }
     }

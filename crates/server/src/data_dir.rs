@@ -133,9 +133,12 @@ fn open_embedded(
         );
     }
     let mut stores: Vec<Arc<dyn Store>> = Vec::new();
+    // A floor keeps tiny configurations usable.
+    let cache_per_shard = (config.store_cache_bytes / meta.shard_count as usize).max(4 << 20);
     for shard in 0..meta.shard_count {
         let path = dir.join(format!("shard-{shard:04}.redb"));
-        let store = Embedded::open(&path).map_err(|e| fail(e.to_string()))?;
+        let store =
+            Embedded::open_with_cache(&path, cache_per_shard).map_err(|e| fail(e.to_string()))?;
         stores.push(Arc::new(store));
     }
     Ok((meta, stores))

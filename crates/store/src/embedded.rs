@@ -26,20 +26,32 @@ impl std::fmt::Debug for Embedded {
 }
 
 impl Embedded {
-    /// Opens (or creates) the database file. Fails with [`Error::Open`] if another process has it
-    /// open or the file is not a redb database.
+    /// Page cache of a database opened with [`Embedded::open`].
+    pub const CACHE_BYTES_DEFAULT: usize = 64 << 20;
+
+    /// Opens (or creates) the database file with the default cache. Fails with [`Error::Open`]
+    /// if another process has it open or the file is not a redb database.
     pub fn open(path: &Path) -> Result<Self, Error> {
+        Self::open_with_cache(path, Self::CACHE_BYTES_DEFAULT)
+    }
+
+    /// Opens (or creates) the database file with a page cache of at most `cache_bytes` (redb's
+    /// own default is 1 GiB per file, too much with one file per shard).
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, Error> {
         let shown = path.display().to_string();
         let open_err = |reason: String| Error::Open {
             path: shown.clone(),
             reason,
         };
-        let db = Database::create(path).map_err(|e| match e {
-            redb::DatabaseError::DatabaseAlreadyOpen => open_err(
-                "it is already open in another process (is another ledgerd running?)".into(),
-            ),
-            other => open_err(other.to_string()),
-        })?;
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| match e {
+                redb::DatabaseError::DatabaseAlreadyOpen => open_err(
+                    "it is already open in another process (is another ledgerd running?)".into(),
+                ),
+                other => open_err(other.to_string()),
+            })?;
         // Create the table up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(|e| open_err(e.to_string()))?;
         txn.open_table(KV).map_err(|e| open_err(e.to_string()))?;
