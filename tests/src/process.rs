@@ -81,23 +81,29 @@ pub fn ledger_bin() -> PathBuf {
     workspace_bin("ledger-client", "ledger")
 }
 
-/// A binary of the workspace next to this test binary, built if missing.
+/// A binary of the workspace next to this test binary, (re)built first so a test never runs a
+/// stale binary (`cargo test -p ledger-tests` alone would not rebuild it; this is quick when it
+/// is up to date).
 pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>");
     let bin = profile_dir.join(name);
-    if !bin.exists() {
-        let release = profile_dir.ends_with("release");
+    let mut built = BUILT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !built.iter().any(|b| b == name) {
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", package, "--bin", name]);
-        if release {
+        build.args(["build", "--quiet", "-p", package, "--bin", name]);
+        if profile_dir.ends_with("release") {
             build.arg("--release");
         }
         let status = build.status().expect("cargo build");
         assert!(status.success(), "building {name} failed");
+        built.push(name.to_string());
     }
     bin
 }
