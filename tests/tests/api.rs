@@ -589,3 +589,58 @@ async fn init_fixes_the_shard_count() {
     }
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_results_come_back_in_request_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcess::start(test_config(dir.path(), 4)).await;
+    let client = Client::connect(&server.addr).await.unwrap();
+    let ids: Vec<String> = (0..12).map(|i| format!("o{i}")).collect();
+    create(&client, ids.iter().map(|id| account(id, false)).collect()).await;
+    let hold = pb::Transfer {
+        flags: Some(pb::TransferFlags {
+            pending: true,
+            ..Default::default()
+        }),
+        ..transfer("h", "o1", "o2", 5)
+    };
+    client.transfer(hold).await.unwrap();
+    let post = |id: &str, pending: &str| pb::Transfer {
+        id: id.into(),
+        pending_id: pending.into(),
+        flags: Some(pb::TransferFlags {
+            post_pending: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    // Items spread over every shard, some cross-shard, a post, and a post of a missing hold.
+    let mut batch: Vec<pb::Transfer> = (0..40)
+        .map(|i| {
+            transfer(
+                &format!("b{i}"),
+                &ids[(i * 5 + 1) % 12],
+                &ids[(i * 7 + 2) % 12],
+                1 + i as u64,
+            )
+        })
+        .filter(|t| t.debit_account_id != t.credit_account_id)
+        .collect();
+    batch.insert(3, post("p1", "h"));
+    batch.insert(7, post("p2", "nope"));
+    let results = client.create_transfers(batch.clone()).await.unwrap();
+    assert_eq!(results.len(), batch.len());
+    for (t, r) in batch.iter().zip(&results) {
+        assert_eq!(r.id, t.id, "results are in request order");
+        if t.id == "p2" {
+            assert_eq!(rejected(r), pb::RejectionReason::PendingTransferNotFound);
+        } else {
+            let c = committed(r);
+            let amount = if t.id == "p1" { 5 } else { t.amount };
+            assert_eq!((c.id.as_str(), c.amount), (t.id.as_str(), amount));
+        }
+    }
+    let cross = |r: &pb::TransferResult| matches!(&r.outcome, Some(pb::transfer_result::Outcome::Transfer(t)) if t.cross_shard);
+    assert!(results.iter().any(cross), "some items were cross-shard");
+    stop_and_check(server, dir.path(), 4).await;
+}

@@ -4,6 +4,7 @@
 //! Writes go through the leaders' queues; reads go straight to the shards' stores, which hold
 //! only committed (durable) state.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -82,13 +83,57 @@ impl Router {
         }
     }
 
-    /// Applies validated transfers; one outcome per item, in order.
+    /// Applies validated transfers; one outcome per item, in order. Items are grouped by shard
+    /// so each shard gets one command (and sends one reply) per request.
     pub async fn create_transfers(
         &self,
         transfers: Vec<Transfer>,
     ) -> Result<Vec<TransferReply>, ApiError> {
-        let calls = transfers.into_iter().map(|t| self.create_transfer(t));
-        join_all(calls).await.into_iter().collect()
+        let mut out: Vec<Option<TransferReply>> = (0..transfers.len()).map(|_| None).collect();
+        let mut by_shard: HashMap<ShardId, (Vec<usize>, Vec<Transfer>)> = HashMap::new();
+        for (i, transfer) in transfers.into_iter().enumerate() {
+            match self.home_of_transfer(&transfer)? {
+                Some(shard) => {
+                    let (indices, items) = by_shard.entry(shard).or_default();
+                    indices.push(i);
+                    items.push(transfer);
+                }
+                None => out[i] = Some(self.hold_missing(transfer)?),
+            }
+        }
+        let calls = by_shard
+            .into_iter()
+            .map(|(shard, (indices, items))| async move {
+                let replies = self.node.handle(shard).create_transfers(items).await?;
+                Ok::<_, ApiError>((indices, replies))
+            });
+        for result in join_all(calls).await {
+            let (indices, replies) = result?;
+            for (i, reply) in indices.into_iter().zip(replies) {
+                match reply {
+                    Reply::Transfer(reply) => out[i] = Some(reply),
+                    other => return Err(unexpected(&other)),
+                }
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect())
+    }
+
+    /// A post/void whose hold exists nowhere. Not recorded: the hold may yet be created.
+    fn hold_missing(&self, transfer: Transfer) -> Result<TransferReply, ApiError> {
+        let reason = if self.transfer(&transfer.pending_id)?.is_some() {
+            Rejection::PendingTransferNotPending
+        } else {
+            Rejection::PendingTransferNotFound
+        };
+        let record = TransferRecord {
+            request: transfer,
+            result: Err(reason),
+        };
+        Ok(TransferReply { record, hold: None })
     }
 
     pub async fn create_transfer(&self, transfer: Transfer) -> Result<TransferReply, ApiError> {

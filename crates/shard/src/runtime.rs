@@ -168,6 +168,8 @@ pub enum Command {
         reply: oneshot::Sender<Reply>,
     },
     CreateTransfer(Transfer, oneshot::Sender<Reply>),
+    /// Many transfers, one reply with one result each, in order (cheaper than one command each).
+    CreateTransfers(Vec<Transfer>, oneshot::Sender<Vec<Reply>>),
     Peer {
         from: ShardId,
         message: Message,
@@ -228,6 +230,19 @@ impl ShardHandle {
 
     pub async fn create_transfer(&self, transfer: Transfer) -> Result<Reply, ShardError> {
         self.call(|tx| Command::CreateTransfer(transfer, tx)).await
+    }
+
+    pub async fn create_transfers(
+        &self,
+        transfers: Vec<Transfer>,
+    ) -> Result<Vec<Reply>, ShardError> {
+        let (tx, rx) = oneshot::channel();
+        let command = Command::CreateTransfers(transfers, tx);
+        self.tx
+            .send(command)
+            .await
+            .map_err(|_| ShardError::Unavailable(self.shard))?;
+        rx.await.map_err(|_| ShardError::Unavailable(self.shard))
     }
 
     /// Best effort, never waits: used for protocol messages, which are retried.
@@ -308,8 +323,7 @@ impl Runtime {
     }
 
     async fn lead(&mut self, mut engine: Engine) -> Term {
-        let mut waiting: HashMap<Token, oneshot::Sender<Reply>> = HashMap::new();
-        let mut next_token: Token = 0;
+        let mut waiting = Waiting::default();
         let renew_every = self.options.lease_ms / 3;
         let mut renewed_at = self.clock.now_ms();
         loop {
@@ -326,15 +340,20 @@ impl Runtime {
             let mut inputs = 0;
             let mut next = first;
             while let Some(command) = next.take() {
-                let input = match command {
+                let mut handle = |input| {
+                    engine
+                        .handle(input)
+                        .map_err(|e| Term::SteppedDown(e.to_string()))
+                };
+                let result = match command {
                     Command::Stop => {
                         stop = true;
                         break;
                     }
-                    Command::Peer { from, message } => Input::Peer { from, message },
+                    Command::Peer { from, message } => handle(Input::Peer { from, message }),
                     Command::CreateAccount(account, tx) => {
-                        let token = register(&mut waiting, &mut next_token, tx);
-                        Input::CreateAccount { token, account }
+                        let token = waiting.one(tx);
+                        handle(Input::CreateAccount { token, account })
                     }
                     Command::ReserveForward {
                         id,
@@ -342,21 +361,31 @@ impl Runtime {
                         home,
                         reply,
                     } => {
-                        let token = register(&mut waiting, &mut next_token, reply);
-                        Input::ReserveForward {
+                        let token = waiting.one(reply);
+                        handle(Input::ReserveForward {
                             token,
                             id,
                             placement_key,
                             home,
-                        }
+                        })
                     }
                     Command::CreateTransfer(transfer, tx) => {
-                        let token = register(&mut waiting, &mut next_token, tx);
-                        Input::CreateTransfer { token, transfer }
+                        let token = waiting.one(tx);
+                        handle(Input::CreateTransfer { token, transfer })
+                    }
+                    Command::CreateTransfers(transfers, tx) => {
+                        let tokens = waiting.group(transfers.len(), tx);
+                        inputs += transfers.len().saturating_sub(1);
+                        transfers
+                            .into_iter()
+                            .zip(tokens)
+                            .try_for_each(|(transfer, token)| {
+                                handle(Input::CreateTransfer { token, transfer })
+                            })
                     }
                 };
-                if let Err(e) = engine.handle(input) {
-                    return Term::SteppedDown(e.to_string());
+                if let Err(term) = result {
+                    return term;
                 }
                 inputs += 1;
                 if inputs < self.options.batch_inputs_max {
@@ -390,9 +419,7 @@ impl Runtime {
                 return Term::SteppedDown(format!("commit failed: {e}"));
             }
             for (token, reply) in output.replies {
-                if let Some(tx) = waiting.remove(&token) {
-                    let _ = tx.send(reply);
-                }
+                waiting.reply(token, reply);
             }
             for (to, message) in output.messages {
                 self.peers.send(to, self.shard, message);
@@ -409,12 +436,79 @@ enum Term {
     SteppedDown(String),
 }
 
-fn register(
-    waiting: &mut HashMap<Token, oneshot::Sender<Reply>>,
-    next: &mut Token,
-    tx: oneshot::Sender<Reply>,
-) -> Token {
-    *next += 1;
-    waiting.insert(*next, tx);
-    *next
+/// Callers waiting for replies: single commands, or groups that get one reply when all of
+/// their items have one.
+#[derive(Default)]
+struct Waiting {
+    next: Token,
+    ones: HashMap<Token, oneshot::Sender<Reply>>,
+    /// token -> (group, index in group)
+    members: HashMap<Token, (Token, usize)>,
+    groups: HashMap<Token, Group>,
+}
+
+struct Group {
+    replies: Vec<Option<Reply>>,
+    remaining: usize,
+    tx: oneshot::Sender<Vec<Reply>>,
+}
+
+impl Waiting {
+    fn one(&mut self, tx: oneshot::Sender<Reply>) -> Token {
+        self.next += 1;
+        self.ones.insert(self.next, tx);
+        self.next
+    }
+
+    fn group(&mut self, len: usize, tx: oneshot::Sender<Vec<Reply>>) -> Vec<Token> {
+        self.next += 1;
+        let group = self.next;
+        let tokens: Vec<Token> = (0..len)
+            .map(|index| {
+                self.next += 1;
+                self.members.insert(self.next, (group, index));
+                self.next
+            })
+            .collect();
+        let replies = (0..len).map(|_| None).collect();
+        self.groups.insert(
+            group,
+            Group {
+                replies,
+                remaining: len,
+                tx,
+            },
+        );
+        if len == 0 {
+            self.finish(group);
+        }
+        tokens
+    }
+
+    fn reply(&mut self, token: Token, reply: Reply) {
+        if let Some(tx) = self.ones.remove(&token) {
+            let _ = tx.send(reply);
+            return;
+        }
+        let Some((group, index)) = self.members.remove(&token) else {
+            return;
+        };
+        let g = self.groups.get_mut(&group).expect("group of a member");
+        debug_assert!(g.replies[index].is_none(), "one reply per item");
+        g.replies[index] = Some(reply);
+        g.remaining -= 1;
+        if g.remaining == 0 {
+            self.finish(group);
+        }
+    }
+
+    fn finish(&mut self, group: Token) {
+        let g = self.groups.remove(&group).expect("group");
+        let _ = g.tx.send(
+            g.replies
+                .into_iter()
+                .map(|r| r.expect("every item replied"))
+                .collect(),
+        );
+    }
 }
