@@ -173,12 +173,7 @@ impl Drop for Ledgerd {
     }
 }
 
-/// Opens a stopped node's shard files for the checkers.
+/// Opens a stopped node's shard files (replaying its log) for the checkers.
 pub fn open_shards(dir: &Path, shards: u32) -> Vec<ledger_store::Embedded> {
-    (0..shards)
-        .map(|i| {
-            ledger_store::Embedded::open(&dir.join(format!("shard-{i:04}.redb")))
-                .expect("open shard")
-        })
-        .collect()
+    ledger_store::open_shards(dir, shards, 8 << 20).expect("open shards")
 }

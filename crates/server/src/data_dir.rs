@@ -132,15 +132,13 @@ fn open_embedded(
             "the shard count is fixed at init; using the initialised count"
         );
     }
-    let mut stores: Vec<Arc<dyn Store>> = Vec::new();
     // A floor keeps tiny configurations usable.
     let cache_per_shard = (config.store_cache_bytes / meta.shard_count as usize).max(4 << 20);
-    for shard in 0..meta.shard_count {
-        let path = dir.join(format!("shard-{shard:04}.redb"));
-        let store =
-            Embedded::open_with_cache(&path, cache_per_shard).map_err(|e| fail(e.to_string()))?;
-        stores.push(Arc::new(store));
-    }
+    let stores = ledger_store::open_shards(dir, meta.shard_count, cache_per_shard)
+        .map_err(|e| fail(e.to_string()))?
+        .into_iter()
+        .map(|s| Arc::new(s) as Arc<dyn Store>)
+        .collect();
     Ok((meta, stores))
 }
 

@@ -15,11 +15,12 @@
 pub mod conformance;
 mod embedded;
 pub mod key;
+pub mod log;
 mod memory;
 
 use std::sync::Arc;
 
-pub use embedded::Embedded;
+pub use embedded::{Embedded, open_shards};
 pub use memory::Memory;
 
 /// What a key must hold for a commit to go ahead.

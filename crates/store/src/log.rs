@@ -1,0 +1,409 @@
+//! The write-ahead log: one append-only log shared by every store of a node, with group
+//! commit across them.
+//!
+//! ```text
+//!  shard 0 ─ append(tag 0, seq, writes) ─┐
+//!  shard 1 ─ append(tag 1, seq, writes) ─┼─► pending buffer ─► one flusher: write + fsync ─► all wake
+//!  shard 7 ─ append(tag 7, seq, writes) ─┘     (whoever arrives while no flush runs becomes it)
+//! ```
+//!
+//! Each store (tag) numbers its commits 1, 2, 3, ...; a record is `(tag, seq, writes)`. A store
+//! makes its B-tree durable now and then (a checkpoint) and reports it with [`Log::durable`];
+//! a segment file is deleted once every tag in it is durable past its records. On open, the
+//! records of every segment are read (a torn or corrupt tail ends a segment: it was never
+//! acknowledged) and handed to the stores to replay with [`Log::take_recovered`].
+//!
+//! Why shared: with one log per shard, sixteen shards paid sixteen fsyncs for what one fsync
+//! can cover (docs/benchmarks.md).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+use crate::Write;
+
+/// A segment is closed and a new one started once it holds this many bytes.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+const MAGIC: u32 = 0x4C45_4457; // "LEDW"
+
+/// Records read at open, per tag, in log order.
+pub type Recovered = Vec<(u64, Vec<Write>)>;
+
+#[derive(Debug)]
+pub struct Log {
+    dir: PathBuf,
+    state: Mutex<State>,
+    flushed: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    /// Records waiting for the next flush, and the number of that flush.
+    pending: Vec<u8>,
+    pending_tags: HashMap<u32, u64>,
+    open_group: u64,
+    synced_group: u64,
+    flushing: bool,
+    /// The current segment (taken by the flusher while it writes).
+    file: Option<File>,
+    index: u64,
+    bytes: u64,
+    /// Per segment: the highest seq of each tag in it.
+    segments: BTreeMap<u64, HashMap<u32, u64>>,
+    /// Per tag: the highest seq its store has made durable on its own.
+    durable: HashMap<u32, u64>,
+    recovered: HashMap<u32, Recovered>,
+    failed: Option<String>,
+}
+
+fn segment_path(dir: &Path, index: u64) -> PathBuf {
+    dir.join(format!("{index:016}.log"))
+}
+
+impl Log {
+    /// Opens the log directory (creating it), reads every record for replay, and starts a new
+    /// segment.
+    pub fn open(dir: &Path) -> std::io::Result<Log> {
+        std::fs::create_dir_all(dir)?;
+        let mut indices: Vec<u64> = std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+            .collect();
+        indices.sort_unstable();
+        let mut recovered: HashMap<u32, Recovered> = HashMap::new();
+        let mut segments = BTreeMap::new();
+        for &index in &indices {
+            let mut tags = HashMap::new();
+            for (tag, seq, writes) in read_segment(&segment_path(dir, index))? {
+                tags.insert(tag, seq);
+                recovered.entry(tag).or_default().push((seq, writes));
+            }
+            segments.insert(index, tags);
+        }
+        let index = indices.last().map_or(0, |i| i + 1);
+        let file = create_segment(dir, index)?;
+        segments.insert(index, HashMap::new());
+        let state = State {
+            pending: Vec::new(),
+            pending_tags: HashMap::new(),
+            open_group: 1,
+            synced_group: 0,
+            flushing: false,
+            file: Some(file),
+            index,
+            bytes: 0,
+            segments,
+            durable: HashMap::new(),
+            recovered,
+            failed: None,
+        };
+        Ok(Log {
+            dir: dir.to_path_buf(),
+            state: Mutex::new(state),
+            flushed: Condvar::new(),
+        })
+    }
+
+    /// The records of `tag` found at open, in order (empty after the first call).
+    pub fn take_recovered(&self, tag: u32) -> Recovered {
+        self.lock().recovered.remove(&tag).unwrap_or_default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends a record and returns once it is on disk (fsynced), together with whatever other
+    /// records arrived meanwhile.
+    pub fn append(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<(), String> {
+        let record = encode(tag, seq, writes);
+        let mut state = self.lock();
+        if let Some(e) = &state.failed {
+            return Err(e.clone());
+        }
+        state.pending.extend_from_slice(&record);
+        state.pending_tags.insert(tag, seq);
+        let mine = state.open_group;
+        loop {
+            if state.synced_group >= mine {
+                return Ok(());
+            }
+            if let Some(e) = &state.failed {
+                return Err(e.clone());
+            }
+            if state.flushing {
+                state = self
+                    .flushed
+                    .wait(state)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                continue;
+            }
+            // Become the flusher for everything pending.
+            state.flushing = true;
+            let group = state.open_group;
+            state.open_group += 1;
+            let buffer = std::mem::take(&mut state.pending);
+            let tags = std::mem::take(&mut state.pending_tags);
+            let mut file = state
+                .file
+                .take()
+                .expect("segment present when not flushing");
+            drop(state);
+            let written = file.write_all(&buffer).and_then(|()| file.sync_data());
+            state = self.lock();
+            state.flushing = false;
+            match written {
+                Ok(()) => {
+                    state.synced_group = group;
+                    state.bytes += buffer.len() as u64;
+                    let index = state.index;
+                    let segment = state.segments.entry(index).or_default();
+                    for (tag, seq) in tags {
+                        segment.insert(tag, seq);
+                    }
+                    state.file = Some(file);
+                    if state.bytes >= SEGMENT_BYTES
+                        && let Err(e) = self.rotate(&mut state)
+                    {
+                        state.failed = Some(format!("log rotation in {}: {e}", self.dir.display()));
+                    }
+                }
+                Err(e) => {
+                    // Part of the buffer may be on disk. Nothing more may be logged in this
+                    // process: a restart replays what is intact.
+                    state.failed = Some(format!("log write in {}: {e}", self.dir.display()));
+                    state.file = Some(file);
+                }
+            }
+            self.flushed.notify_all();
+        }
+    }
+
+    fn rotate(&self, state: &mut State) -> std::io::Result<()> {
+        let index = state.index + 1;
+        state.file = Some(create_segment(&self.dir, index)?);
+        state.index = index;
+        state.bytes = 0;
+        state.segments.insert(index, HashMap::new());
+        self.collect(state);
+        Ok(())
+    }
+
+    /// `tag`'s store made everything up to `seq` durable by itself: segments that hold nothing
+    /// newer for any tag can go.
+    pub fn durable(&self, tag: u32, seq: u64) {
+        let mut state = self.lock();
+        state.durable.insert(tag, seq);
+        self.collect(&mut state);
+    }
+
+    fn collect(&self, state: &mut State) {
+        let current = state.index;
+        let done: Vec<u64> = state
+            .segments
+            .iter()
+            .filter(|(index, tags)| {
+                **index != current
+                    && tags
+                        .iter()
+                        .all(|(tag, seq)| state.durable.get(tag).is_some_and(|d| d >= seq))
+            })
+            .map(|(index, _)| *index)
+            .collect();
+        for index in done {
+            // Failing to delete only costs disk space; replay skips durable records.
+            let _ = std::fs::remove_file(segment_path(&self.dir, index));
+            state.segments.remove(&index);
+        }
+    }
+
+    /// How many segment files exist (for tests and status).
+    pub fn segments(&self) -> usize {
+        self.lock().segments.len()
+    }
+}
+
+fn create_segment(dir: &Path, index: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create_new(true)
+        .append(true)
+        .open(segment_path(dir, index))?;
+    // Make the new file's directory entry durable too.
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+/// Record: magic u32 | body length u32 | crc32 of body u32 | body = tag u32, seq u64, count u32,
+/// then per write: tag u8 (0 put, 1 delete), key length u32, key, [value length u32, value].
+/// Little-endian.
+fn encode(tag: u32, seq: u64, writes: &[Write]) -> Vec<u8> {
+    let mut body = Vec::with_capacity(64 + writes.len() * 96);
+    body.extend_from_slice(&tag.to_le_bytes());
+    body.extend_from_slice(&seq.to_le_bytes());
+    body.extend_from_slice(
+        &u32::try_from(writes.len())
+            .expect("writes fit u32")
+            .to_le_bytes(),
+    );
+    for write in writes {
+        let (kind, key, value) = match write {
+            Write::Put(k, v) => (0u8, k, Some(v)),
+            Write::Delete(k) => (1u8, k, None),
+        };
+        body.push(kind);
+        body.extend_from_slice(
+            &u32::try_from(key.len())
+                .expect("key fits u32")
+                .to_le_bytes(),
+        );
+        body.extend_from_slice(key);
+        if let Some(v) = value {
+            body.extend_from_slice(
+                &u32::try_from(v.len())
+                    .expect("value fits u32")
+                    .to_le_bytes(),
+            );
+            body.extend_from_slice(v);
+        }
+    }
+    let mut out = Vec::with_capacity(body.len() + 12);
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    out.extend_from_slice(
+        &u32::try_from(body.len())
+            .expect("record fits u32")
+            .to_le_bytes(),
+    );
+    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Every whole, intact record of a segment, in order; a torn or corrupt tail ends it.
+fn read_segment(path: &Path) -> std::io::Result<Vec<(u32, u64, Vec<Write>)>> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    let mut records = Vec::new();
+    let mut at = 0usize;
+    let u32_at = |i: usize| {
+        bytes
+            .get(i..i + 4)
+            .map(|s| u32::from_le_bytes(s.try_into().expect("4")))
+    };
+    while let (Some(magic), Some(len), Some(crc)) = (u32_at(at), u32_at(at + 4), u32_at(at + 8)) {
+        let Some(body) = bytes.get(at + 12..at + 12 + len as usize) else {
+            break;
+        };
+        if magic != MAGIC || crc32fast::hash(body) != crc {
+            break;
+        }
+        let Some(record) = decode(body) else { break };
+        records.push(record);
+        at += 12 + len as usize;
+    }
+    Ok(records)
+}
+
+fn decode(body: &[u8]) -> Option<(u32, u64, Vec<Write>)> {
+    let mut at = 0;
+    let mut take = |n: usize| {
+        let s = body.get(at..at + n)?;
+        at += n;
+        Some(s)
+    };
+    let tag = u32::from_le_bytes(take(4)?.try_into().ok()?);
+    let seq = u64::from_le_bytes(take(8)?.try_into().ok()?);
+    let count = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+    let mut writes = Vec::with_capacity(count.min(1 << 16));
+    for _ in 0..count {
+        let kind = take(1)?[0];
+        let klen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+        let key = take(klen)?.to_vec();
+        match kind {
+            0 => {
+                let vlen = u32::from_le_bytes(take(4)?.try_into().ok()?) as usize;
+                writes.push(Write::Put(key, take(vlen)?.to_vec()));
+            }
+            1 => writes.push(Write::Delete(key)),
+            _ => return None,
+        }
+    }
+    Some((tag, seq, writes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(k: u8) -> Vec<Write> {
+        vec![Write::Put(vec![k], vec![k; 3]), Write::Delete(vec![k, k])]
+    }
+
+    #[test]
+    fn records_round_trip_and_torn_tails_end_a_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = Log::open(dir.path()).unwrap();
+            log.append(1, 1, &put(1)).unwrap();
+            log.append(2, 1, &put(2)).unwrap();
+            log.append(1, 2, &put(3)).unwrap();
+        }
+        // Tear the last record.
+        let path = segment_path(dir.path(), 0);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        assert_eq!(log.take_recovered(1), vec![(1, put(1))]);
+        assert_eq!(log.take_recovered(2), vec![(1, put(2))]);
+        assert!(log.take_recovered(1).is_empty(), "handed out once");
+    }
+
+    #[test]
+    fn concurrent_appends_share_fsyncs_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::sync::Arc::new(Log::open(dir.path()).unwrap());
+        let threads: Vec<_> = (0..8u32)
+            .map(|tag| {
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    for seq in 1..=50u64 {
+                        log.append(tag, seq, &put(tag as u8)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        drop(log);
+        let log = Log::open(dir.path()).unwrap();
+        for tag in 0..8 {
+            let seqs: Vec<u64> = log
+                .take_recovered(tag)
+                .into_iter()
+                .map(|(s, _)| s)
+                .collect();
+            assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "tag {tag}");
+        }
+    }
+
+    #[test]
+    fn segments_go_once_every_tag_is_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = Log::open(dir.path()).unwrap();
+        log.append(1, 1, &put(1)).unwrap();
+        log.append(2, 1, &put(2)).unwrap();
+        drop(log);
+        // Reopen: segment 0 is old, segment 1 is new.
+        let log = Log::open(dir.path()).unwrap();
+        assert_eq!(log.segments(), 2);
+        log.durable(1, 1);
+        assert_eq!(log.segments(), 2, "tag 2 is not durable yet");
+        log.durable(2, 1);
+        assert_eq!(log.segments(), 1);
+        assert!(!segment_path(dir.path(), 0).exists());
+    }
+}
