@@ -134,6 +134,13 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
     let addr = args
         .addr
         .clone()
+        .map(|a| {
+            if a.contains("://") {
+                a
+            } else {
+                format!("http://{a}")
+            }
+        })
         .or_else(|| server.as_ref().map(|s| s.addr.clone()))
         .expect("an address");
     let client = connect(&addr).await?;

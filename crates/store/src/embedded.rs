@@ -1,30 +1,37 @@
 //! The embedded durable backend: redb (a copy-on-write B-tree in one file) behind the
-//! write-ahead [`Log`].
+//! write-ahead [`Log`], with an in-memory overlay of the commits since the last checkpoint.
 //!
 //! ```text
-//!  commit(batch):  check preconditions in a redb write txn
+//!  commit(batch):  check preconditions against overlay, then redb
 //!                  log.append(tag, seq, writes): synced, with other stores' records  <- durable
-//!                  apply writes + applied_seq in the txn, commit without fsync (now visible)
-//!  checkpoint:     every CHECKPOINT_COMMITS commits the redb commit is durable instead,
-//!                  and the log may drop segments everyone has made durable
+//!                  put the writes in the overlay (now visible)
+//!  checkpoint:     every CHECKPOINT_COMMITS commits, or once the overlay holds
+//!                  OVERLAY_BYTES_MAX, freeze the overlay and start a fresh one; a
+//!                  checkpoint thread writes the frozen one into redb in one durable
+//!                  transaction (one at a time); then the log may drop segments that
+//!                  every store has made durable
 //!  open:           replay this store's log records with seq > applied_seq, make durable
 //! ```
 //!
 //! Why: a copy-on-write B-tree rewrites every leaf a commit touches. With scattered keys
 //! (accounts, entries, transfer ids) a durable commit per batch wrote about 20 KiB per transfer
 //! and made the disk's bandwidth the limit (docs/benchmarks.md). With the log, a batch costs
-//! one small sequential write, shared with every other shard's batch in the same fsync, and
-//! leaves dirtied by many batches reach the disk once per checkpoint.
+//! one small sequential write, shared with every other shard's batch in the same fsync. Even a
+//! non-durable redb transaction per batch cost half of the node's CPU (callgrind, in
+//! docs/benchmarks.md), so batches go to an ordered in-memory overlay instead and reach redb
+//! together, sorted, once per checkpoint: a leaf is rewritten once per checkpoint, not once
+//! per batch.
 //!
 //! Visibility: a commit becomes visible to readers only after its log record is synced, so a
 //! reader never sees anything that a crash could take back. A failure after the record is
-//! synced but before redb applied it poisons the store: every later commit fails until the
-//! process restarts and replays the log (a leader would otherwise reload state that lacks a
-//! durable commit).
+//! synced poisons the store: every later commit fails until the process restarts and replays
+//! the log (a leader would otherwise reload state that lacks a durable commit).
 //!
-//! redb's `begin_write` blocks while another write transaction is open, so callers run commits
-//! on a blocking thread; the shard runtime gives each shard its own thread and its own file.
+//! One commit at a time per store (a mutex): the shard runtime gives each shard its own thread
+//! and its own file. Readers take the same mutex only to look at the overlay.
 
+use std::collections::BTreeMap;
+use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -40,9 +47,12 @@ const APPLIED_SEQ: &str = "applied_seq";
 
 /// A durable redb commit (a checkpoint) at least every this many commits.
 pub const CHECKPOINT_COMMITS: u64 = 512;
+/// ... or as soon as the overlay holds this many bytes of keys and values (per store; a node
+/// has one store per shard).
+pub const OVERLAY_BYTES_MAX: usize = 4 << 20;
 
 pub struct Embedded {
-    db: Database,
+    db: Arc<Database>,
     path: String,
     tag: u32,
     log: Arc<Log>,
@@ -54,6 +64,21 @@ struct State {
     seq: u64,
     commits_since_checkpoint: u64,
     poisoned: bool,
+    /// Logged (durable) writes not yet in redb: key -> value, or `None` for a delete.
+    overlay: Overlay,
+    overlay_bytes: usize,
+    /// The previous overlay, being written into redb by a checkpoint thread. Readers look at
+    /// `overlay`, then here, then redb.
+    frozen: Option<Frozen>,
+}
+
+type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
+struct Frozen {
+    overlay: Arc<Overlay>,
+    /// The last commit it holds.
+    seq: u64,
+    thread: std::thread::JoinHandle<Result<(), String>>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -165,9 +190,12 @@ impl Embedded {
             seq,
             commits_since_checkpoint: 0,
             poisoned: false,
+            overlay: BTreeMap::new(),
+            overlay_bytes: 0,
+            frozen: None,
         };
         Ok(Self {
-            db,
+            db: Arc::new(db),
             path: shown,
             tag,
             log,
@@ -175,29 +203,144 @@ impl Embedded {
         })
     }
 
-    /// Makes everything committed so far durable in redb itself (a checkpoint).
-    fn checkpoint(&self, state: &mut State) -> Result<(), String> {
-        let mut txn = self.db.begin_write().map_err(|e| e.to_string())?;
-        txn.set_durability(Durability::Immediate)
-            .map_err(|e| e.to_string())?;
-        txn.commit().map_err(|e| e.to_string())?;
+    /// Hands the overlay to a checkpoint thread, which writes it into redb in one durable
+    /// transaction; commits go on meanwhile into a fresh overlay. At most one checkpoint runs
+    /// at a time: a second one waits for the first (backpressure, and a bound on memory).
+    fn start_checkpoint(&self, state: &mut State) -> Result<(), String> {
+        self.settle(state, true)?;
+        let overlay = Arc::new(std::mem::take(&mut state.overlay));
+        state.overlay_bytes = 0;
+        state.commits_since_checkpoint = 0;
+        let seq = state.seq;
+        let (db, frozen) = (Arc::clone(&self.db), Arc::clone(&overlay));
+        let thread = std::thread::Builder::new()
+            .name(format!("checkpoint-{}", self.tag))
+            .spawn(move || write_checkpoint(&db, &frozen, seq))
+            .map_err(|e| format!("cannot start a checkpoint thread: {e}"))?;
+        state.frozen = Some(Frozen {
+            overlay,
+            seq,
+            thread,
+        });
+        Ok(())
+    }
+
+    /// Collects a finished checkpoint (or waits for it): its commits are now in redb, and the
+    /// log may drop them.
+    fn settle(&self, state: &mut State, wait: bool) -> Result<(), String> {
+        let finished = state
+            .frozen
+            .as_ref()
+            .is_some_and(|f| wait || f.thread.is_finished());
+        if !finished {
+            return Ok(());
+        }
+        let frozen = state.frozen.take().expect("checked");
+        let outcome = frozen
+            .thread
+            .join()
+            .unwrap_or_else(|_| Err("the checkpoint thread panicked".into()));
+        match outcome {
+            Ok(()) => {
+                self.log.durable(self.tag, frozen.seq);
+                Ok(())
+            }
+            Err(e) => {
+                // The log still holds every commit; a restart replays them.
+                state.poisoned = true;
+                state.frozen = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits for a running checkpoint, then writes what remains in the overlay (at close).
+    fn checkpoint_now(&self, state: &mut State) -> Result<(), String> {
+        self.settle(state, true)?;
+        if state.overlay.is_empty() {
+            return Ok(());
+        }
+        write_checkpoint(&self.db, &state.overlay, state.seq)?;
+        state.overlay.clear();
+        state.overlay_bytes = 0;
         state.commits_since_checkpoint = 0;
         self.log.durable(self.tag, state.seq);
         Ok(())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The committed value of `key`: the overlay's, else the checkpoint's, else redb's.
+    fn read(&self, state: &State, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        if let Some(value) = state.overlay.get(key) {
+            return Ok(value.clone());
+        }
+        if let Some(value) = state.frozen.as_ref().and_then(|f| f.overlay.get(key)) {
+            return Ok(value.clone());
+        }
+        let txn = self.db.begin_read().map_err(io)?;
+        let table = txn.open_table(KV).map_err(io)?;
+        Ok(table.get(key).map_err(io)?.map(|v| v.value().to_vec()))
     }
 }
 
 impl Drop for Embedded {
     /// A clean close checkpoints, so the next open has nothing to replay.
     fn drop(&mut self) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if !state.poisoned && state.commits_since_checkpoint > 0 {
-            let _ = self.checkpoint(&mut state);
+        let mut state = self.state();
+        if !state.poisoned
+            && let Err(e) = self.checkpoint_now(&mut state)
+        {
+            tracing::error!(store = %self.path, error = %e, "checkpoint at close failed; the log keeps every commit");
         }
     }
+}
+
+/// One durable redb transaction holding `overlay` and the log position it reaches.
+fn write_checkpoint(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), String> {
+    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| e.to_string())?;
+    {
+        let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
+        for (key, value) in overlay {
+            match value {
+                Some(v) => table.insert(key.as_slice(), v.as_slice()),
+                None => table.remove(key.as_slice()),
+            }
+            .map_err(|e| e.to_string())?;
+        }
+        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
+        meta.insert(APPLIED_SEQ, seq).map_err(|e| e.to_string())?;
+    }
+    txn.commit().map_err(|e| e.to_string())
+}
+
+/// Merges two ordered runs of overlay entries; `newer` wins on equal keys.
+fn merge_overlays<'a>(
+    newer: impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+    older: impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
+) -> impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> {
+    let (mut newer, mut older) = (newer.peekable(), older.peekable());
+    std::iter::from_fn(move || match (newer.peek(), older.peek()) {
+        (None, None) => None,
+        (Some(_), None) => newer.next(),
+        (None, Some(_)) => older.next(),
+        (Some((n, _)), Some((o, _))) => {
+            if n <= o {
+                if n == o {
+                    older.next();
+                }
+                newer.next()
+            } else {
+                older.next()
+            }
+        }
+    })
 }
 
 fn io(e: impl std::fmt::Display) -> Error {
@@ -223,21 +366,57 @@ fn apply(
 
 impl Store for Embedded {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        let txn = self.db.begin_read().map_err(io)?;
-        let table = txn.open_table(KV).map_err(io)?;
-        Ok(table.get(key).map_err(io)?.map(|v| v.value().to_vec()))
+        let state = self.state();
+        self.read(&state, key)
     }
 
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<crate::Pairs, Error> {
         if start >= end {
             return Ok(Vec::new());
         }
+        let state = self.state();
         let txn = self.db.begin_read().map_err(io)?;
         let table = txn.open_table(KV).map_err(io)?;
+        // Merge redb's range with the overlay's; the overlay wins on equal keys and its
+        // deletes hide redb's values.
+        let mut base = table.range(start..end).map_err(io)?.peekable();
+        let range = || (Bound::Included(start), Bound::Excluded(end));
+        let frozen = state.frozen.as_ref().map(|f| &*f.overlay);
+        let mut over = merge_overlays(
+            state.overlay.range::<[u8], _>(range()),
+            frozen.into_iter().flat_map(|f| f.range::<[u8], _>(range())),
+        )
+        .peekable();
         let mut out = Vec::new();
-        for item in table.range(start..end).map_err(io)?.take(limit) {
-            let (k, v) = item.map_err(io)?;
-            out.push((k.value().to_vec(), v.value().to_vec()));
+        while out.len() < limit {
+            let base_key = match base.peek() {
+                Some(Ok((k, _))) => Some(k.value().to_vec()),
+                Some(Err(_)) => {
+                    let Some(Err(e)) = base.next() else {
+                        unreachable!("peeked an error")
+                    };
+                    return Err(io(e));
+                }
+                None => None,
+            };
+            let take_overlay = match (&base_key, over.peek()) {
+                (None, None) => break,
+                (None, Some(_)) => true,
+                (Some(_), None) => false,
+                (Some(b), Some((o, _))) => o.as_slice() <= b.as_slice(),
+            };
+            if take_overlay {
+                let (k, v) = over.next().expect("peeked");
+                if base_key.as_deref() == Some(k.as_slice()) {
+                    base.next(); // shadowed by the overlay
+                }
+                if let Some(v) = v {
+                    out.push((k.clone(), v.clone()));
+                }
+            } else {
+                let (k, v) = base.next().expect("peeked").map_err(io)?;
+                out.push((k.value().to_vec(), v.value().to_vec()));
+            }
         }
         Ok(out)
     }
@@ -245,46 +424,26 @@ impl Store for Embedded {
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError> {
         let not_committed = |e: &dyn std::fmt::Display| CommitError::NotCommitted(e.to_string());
         // One commit at a time per store: its log order is its commit order.
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut state = self.state();
+        if let Err(e) = self.settle(&mut state, false) {
+            tracing::error!(store = %self.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
+        }
         if state.poisoned {
             return Err(CommitError::NotCommitted(format!(
                 "{}: an earlier commit failed after it was logged; restart to replay the log",
                 self.path
             )));
         }
-        let mut txn = self.db.begin_write().map_err(|e| not_committed(&e))?;
-        let seq = state.seq + 1;
-        {
-            let mut table = txn.open_table(KV).map_err(|e| not_committed(&e))?;
-            for (key, expect) in &batch.preconditions {
-                let current = table.get(key.as_slice()).map_err(|e| not_committed(&e))?;
-                if !expect.holds(current.as_ref().map(|v| v.value())) {
-                    return Err(CommitError::Conflict { key: key.clone() });
-                }
+        for (key, expect) in &batch.preconditions {
+            let current = self.read(&state, key).map_err(|e| not_committed(&e))?;
+            if !expect.holds(current.as_deref()) {
+                return Err(CommitError::Conflict { key: key.clone() });
             }
-            apply(&mut table, &batch.writes).map_err(|e| not_committed(&e))?;
-            let mut meta = txn.open_table(META).map_err(|e| not_committed(&e))?;
-            meta.insert(APPLIED_SEQ, seq)
-                .map_err(|e| not_committed(&e))?;
         }
-        if state.commits_since_checkpoint + 1 >= CHECKPOINT_COMMITS {
-            // This redb commit is itself durable and covers every logged commit: no record.
-            txn.set_durability(Durability::Immediate)
-                .map_err(|e| not_committed(&e))?;
-            txn.commit().map_err(|e| {
-                state.poisoned = true; // the outcome is unknown; do not build on it
-                CommitError::Unknown(e.to_string())
-            })?;
-            state.seq = seq;
-            state.commits_since_checkpoint = 0;
-            self.log.durable(self.tag, seq);
+        if batch.writes.is_empty() {
             return Ok(());
         }
-        txn.set_durability(Durability::None)
-            .map_err(|e| not_committed(&e))?;
+        let seq = state.seq + 1;
         if let Err(e) = self.log.append(self.tag, seq, &batch.writes) {
             // Part of the record may be on disk. Unknown, and no further commits here.
             state.poisoned = true;
@@ -292,10 +451,25 @@ impl Store for Embedded {
         }
         state.seq = seq;
         state.commits_since_checkpoint += 1;
-        txn.commit().map_err(|e| {
-            state.poisoned = true;
-            CommitError::Unknown(format!("logged but not applied (restart replays it): {e}"))
-        })
+        for write in &batch.writes {
+            let (key, value) = match write {
+                Write::Put(k, v) => (k, Some(v.clone())),
+                Write::Delete(k) => (k, None),
+            };
+            state.overlay_bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+            state.overlay.insert(key.clone(), value);
+        }
+        if state.commits_since_checkpoint >= CHECKPOINT_COMMITS
+            || state.overlay_bytes >= OVERLAY_BYTES_MAX
+        {
+            // The commit is durable (logged) whatever happens here; a failed checkpoint leaves
+            // the log holding it, and the store refuses further commits until a restart.
+            if let Err(e) = self.start_checkpoint(&mut state) {
+                state.poisoned = true;
+                tracing::error!(store = %self.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
+            }
+        }
+        Ok(())
     }
 
     fn kind(&self) -> &'static str {
@@ -306,6 +480,7 @@ impl Store for Embedded {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Expect;
 
     #[test]
     fn conformance() {
@@ -382,6 +557,100 @@ mod tests {
         drop(store);
         let store = Embedded::open(&crash.path().join("db.redb")).unwrap();
         assert_eq!(store.get(b"after").unwrap(), Some(b"x".to_vec()));
+    }
+
+    #[test]
+    fn the_overlay_shadows_what_redb_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let put = |store: &Embedded, k: &[u8], v: &[u8]| {
+            let mut b = WriteBatch::default();
+            b.put(k.to_vec(), v.to_vec());
+            store.commit(&b).unwrap();
+        };
+        {
+            let store = Embedded::open(&path).unwrap();
+            for k in [b"a", b"b", b"c", b"e"] {
+                put(&store, k, b"old");
+            }
+        } // a clean close checkpoints: these are now in redb, not the overlay
+        let store = Embedded::open(&path).unwrap();
+        let mut b = WriteBatch::default();
+        b.delete(b"b".to_vec());
+        b.put(b"c".to_vec(), b"new".to_vec());
+        b.put(b"d".to_vec(), b"new".to_vec());
+        store.commit(&b).unwrap();
+        let expected = |store: &Embedded| {
+            assert_eq!(store.get(b"b").unwrap(), None, "deleted in the overlay");
+            assert_eq!(store.get(b"c").unwrap(), Some(b"new".to_vec()));
+            let all = store.scan(b"a", b"f", usize::MAX).unwrap();
+            let keys: Vec<(&[u8], &[u8])> = all
+                .iter()
+                .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                .collect();
+            let want: Vec<(&[u8], &[u8])> = vec![
+                (b"a", b"old"),
+                (b"c", b"new"),
+                (b"d", b"new"),
+                (b"e", b"old"),
+            ];
+            assert_eq!(keys, want);
+            let two = store.scan(b"b", b"z", 2).unwrap();
+            assert_eq!(two.len(), 2);
+            assert_eq!(two[0].0, b"c");
+            assert_eq!(two[1].0, b"d");
+            let mut conflict = WriteBatch::default();
+            conflict.expect(b"b".to_vec(), Expect::Absent);
+            conflict.expect(b"c".to_vec(), Expect::Equals(b"new".to_vec()));
+            conflict.put(b"f".to_vec(), b"x".to_vec());
+            conflict
+        };
+        let batch = expected(&store);
+        store
+            .commit(&batch)
+            .expect("preconditions read the overlay");
+        drop(store);
+        let store = Embedded::open(&path).unwrap();
+        let _ = expected(&store);
+        assert_eq!(store.get(b"f").unwrap(), Some(b"x".to_vec()));
+    }
+
+    #[test]
+    fn reads_during_and_after_background_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db.redb");
+        let store = Embedded::open(&path).unwrap();
+        let key = |i: u64| (i % 50).to_be_bytes().to_vec();
+        // Keys are overwritten and deleted across several checkpoints.
+        let rounds = 3 * CHECKPOINT_COMMITS + 7;
+        for i in 0..rounds {
+            let mut b = WriteBatch::default();
+            if i % 7 == 3 {
+                b.delete(key(i));
+            } else {
+                b.put(key(i), i.to_be_bytes().to_vec());
+            }
+            store.commit(&b).unwrap();
+            if i % 97 == 0 {
+                assert_eq!(store.get(&key(i)).unwrap().is_some(), i % 7 != 3);
+            }
+        }
+        let expected: BTreeMap<Vec<u8>, Vec<u8>> = {
+            let mut m = BTreeMap::new();
+            for i in 0..rounds {
+                if i % 7 == 3 {
+                    m.remove(&key(i));
+                } else {
+                    m.insert(key(i), i.to_be_bytes().to_vec());
+                }
+            }
+            m
+        };
+        let want: Vec<(Vec<u8>, Vec<u8>)> = expected.into_iter().collect();
+        assert_eq!(store.scan(&[], &[0xFF; 9], usize::MAX).unwrap(), want);
+        drop(store);
+        let store = Embedded::open(&path).unwrap();
+        assert_eq!(store.scan(&[], &[0xFF; 9], usize::MAX).unwrap(), want);
     }
 
     #[test]
