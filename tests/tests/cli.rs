@@ -92,6 +92,35 @@ async fn readme_tour() {
     let (_, out) = run(&["transfer", "get", "hold-1"]).await;
     assert!(out.contains("hold_state=posted"), "{out}");
 
+    // Each `ledger` run starts a trace (or joins --traceparent); the transfer records its id
+    // and `transfer get` prints it, so an operator can go from a transfer id to its trace.
+    let (code, out) = run(&[
+        "transfer",
+        "create",
+        "traced-1",
+        "--debit",
+        "alice",
+        "--credit",
+        "bob",
+        "--amount",
+        "1",
+        "--ledger",
+        "USD",
+        "--traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ])
+    .await;
+    assert_eq!(code, 0, "{out}");
+    let (_, out) = run(&["transfer", "get", "traced-1"]).await;
+    assert!(
+        out.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"),
+        "{out}"
+    );
+    let (_, out) = run(&["transfer", "get", "pay-1"]).await;
+    let trace = out.split("trace_id=").nth(1).unwrap_or_default().trim();
+    assert_eq!(trace.len(), 32, "a generated trace id: {out}");
+    assert_ne!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+
     let (code, out) = run(&[
         "transfer", "create", "pay-2", "--debit", "alice", "--credit", "bob", "--amount", "999999",
         "--ledger", "USD",
@@ -120,6 +149,9 @@ async fn readme_tour() {
     assert_eq!(code, 2, "invalid input exits 2: {out}");
     assert!(out.contains("amount: must be greater than 0"), "{out}");
     let (_, out) = run(&["balance", "alice"]).await;
-    assert!(out.contains("version=4"), "nothing changed: {out}");
+    assert!(
+        out.contains("version=5"),
+        "nothing changed but traced-1: {out}"
+    );
     server.stop().await;
 }

@@ -25,6 +25,9 @@ pub enum Error {
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: LedgerServiceClient<Channel>,
+    /// W3C `traceparent` sent with every call, so the server's spans (and the transfers it
+    /// records) belong to the caller's trace.
+    traceparent: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Client {
@@ -48,7 +51,30 @@ impl Client {
         let inner = LedgerServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
-        Ok(Client { inner })
+        Ok(Client {
+            inner,
+            traceparent: None,
+        })
+    }
+
+    /// Sends `traceparent` (W3C: `00-<32 hex trace id>-<16 hex span id>-<2 hex flags>`) with
+    /// every call from now on.
+    pub fn with_traceparent(mut self, traceparent: &str) -> Result<Self, Error> {
+        let value = traceparent.parse().map_err(|_| {
+            Error::Status(Status::invalid_argument(format!(
+                "traceparent `{traceparent}` is not a valid header value"
+            )))
+        })?;
+        self.traceparent = Some(value);
+        Ok(self)
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(tp) = &self.traceparent {
+            request.metadata_mut().insert("traceparent", tp.clone());
+        }
+        request
     }
 
     pub fn raw(&self) -> LedgerServiceClient<Channel> {
@@ -63,6 +89,7 @@ impl Client {
         retry(|| {
             let mut c = self.inner.clone();
             let request = request.clone();
+            let request = self.request(request);
             async move { c.create_accounts(request).await }
         })
         .await
@@ -71,7 +98,7 @@ impl Client {
 
     pub async fn get_accounts(&self, ids: Vec<String>) -> Result<pb::GetAccountsResponse, Error> {
         let mut c = self.inner.clone();
-        Ok(c.get_accounts(pb::GetAccountsRequest { ids })
+        Ok(c.get_accounts(self.request(pb::GetAccountsRequest { ids }))
             .await?
             .into_inner())
     }
@@ -84,6 +111,7 @@ impl Client {
         retry(|| {
             let mut c = self.inner.clone();
             let request = request.clone();
+            let request = self.request(request);
             async move { c.create_transfers(request).await }
         })
         .await
@@ -94,6 +122,7 @@ impl Client {
         retry(|| {
             let mut c = self.inner.clone();
             let transfer = transfer.clone();
+            let transfer = self.request(transfer);
             async move { c.transfer(transfer).await }
         })
         .await
@@ -101,9 +130,11 @@ impl Client {
 
     pub async fn get_transfers(&self, ids: Vec<String>) -> Result<pb::GetTransfersResponse, Error> {
         let mut c = self.inner.clone();
-        Ok(c.get_transfers(pb::GetTransfersRequest { ids })
-            .await?
-            .into_inner())
+        Ok(
+            c.get_transfers(self.request(pb::GetTransfersRequest { ids }))
+                .await?
+                .into_inner(),
+        )
     }
 
     pub async fn balance(&self, account_id: &str) -> Result<pb::Balance, Error> {
@@ -111,7 +142,7 @@ impl Client {
         let request = pb::GetBalanceRequest {
             account_id: account_id.to_string(),
         };
-        Ok(c.get_balance(request).await?.into_inner())
+        Ok(c.get_balance(self.request(request)).await?.into_inner())
     }
 
     /// One page of an account's statement.
@@ -127,7 +158,7 @@ impl Client {
             page_size,
             page_token,
         };
-        Ok(c.list_entries(request).await?.into_inner())
+        Ok(c.list_entries(self.request(request)).await?.into_inner())
     }
 
     /// The whole statement, page by page.

@@ -21,8 +21,24 @@ struct Cli {
         global = true
     )]
     addr: String,
+    /// W3C traceparent to send with every call (to join a trace you already have). Without it
+    /// each run of `ledger` starts a new trace; transfers record its trace id.
+    #[arg(long, env = "TRACEPARENT", global = true)]
+    traceparent: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// A fresh sampled `traceparent`: 128 random bits of trace id, 64 of span id (std's random
+/// hasher keys; trace ids need to be unique, not secret).
+fn new_traceparent() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = || {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u8(0);
+        h.finish().max(1)
+    };
+    format!("00-{:016x}{:016x}-{:016x}-01", random(), random(), random())
 }
 
 #[derive(Subcommand)]
@@ -222,7 +238,7 @@ fn print_transfer(t: &pb::Transfer) {
         format!(" pending_id={}", t.pending_id)
     };
     println!(
-        "{kind} {} {} -> {} amount={} ledger={} code={}{pending}{hold} committed_at_ms={}{}",
+        "{kind} {} {} -> {} amount={} ledger={} code={}{pending}{hold} committed_at_ms={}{}{}",
         t.id,
         t.debit_account_id,
         t.credit_account_id,
@@ -231,6 +247,11 @@ fn print_transfer(t: &pb::Transfer) {
         t.code,
         t.committed_at_unix_ms,
         if t.cross_shard { " cross_shard" } else { "" },
+        if t.trace_id.is_empty() {
+            String::new()
+        } else {
+            format!(" trace_id={}", t.trace_id)
+        },
     );
 }
 
@@ -427,7 +448,11 @@ fn main() -> ExitCode {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
-        let client = match Client::connect(&cli.addr).await {
+        let traceparent = cli.traceparent.clone().unwrap_or_else(new_traceparent);
+        let client = match Client::connect(&cli.addr)
+            .await
+            .and_then(|c| c.with_traceparent(&traceparent))
+        {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("ledger: {e}");

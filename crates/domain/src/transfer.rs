@@ -48,9 +48,45 @@ pub struct Transfer {
     pub expected_debit_version: Option<u64>,
     pub expected_credit_version: Option<u64>,
     pub metadata: BTreeMap<String, String>,
+    /// Not part of the request's identity (see [`Transfer::same_request`]): the W3C trace id
+    /// (32 lowercase hex digits) of the call that created it, or empty. Set by the server from
+    /// the call's trace context, never from the message.
+    pub trace_id: String,
 }
 
 impl Transfer {
+    /// Idempotency: are these the same request? Every field the client chose counts; the trace
+    /// id does not (a retry comes under a new trace).
+    pub fn same_request(&self, other: &Transfer) -> bool {
+        let Transfer {
+            id,
+            debit_account_id,
+            credit_account_id,
+            amount,
+            ledger,
+            code,
+            kind,
+            pending_id,
+            timeout_seconds,
+            expected_debit_version,
+            expected_credit_version,
+            metadata,
+            trace_id: _,
+        } = self;
+        *id == other.id
+            && *debit_account_id == other.debit_account_id
+            && *credit_account_id == other.credit_account_id
+            && *amount == other.amount
+            && *ledger == other.ledger
+            && *code == other.code
+            && *kind == other.kind
+            && *pending_id == other.pending_id
+            && *timeout_seconds == other.timeout_seconds
+            && *expected_debit_version == other.expected_debit_version
+            && *expected_credit_version == other.expected_credit_version
+            && *metadata == other.metadata
+    }
+
     /// Checks everything that can be checked without looking at state. A failure becomes
     /// `INVALID_ARGUMENT` and nothing is applied.
     pub fn validate(&self) -> Result<(), InvalidInput> {

@@ -99,6 +99,7 @@ pub fn transfer(t: pb::Transfer) -> Result<Transfer, InvalidInput> {
         expected_debit_version: t.expected_debit_version,
         expected_credit_version: t.expected_credit_version,
         metadata: t.metadata.into_iter().collect(),
+        trace_id: String::new(),
     })
 }
 
@@ -125,6 +126,7 @@ pub fn transfer_to_wire(t: &Transfer) -> pb::Transfer {
         expected_debit_version: t.expected_debit_version,
         expected_credit_version: t.expected_credit_version,
         metadata: t.metadata.clone().into_iter().collect(),
+        trace_id: t.trace_id.clone(),
         ..Default::default()
     }
 }

@@ -32,6 +32,7 @@ pub struct Config {
     /// Page cache of the embedded store for the whole node, split evenly between the shards.
     pub store_cache_bytes: usize,
     pub shard: ShardOptions,
+    pub telemetry: crate::telemetry::TelemetryConfig,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -59,6 +60,7 @@ impl Default for Config {
             request_timeout_ms: 30_000,
             store_cache_bytes: 128 << 20,
             shard: ShardOptions::default(),
+            telemetry: crate::telemetry::TelemetryConfig::default(),
         }
     }
 }
@@ -90,6 +92,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |setting, reason: String| Err(ConfigError::Invalid { setting, reason });
+        if let Err(reason) = self.telemetry.validate() {
+            return invalid("telemetry", reason);
+        }
         if self.shards == 0 || self.shards > SHARDS_MAX {
             return invalid(
                 "shards",

@@ -7,6 +7,7 @@ mod data_dir;
 mod error;
 mod router;
 mod service;
+pub mod telemetry;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -87,6 +88,7 @@ pub async fn run(
         .map_err(|e| StartError::Internal(e.to_string()))?;
     on_started(Started { listen, meta });
     let served = tonic::transport::Server::builder()
+        .trace_fn(telemetry::request_span)
         .timeout(std::time::Duration::from_millis(config.request_timeout_ms))
         .add_service(health)
         .add_service(reflection_v1)

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use ledger_server::{Config, StoreKind};
+use ledger_server::{Config, StoreKind, telemetry};
 
 #[derive(Parser)]
 #[command(
@@ -64,6 +64,18 @@ struct Settings {
     /// Log filter (tracing env-filter syntax) [default: info]
     #[arg(long, env = "LEDGER_LOG")]
     log: Option<String>,
+    /// Log line format: text or json [default: text]
+    #[arg(long, env = "LEDGER_LOG_FORMAT")]
+    log_format: Option<ledger_server::telemetry::LogFormat>,
+    /// OTLP/gRPC endpoint to export traces to, e.g. http://127.0.0.1:4317 [default: none, no export]
+    #[arg(long, env = "LEDGER_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0.0-1.0; a caller's decision is followed [default: 1.0]
+    #[arg(long, env = "LEDGER_TRACE_SAMPLING_RATIO")]
+    trace_sampling_ratio: Option<f64>,
+    /// service.name of exported spans [default: ledgerd]
+    #[arg(long, env = "LEDGER_SERVICE_NAME")]
+    service_name: Option<String>,
 }
 
 impl Settings {
@@ -96,6 +108,18 @@ impl Settings {
         if let Some(v) = self.message_size_max_bytes {
             config.message_size_max_bytes = v;
         }
+        if let Some(v) = self.log_format {
+            config.telemetry.log_format = v;
+        }
+        if let Some(v) = &self.otlp_endpoint {
+            config.telemetry.otlp_endpoint.clone_from(v);
+        }
+        if let Some(v) = self.trace_sampling_ratio {
+            config.telemetry.sampling_ratio = v;
+        }
+        if let Some(v) = &self.service_name {
+            config.telemetry.service_name.clone_from(v);
+        }
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
     }
@@ -115,10 +139,6 @@ fn main() -> ExitCode {
         Command::CheckConfig(s) => (s, Mode::CheckConfig),
     };
     let filter = settings.log.clone().unwrap_or_else(|| "info".into());
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_writer(std::io::stderr)
-        .init();
     let config = match settings.resolve() {
         Ok(config) => config,
         Err(e) => {
@@ -126,6 +146,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if !matches!(mode, Mode::Start) {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(&filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match mode {
         Mode::CheckConfig => {
             print!(
@@ -159,6 +185,22 @@ fn main() -> ExitCode {
         .build()
         .expect("runtime");
     runtime.block_on(async move {
+        let telemetry =
+            match telemetry::init(&config.telemetry, &filter, &config.region, &config.node_id) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("ledgerd: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+        let code = serve(config).await;
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+        code
+    })
+}
+
+async fn serve(config: Config) -> ExitCode {
+    {
         let listener = match tokio::net::TcpListener::bind(config.listen).await {
             Ok(l) => l,
             Err(e) => {
@@ -178,6 +220,14 @@ fn main() -> ExitCode {
         };
         let store = config.store;
         let data_dir = config.data_dir.clone();
+        let traces = if config.telemetry.otlp_endpoint.is_empty() {
+            "off".to_string()
+        } else {
+            format!(
+                "OTLP {} (sampling {})",
+                config.telemetry.otlp_endpoint, config.telemetry.sampling_ratio
+            )
+        };
         let result = ledger_server::run(config, listener, shutdown, |started| {
             let store = match store {
                 StoreKind::Embedded => format!("embedded (redb) in {}", data_dir.display()),
@@ -185,7 +235,7 @@ fn main() -> ExitCode {
             };
             // One summary line, also on stdout so scripts can wait for it.
             println!(
-                "ledgerd listening on {} | store: {store} | shards: {} | cluster: {}",
+                "ledgerd listening on {} | store: {store} | shards: {} | cluster: {} | traces: {traces}",
                 started.listen, started.meta.shard_count, started.meta.cluster_id
             );
         })
@@ -197,5 +247,5 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    })
+    }
 }

@@ -10,6 +10,7 @@ use ledger_shard::engine::TransferReply;
 
 use crate::error::ApiError;
 use crate::router::{PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Router};
+use crate::telemetry;
 
 pub struct Ledger {
     router: Router,
@@ -95,13 +96,18 @@ impl LedgerService for Ledger {
         &self,
         request: Request<pb::CreateTransfersRequest>,
     ) -> Result<Response<pb::CreateTransfersResponse>, Status> {
+        let trace_id = telemetry::trace_id_of(&tracing::Span::current(), request.metadata());
         let transfers = request.into_inner().transfers;
         self.router.check_batch("transfers", transfers.len())?;
         let transfers = transfers
             .into_iter()
             .enumerate()
-            .map(|(i, t)| decode_transfer(t, &format!("transfers[{i}]")))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|(i, t)| {
+                let mut t = decode_transfer(t, &format!("transfers[{i}]"))?;
+                t.trace_id.clone_from(&trace_id);
+                Ok(t)
+            })
+            .collect::<Result<Vec<_>, ApiError>>()?;
         let replies = self.router.create_transfers(transfers).await?;
         let results = replies.iter().map(transfer_result).collect();
         Ok(Response::new(pb::CreateTransfersResponse { results }))
@@ -111,8 +117,10 @@ impl LedgerService for Ledger {
         &self,
         request: Request<pb::Transfer>,
     ) -> Result<Response<pb::TransferResult>, Status> {
-        let transfer = wire::transfer(request.into_inner()).map_err(ApiError::from)?;
+        let trace_id = telemetry::trace_id_of(&tracing::Span::current(), request.metadata());
+        let mut transfer = wire::transfer(request.into_inner()).map_err(ApiError::from)?;
         transfer.validate().map_err(ApiError::from)?;
+        transfer.trace_id = trace_id;
         let reply = self.router.create_transfer(transfer).await?;
         Ok(Response::new(transfer_result(&reply)))
     }

@@ -19,8 +19,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use opentelemetry::trace::{SpanContext, TraceContextExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use ledger_domain::{HoldStatus, NewAccount, ShardId, Transfer};
 use ledger_store::{Expect, Store, WriteBatch};
@@ -168,8 +170,13 @@ pub enum Command {
         reply: oneshot::Sender<Reply>,
     },
     CreateTransfer(Transfer, oneshot::Sender<Reply>),
-    /// Many transfers, one reply with one result each, in order (cheaper than one command each).
-    CreateTransfers(Vec<Transfer>, oneshot::Sender<Vec<Reply>>),
+    /// Many transfers, one reply with one result each, in order (cheaper than one command each),
+    /// with the caller's span (the batch span links to it).
+    CreateTransfers(
+        Vec<Transfer>,
+        Option<SpanContext>,
+        oneshot::Sender<Vec<Reply>>,
+    ),
     Peer {
         from: ShardId,
         message: Message,
@@ -237,7 +244,13 @@ impl ShardHandle {
         transfers: Vec<Transfer>,
     ) -> Result<Vec<Reply>, ShardError> {
         let (tx, rx) = oneshot::channel();
-        let command = Command::CreateTransfers(transfers, tx);
+        let caller = tracing::Span::current()
+            .context()
+            .span()
+            .span_context()
+            .clone();
+        let caller = caller.is_valid().then_some(caller);
+        let command = Command::CreateTransfers(transfers, caller, tx);
         self.tx
             .send(command)
             .await
@@ -270,6 +283,9 @@ pub struct Runtime {
     pub locate: Locate,
     pub rx: mpsc::Receiver<Command>,
 }
+
+/// A batch span links to at most this many callers' spans (a batch can carry thousands).
+pub const LINKS_PER_BATCH_MAX: usize = 128;
 
 /// How often an idle leader wakes for timers (lock deadlines, hold expiry, retries).
 const TICK_MS: u64 = 20;
@@ -338,6 +354,7 @@ impl Runtime {
             engine.begin(now);
             let mut stop = false;
             let mut inputs = 0;
+            let mut links: Vec<SpanContext> = Vec::new();
             let mut next = first;
             while let Some(command) = next.take() {
                 let mut handle = |input| {
@@ -373,7 +390,12 @@ impl Runtime {
                         let token = waiting.one(tx);
                         handle(Input::CreateTransfer { token, transfer })
                     }
-                    Command::CreateTransfers(transfers, tx) => {
+                    Command::CreateTransfers(transfers, caller, tx) => {
+                        if let Some(caller) = caller
+                            && links.len() < LINKS_PER_BATCH_MAX
+                        {
+                            links.push(caller);
+                        }
                         let tokens = waiting.group(transfers.len(), tx);
                         inputs += transfers.len().saturating_sub(1);
                         transfers
@@ -411,8 +433,20 @@ impl Runtime {
                     .put(keys::lease(self.shard), encode_lease(&lease));
                 renewed_at = now;
             }
+            let span = tracing::info_span!(
+                "shard.batch",
+                shard = self.shard.0,
+                epoch = engine.epoch(),
+                inputs,
+                writes = output.writes.writes.len(),
+            );
+            for link in links {
+                let _ = span.add_link(link);
+            }
+            let _batch = span.enter();
             if !output.writes.is_empty()
-                && let Err(e) = self.store.commit(&output.writes)
+                && let Err(e) = tracing::info_span!("store.commit", shard = self.shard.0)
+                    .in_scope(|| self.store.commit(&output.writes))
             {
                 // Fenced or failed: nothing of this batch is acknowledged. Dropping the reply
                 // senders tells every waiting caller `Unavailable`.

@@ -713,7 +713,7 @@ impl Engine {
             return Ok(());
         }
         if let Some(c) = self.coordinations.get_mut(&transfer.id) {
-            if c.request() == Some(&transfer) {
+            if c.request().is_some_and(|r| r.same_request(&transfer)) {
                 c.waiters.push(token);
             } else {
                 let record = TransferRecord {
@@ -756,7 +756,7 @@ impl Engine {
 
     /// The answer to a replayed id: the original outcome if the fields are identical.
     fn replay(&self, record: TransferRecord, request: &Transfer) -> Result<TransferReply, Fatal> {
-        if record.request != *request {
+        if !record.request.same_request(request) {
             let record = TransferRecord {
                 request: request.clone(),
                 result: Err(Rejection::ExistsWithDifferentFields),

@@ -124,6 +124,46 @@ fn replay_returns_the_original_and_different_fields_are_rejected() {
 }
 
 #[test]
+fn a_retry_under_another_trace_is_the_same_request_and_keeps_the_first_trace_id() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    for (id, credit) in [("same", "b"), ("cross", "s1-b")] {
+        if credit != "b" {
+            open(&mut sim, credit, false);
+        }
+        let mut first = transfer(id, "a", credit, 3);
+        first.trace_id = "0af7651916cd43dd8448eb211c80319c".into();
+        let mut retry = first.clone();
+        retry.trace_id = "ffffffffffffffffffffffffffffffff".into();
+        let t1 = submit(&mut sim, first);
+        sim.deliver_all(100);
+        let t2 = submit(&mut sim, retry);
+        sim.deliver_all(100);
+        for token in [t1, t2] {
+            let Reply::Transfer(reply) = &sim.replies[&token] else {
+                panic!("not a transfer reply")
+            };
+            assert_eq!(
+                reply.record.result.as_ref().map(|c| c.amount),
+                Ok(3),
+                "{id}"
+            );
+            assert_eq!(
+                reply.record.request.trace_id, "0af7651916cd43dd8448eb211c80319c",
+                "{id}: the record keeps the trace it was created under"
+            );
+        }
+        let shard = shard_of("a");
+        let (stored, _) = read::transfer(&*sim.stores[shard.0 as usize], shard, id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(stored.request.trace_id, "0af7651916cd43dd8448eb211c80319c");
+    }
+    assert_eq!(balance(&sim, "a").1, 6, "each applied once");
+}
+
+#[test]
 fn final_rejections_are_recorded_and_replayed() {
     let mut sim = sim();
     open(&mut sim, "a", true);

@@ -1,0 +1,284 @@
+//! Telemetry: structured logs (text or JSON) and OpenTelemetry traces exported over OTLP.
+//!
+//! ```text
+//!  client ── traceparent ──► trace_fn: "grpc.request" span, parent = the caller's context
+//!                              └─ handler ─ router ─► shard queue (caller's span context)
+//!                                                      └─ "shard.batch" span, one link per
+//!                                                         caller ─ "store.commit" span
+//! ```
+//!
+//! With no OTLP endpoint the OpenTelemetry layer is not installed at all, so spans cost what a
+//! `tracing` span with only the log layer costs. The trace id a transfer is recorded with then
+//! comes from the caller's `traceparent`, if any ([`trace_id_of`]).
+
+use std::str::FromStr;
+
+use opentelemetry::KeyValue;
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use serde::{Deserialize, Serialize};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Telemetry settings (`[telemetry]` in the config file).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP/gRPC endpoint for traces, e.g. `http://127.0.0.1:4317`. Empty: no export.
+    pub otlp_endpoint: String,
+    /// Share of new traces recorded, 0.0-1.0. A caller's sampling decision is followed.
+    pub sampling_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Log lines: "text" (human-readable) or "json".
+    pub log_format: LogFormat,
+}
+
+impl Eq for TelemetryConfig {}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: String::new(),
+            sampling_ratio: 1.0,
+            service_name: "ledgerd".into(),
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("`{other}` is not a log format (text, json)")),
+        }
+    }
+}
+
+impl TelemetryConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.sampling_ratio) {
+            return Err(format!(
+                "telemetry.sampling_ratio: {} is not between 0 and 1",
+                self.sampling_ratio
+            ));
+        }
+        if !self.otlp_endpoint.is_empty()
+            && !(self.otlp_endpoint.starts_with("http://")
+                || self.otlp_endpoint.starts_with("https://"))
+        {
+            return Err(format!(
+                "telemetry.otlp_endpoint: `{}` must start with http:// or https://",
+                self.otlp_endpoint
+            ));
+        }
+        if self.service_name.is_empty() {
+            return Err("telemetry.service_name: must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+/// Keeps the exporter alive; [`Telemetry::shutdown`] flushes what is buffered.
+#[derive(Debug, Default)]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Flushes and stops the exporter (blocking: call from a blocking thread).
+    pub fn shutdown(self) {
+        if let Some(provider) = self.provider
+            && let Err(e) = provider.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing traces at shutdown failed");
+        }
+    }
+}
+
+/// HTTP/2 internals would otherwise export hundreds of spans per call.
+const OTEL_FILTER: &str = "info,h2=off,hyper=off,hyper_util=off,tower=off,tonic=off";
+
+/// Installs the global subscriber: logs to stderr, and with an endpoint an OpenTelemetry layer
+/// exporting over OTLP. Call inside the tokio runtime (the exporter's channel lives there).
+pub fn init(
+    config: &TelemetryConfig,
+    log_filter: &str,
+    region: &str,
+    node_id: &str,
+) -> Result<Telemetry, String> {
+    config.validate()?;
+    let filter =
+        EnvFilter::try_new(log_filter).map_err(|e| format!("log filter `{log_filter}`: {e}"))?;
+    let logs = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter)
+            .boxed(),
+    };
+    let (otel, provider) = if config.otlp_endpoint.is_empty() {
+        (None, None)
+    } else {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(config.otlp_endpoint.clone())
+            .build()
+            .map_err(|e| format!("telemetry.otlp_endpoint: {e}"))?;
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_sampler(sampler(config.sampling_ratio))
+            .with_resource(resource(&config.service_name, region, node_id))
+            .build();
+        let layer = tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("ledgerd"))
+            .with_filter(EnvFilter::new(OTEL_FILTER));
+        (Some(layer), Some(provider))
+    };
+    tracing_subscriber::registry()
+        .with(logs)
+        .with(otel)
+        .try_init()
+        .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+    Ok(Telemetry { provider })
+}
+
+/// Follows the caller's decision; new traces are kept with probability `ratio`.
+pub fn sampler(ratio: f64) -> Sampler {
+    Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(ratio)))
+}
+
+pub fn resource(service_name: &str, region: &str, node_id: &str) -> Resource {
+    Resource::builder()
+        .with_service_name(service_name.to_string())
+        .with_attributes([
+            KeyValue::new("cloud.region", region.to_string()),
+            KeyValue::new("service.instance.id", node_id.to_string()),
+        ])
+        .build()
+}
+
+/// The span of one gRPC call, a child of the caller's context when the request carries a W3C
+/// `traceparent`. Used as tonic's `trace_fn`. Its `trace_id` field puts the trace id on every
+/// log line written inside the call.
+pub fn request_span(request: &http::Request<()>) -> tracing::Span {
+    let parent = TraceContextPropagator::new()
+        .extract(&opentelemetry_http::HeaderExtractor(request.headers()));
+    let remote = parent.span().span_context().clone();
+    let span = tracing::info_span!(
+        "grpc.request",
+        otel.kind = "server",
+        otel.name = %request.uri().path(),
+        rpc.system = "grpc",
+        trace_id = tracing::field::Empty,
+    );
+    if remote.is_valid() {
+        let _ = span.set_parent(parent);
+    }
+    let own = span.context().span().span_context().clone();
+    if own.is_valid() {
+        span.record("trace_id", own.trace_id().to_string());
+    } else if remote.is_valid() {
+        span.record("trace_id", remote.trace_id().to_string());
+    }
+    span
+}
+
+/// The trace id to record with a transfer: the current span's (when spans are exported), else
+/// the caller's `traceparent`, else empty.
+pub fn trace_id_of(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) -> String {
+    let own = span.context().span().span_context().clone();
+    if own.is_valid() {
+        return own.trace_id().to_string();
+    }
+    metadata
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_trace_id)
+        .unwrap_or_default()
+}
+
+/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed and
+/// not all zeros.
+pub fn parse_trace_id(traceparent: &str) -> Option<String> {
+    let mut parts = traceparent.trim().split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let valid = hex(version, 2)
+        && version != "ff"
+        && hex(trace, 32)
+        && hex(span, 16)
+        && hex(flags, 2)
+        && trace.bytes().any(|b| b != b'0')
+        && span.bytes().any(|b| b != b'0');
+    valid.then(|| trace.to_ascii_lowercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_parsing() {
+        let ok = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(
+            parse_trace_id(ok).as_deref(),
+            Some("0af7651916cd43dd8448eb211c80319c")
+        );
+        for bad in [
+            "",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c8031-b7ad6b7169203331-01",
+            "00-zzf7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            assert_eq!(parse_trace_id(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let ok = TelemetryConfig::default();
+        assert!(ok.validate().is_ok());
+        let ratio = TelemetryConfig {
+            sampling_ratio: 1.5,
+            ..ok.clone()
+        };
+        assert!(ratio.validate().unwrap_err().contains("sampling_ratio"));
+        let endpoint = TelemetryConfig {
+            otlp_endpoint: "127.0.0.1:4317".into(),
+            ..ok
+        };
+        assert!(endpoint.validate().unwrap_err().contains("otlp_endpoint"));
+    }
+}
