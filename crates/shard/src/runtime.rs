@@ -441,7 +441,7 @@ impl Runtime {
                 writes = output.writes.writes.len(),
             );
             for link in links {
-                let _ = span.add_link(link);
+                span.add_link(link);
             }
             let _batch = span.enter();
             if !output.writes.is_empty()
