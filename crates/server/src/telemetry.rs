@@ -79,10 +79,9 @@ impl TelemetryConfig {
                 self.sampling_ratio
             ));
         }
-        if !self.otlp_endpoint.is_empty()
-            && !(self.otlp_endpoint.starts_with("http://")
-                || self.otlp_endpoint.starts_with("https://"))
-        {
+        let endpoint = &self.otlp_endpoint;
+        let has_scheme = endpoint.starts_with("http://") || endpoint.starts_with("https://");
+        if !endpoint.is_empty() && !has_scheme {
             return Err(format!(
                 "telemetry.otlp_endpoint: `{}` must start with http:// or https://",
                 self.otlp_endpoint
