@@ -169,7 +169,7 @@ pub enum Command {
         home: ShardId,
         reply: oneshot::Sender<Reply>,
     },
-    CreateTransfer(Transfer, oneshot::Sender<Reply>),
+    CreateTransfer(Transfer, Option<SpanContext>, oneshot::Sender<Reply>),
     /// Many transfers, one reply with one result each, in order (cheaper than one command each),
     /// with the caller's span (the batch span links to it).
     CreateTransfers(
@@ -236,7 +236,9 @@ impl ShardHandle {
     }
 
     pub async fn create_transfer(&self, transfer: Transfer) -> Result<Reply, ShardError> {
-        self.call(|tx| Command::CreateTransfer(transfer, tx)).await
+        let caller = caller_span();
+        self.call(|tx| Command::CreateTransfer(transfer, caller, tx))
+            .await
     }
 
     pub async fn create_transfers(
@@ -266,6 +268,16 @@ impl ShardHandle {
     pub async fn stop(&self) {
         let _ = self.tx.send(Command::Stop).await;
     }
+}
+
+/// The current span's OpenTelemetry context, if spans are being exported.
+fn caller_span() -> Option<SpanContext> {
+    let caller = tracing::Span::current()
+        .context()
+        .span()
+        .span_context()
+        .clone();
+    caller.is_valid().then_some(caller)
 }
 
 pub fn channel(shard: ShardId, capacity: usize) -> (ShardHandle, mpsc::Receiver<Command>) {
@@ -386,7 +398,12 @@ impl Runtime {
                             home,
                         })
                     }
-                    Command::CreateTransfer(transfer, tx) => {
+                    Command::CreateTransfer(transfer, caller, tx) => {
+                        if let Some(caller) = caller
+                            && links.len() < LINKS_PER_BATCH_MAX
+                        {
+                            links.push(caller);
+                        }
                         let token = waiting.one(tx);
                         handle(Input::CreateTransfer { token, transfer })
                     }
