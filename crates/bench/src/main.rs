@@ -134,13 +134,7 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
     let addr = args
         .addr
         .clone()
-        .map(|a| {
-            if a.contains("://") {
-                a
-            } else {
-                format!("http://{a}")
-            }
-        })
+        .map(|a| ledger_client::uri_of(&a))
         .or_else(|| server.as_ref().map(|s| s.addr.clone()))
         .expect("an address");
     let client = connect(&addr).await?;

@@ -22,6 +22,16 @@ pub enum Error {
     Status(#[from] Status),
 }
 
+/// The URI of a server address: a bare `host:port` (as `ledgerd` prints it) means plain-text
+/// HTTP/2.
+pub fn uri_of(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: LedgerServiceClient<Channel>,
@@ -37,13 +47,7 @@ impl Client {
             addr: addr.to_string(),
             reason,
         };
-        // A bare `host:port` (as `ledgerd` prints it) means plain-text HTTP/2.
-        let uri = if addr.contains("://") {
-            addr.to_string()
-        } else {
-            format!("http://{addr}")
-        };
-        let endpoint = Endpoint::from_shared(uri)
+        let endpoint = Endpoint::from_shared(uri_of(addr))
             .map_err(|e| err(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
@@ -88,8 +92,7 @@ impl Client {
         let request = pb::CreateAccountsRequest { accounts };
         retry(|| {
             let mut c = self.inner.clone();
-            let request = request.clone();
-            let request = self.request(request);
+            let request = self.request(request.clone());
             async move { c.create_accounts(request).await }
         })
         .await
@@ -110,8 +113,7 @@ impl Client {
         let request = pb::CreateTransfersRequest { transfers };
         retry(|| {
             let mut c = self.inner.clone();
-            let request = request.clone();
-            let request = self.request(request);
+            let request = self.request(request.clone());
             async move { c.create_transfers(request).await }
         })
         .await
@@ -121,8 +123,7 @@ impl Client {
     pub async fn transfer(&self, transfer: pb::Transfer) -> Result<pb::TransferResult, Error> {
         retry(|| {
             let mut c = self.inner.clone();
-            let transfer = transfer.clone();
-            let transfer = self.request(transfer);
+            let transfer = self.request(transfer.clone());
             async move { c.transfer(transfer).await }
         })
         .await

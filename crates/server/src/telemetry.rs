@@ -11,8 +11,6 @@
 //! `tracing` span with only the log layer costs. The trace id a transfer is recorded with then
 //! comes from the caller's `traceparent`, if any ([`trace_id_of`]).
 
-use std::str::FromStr;
-
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -40,6 +38,7 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
 }
 
+/// `Config` is `Eq`; the one float here is never NaN once validated (NaN is not in 0..=1).
 impl Eq for TelemetryConfig {}
 
 impl Default for TelemetryConfig {
@@ -58,17 +57,6 @@ impl Default for TelemetryConfig {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-impl FromStr for LogFormat {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "text" => Ok(LogFormat::Text),
-            "json" => Ok(LogFormat::Json),
-            other => Err(format!("`{other}` is not a log format (text, json)")),
-        }
-    }
 }
 
 impl TelemetryConfig {

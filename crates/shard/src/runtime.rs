@@ -450,13 +450,18 @@ impl Runtime {
                     .put(keys::lease(self.shard), encode_lease(&lease));
                 renewed_at = now;
             }
-            let span = tracing::info_span!(
-                "shard.batch",
-                shard = self.shard.0,
-                epoch = engine.epoch(),
-                inputs,
-                writes = output.writes.writes.len(),
-            );
+            // Idle ticks (every TICK_MS per shard) get no span: only batches that carry work.
+            let span = if inputs > 0 || !output.writes.is_empty() {
+                tracing::info_span!(
+                    "shard.batch",
+                    shard = self.shard.0,
+                    epoch = engine.epoch(),
+                    inputs,
+                    writes = output.writes.writes.len(),
+                )
+            } else {
+                tracing::Span::none()
+            };
             for link in links {
                 span.add_link(link);
             }

@@ -165,26 +165,22 @@ impl Embedded {
         };
         txn.commit().map_err(|e| oe(&e))?;
 
+        // Replay: the records past the checkpoint, in order, written as one checkpoint.
         let mut seq = applied;
-        let txn = db.begin_write().map_err(|e| oe(&e))?;
-        {
-            let mut table = txn.open_table(KV).map_err(|e| oe(&e))?;
-            for (record_seq, writes) in log.take_recovered(tag) {
-                if record_seq <= applied {
-                    continue; // Already in the last durable checkpoint.
-                }
-                if record_seq != seq + 1 {
-                    return Err(open_err(format!(
-                        "the log jumps from commit {seq} to {record_seq}; refusing to guess"
-                    )));
-                }
-                apply(&mut table, &writes).map_err(|e| oe(&e))?;
-                seq = record_seq;
+        let mut replayed = Overlay::new();
+        for (record_seq, writes) in log.take_recovered(tag) {
+            if record_seq <= applied {
+                continue; // Already in the last durable checkpoint.
             }
-            let mut meta = txn.open_table(META).map_err(|e| oe(&e))?;
-            meta.insert(APPLIED_SEQ, seq).map_err(|e| oe(&e))?;
+            if record_seq != seq + 1 {
+                return Err(open_err(format!(
+                    "the log jumps from commit {seq} to {record_seq}; refusing to guess"
+                )));
+            }
+            overlay_apply(&mut replayed, &writes);
+            seq = record_seq;
         }
-        txn.commit().map_err(|e| oe(&e))?; // durable (redb's default)
+        write_checkpoint(&db, &replayed, seq).map_err(open_err)?;
         log.durable(tag, seq);
         let state = State {
             seq,
@@ -347,21 +343,18 @@ fn io(e: impl std::fmt::Display) -> Error {
     Error::Io(e.to_string())
 }
 
-fn apply(
-    table: &mut redb::Table<&[u8], &[u8]>,
-    writes: &[Write],
-) -> Result<(), redb::StorageError> {
+/// Adds a commit's writes to an overlay; returns the bytes of keys and values added.
+fn overlay_apply(overlay: &mut Overlay, writes: &[Write]) -> usize {
+    let mut bytes = 0;
     for write in writes {
-        match write {
-            Write::Put(k, v) => {
-                table.insert(k.as_slice(), v.as_slice())?;
-            }
-            Write::Delete(k) => {
-                table.remove(k.as_slice())?;
-            }
-        }
+        let (key, value) = match write {
+            Write::Put(k, v) => (k, Some(v.clone())),
+            Write::Delete(k) => (k, None),
+        };
+        bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+        overlay.insert(key.clone(), value);
     }
-    Ok(())
+    bytes
 }
 
 impl Store for Embedded {
@@ -451,14 +444,7 @@ impl Store for Embedded {
         }
         state.seq = seq;
         state.commits_since_checkpoint += 1;
-        for write in &batch.writes {
-            let (key, value) = match write {
-                Write::Put(k, v) => (k, Some(v.clone())),
-                Write::Delete(k) => (k, None),
-            };
-            state.overlay_bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-            state.overlay.insert(key.clone(), value);
-        }
+        state.overlay_bytes += overlay_apply(&mut state.overlay, &batch.writes);
         if state.commits_since_checkpoint >= CHECKPOINT_COMMITS
             || state.overlay_bytes >= OVERLAY_BYTES_MAX
         {
