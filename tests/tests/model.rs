@@ -194,6 +194,7 @@ impl Harness {
                 vec![Input::CreateTransfer {
                     token,
                     transfer: t.clone(),
+                    trace: None,
                 }],
             );
             if let Some((victim, after)) = crash.take() {

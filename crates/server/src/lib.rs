@@ -5,6 +5,7 @@
 pub mod config;
 mod data_dir;
 mod error;
+pub mod prometheus;
 mod router;
 mod service;
 pub mod telemetry;

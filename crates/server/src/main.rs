@@ -76,6 +76,9 @@ struct Settings {
     /// service.name of exported spans [default: ledgerd]
     #[arg(long, env = "LEDGER_SERVICE_NAME")]
     service_name: Option<String>,
+    /// Prometheus endpoint address, e.g. 127.0.0.1:9464 (port 0: any free port) [default: none]
+    #[arg(long, env = "LEDGER_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
 }
 
 impl Settings {
@@ -119,6 +122,9 @@ impl Settings {
         }
         if let Some(v) = &self.service_name {
             config.telemetry.service_name.clone_from(v);
+        }
+        if let Some(v) = &self.metrics_listen {
+            config.telemetry.metrics_listen.clone_from(v);
         }
         config.validate().map_err(|e| e.to_string())?;
         Ok(config)
@@ -218,6 +224,13 @@ async fn serve(config: Config) -> ExitCode {
             }
             tracing::info!("shutting down: finishing in-flight batches");
         };
+        let metrics = match start_metrics(&config.telemetry.metrics_listen).await {
+            Ok(metrics) => metrics,
+            Err(e) => {
+                eprintln!("ledgerd: {e}");
+                return ExitCode::from(1);
+            }
+        };
         let store = config.store;
         let data_dir = config.data_dir.clone();
         let traces = if config.telemetry.otlp_endpoint.is_empty() {
@@ -235,7 +248,7 @@ async fn serve(config: Config) -> ExitCode {
             };
             // One summary line, also on stdout so scripts can wait for it.
             println!(
-                "ledgerd listening on {} | store: {store} | shards: {} | cluster: {} | traces: {traces}",
+                "ledgerd listening on {} | store: {store} | shards: {} | cluster: {} | traces: {traces} | metrics: {metrics}",
                 started.listen, started.meta.shard_count, started.meta.cluster_id
             );
         })
@@ -248,4 +261,21 @@ async fn serve(config: Config) -> ExitCode {
             }
         }
     }
+}
+
+/// Binds the Prometheus endpoint (if configured), installs the recorder and serves it in the
+/// background. Returns what the start-up line shows.
+async fn start_metrics(listen: &str) -> Result<String, String> {
+    if listen.is_empty() {
+        return Ok("off".into());
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("telemetry.metrics_listen: cannot listen on {listen}: {e}"))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| format!("telemetry.metrics_listen: {e}"))?;
+    let handle = ledger_server::prometheus::install()?;
+    tokio::spawn(ledger_server::prometheus::serve(listener, handle));
+    Ok(format!("http://{addr}/metrics"))
 }

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
+use tracing::Instrument;
 
 use ledger_domain::{
     Account, Entry, HoldStatus, InvalidInput, NewAccount, Rejection, ShardId, Transfer,
@@ -89,6 +90,17 @@ impl Router {
         &self,
         transfers: Vec<Transfer>,
     ) -> Result<Vec<TransferReply>, ApiError> {
+        let span = route_span(transfers.len());
+        self.create_transfers_routed(transfers, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    async fn create_transfers_routed(
+        &self,
+        transfers: Vec<Transfer>,
+        span: &tracing::Span,
+    ) -> Result<Vec<TransferReply>, ApiError> {
         let mut out: Vec<Option<TransferReply>> = (0..transfers.len()).map(|_| None).collect();
         let mut by_shard: HashMap<ShardId, (Vec<usize>, Vec<Transfer>)> = HashMap::new();
         for (i, transfer) in transfers.into_iter().enumerate() {
@@ -101,6 +113,7 @@ impl Router {
                 None => out[i] = Some(self.hold_missing(transfer)?),
             }
         }
+        span.record("shards", by_shard.len());
         let calls = by_shard
             .into_iter()
             .map(|(shard, (indices, items))| async move {
@@ -129,6 +142,13 @@ impl Router {
         } else {
             Rejection::PendingTransferNotFound
         };
+        metrics::counter!(
+            "ledger_transfers_total",
+            "shard" => "none",
+            "outcome" => "rejected",
+            "reason" => reason.name()
+        )
+        .increment(1);
         let record = TransferRecord {
             request: transfer,
             result: Err(reason),
@@ -137,26 +157,19 @@ impl Router {
     }
 
     pub async fn create_transfer(&self, transfer: Transfer) -> Result<TransferReply, ApiError> {
-        let shard = match self.home_of_transfer(&transfer)? {
-            Some(shard) => shard,
-            None => {
-                // No hold by that id on any shard. Not recorded: the hold may yet be created.
-                let reason = if self.transfer(&transfer.pending_id)?.is_some() {
-                    Rejection::PendingTransferNotPending
-                } else {
-                    Rejection::PendingTransferNotFound
-                };
-                let record = TransferRecord {
-                    request: transfer,
-                    result: Err(reason),
-                };
-                return Ok(TransferReply { record, hold: None });
+        let span = route_span(1);
+        async {
+            let Some(shard) = self.home_of_transfer(&transfer)? else {
+                return self.hold_missing(transfer);
+            };
+            tracing::Span::current().record("shards", 1);
+            match self.node.handle(shard).create_transfer(transfer).await? {
+                Reply::Transfer(reply) => Ok(reply),
+                other => Err(unexpected(&other)),
             }
-        };
-        match self.node.handle(shard).create_transfer(transfer).await? {
-            Reply::Transfer(reply) => Ok(reply),
-            other => Err(unexpected(&other)),
         }
+        .instrument(span)
+        .await
     }
 
     /// The shard that coordinates a transfer: its debit account's. A post or void that leaves
@@ -231,6 +244,12 @@ impl Router {
             limit,
         )?)
     }
+}
+
+/// The routing span of a transfer call: finding each item's coordinating shard and waiting
+/// for the shards' answers. Shard batches link to it.
+fn route_span(items: usize) -> tracing::Span {
+    tracing::info_span!("router.route", items, shards = tracing::field::Empty)
 }
 
 fn unexpected(reply: &Reply) -> ApiError {

@@ -110,7 +110,9 @@ impl LedgerService for Ledger {
             .collect::<Result<Vec<_>, ApiError>>()?;
         let replies = self.router.create_transfers(transfers).await?;
         let results = replies.iter().map(transfer_result).collect();
-        Ok(Response::new(pb::CreateTransfersResponse { results }))
+        let mut response = Response::new(pb::CreateTransfersResponse { results });
+        telemetry::set_response_traceparent(&mut response);
+        Ok(response)
     }
 
     async fn transfer(
@@ -122,7 +124,9 @@ impl LedgerService for Ledger {
         transfer.validate().map_err(ApiError::from)?;
         transfer.trace_id = trace_id;
         let reply = self.router.create_transfer(transfer).await?;
-        Ok(Response::new(transfer_result(&reply)))
+        let mut response = Response::new(transfer_result(&reply));
+        telemetry::set_response_traceparent(&mut response);
+        Ok(response)
     }
 
     async fn get_transfers(

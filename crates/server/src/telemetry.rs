@@ -36,6 +36,9 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Log lines: "text" (human-readable) or "json".
     pub log_format: LogFormat,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`; port 0
+    /// picks a free port (printed at start-up). Empty: no endpoint.
+    pub metrics_listen: String,
 }
 
 /// `Config` is `Eq`; the one float here is never NaN once validated (NaN is not in 0..=1).
@@ -48,6 +51,7 @@ impl Default for TelemetryConfig {
             sampling_ratio: 1.0,
             service_name: "ledgerd".into(),
             log_format: LogFormat::Text,
+            metrics_listen: String::new(),
         }
     }
 }
@@ -77,6 +81,14 @@ impl TelemetryConfig {
         }
         if self.service_name.is_empty() {
             return Err("telemetry.service_name: must not be empty".into());
+        }
+        if !self.metrics_listen.is_empty()
+            && self.metrics_listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!(
+                "telemetry.metrics_listen: `{}` is not an address like 127.0.0.1:9464",
+                self.metrics_listen
+            ));
         }
         Ok(())
     }
@@ -198,6 +210,18 @@ pub fn request_span(request: &http::Request<()>) -> tracing::Span {
     span
 }
 
+/// Puts the server span's W3C `traceparent` on a response, so a caller that did not start a
+/// trace can still find the one its call made.
+pub fn set_response_traceparent<T>(response: &mut tonic::Response<T>) {
+    let span = tracing::Span::current();
+    let cx = span.context().span().span_context().clone();
+    if let Some(parent) = ledger_shard::trace::TraceParent::of(&cx)
+        && let Ok(value) = parent.header().parse()
+    {
+        response.metadata_mut().insert("traceparent", value);
+    }
+}
+
 /// The trace id to record with a transfer: the current span's (when spans are exported), else
 /// the caller's `traceparent`, else empty.
 pub fn trace_id_of(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) -> String {
@@ -267,5 +291,10 @@ mod tests {
             ..ok
         };
         assert!(endpoint.validate().unwrap_err().contains("otlp_endpoint"));
+        let metrics = TelemetryConfig {
+            metrics_listen: "localhost".into(),
+            ..TelemetryConfig::default()
+        };
+        assert!(metrics.validate().unwrap_err().contains("metrics_listen"));
     }
 }

@@ -13,10 +13,12 @@
 pub mod codec;
 pub mod engine;
 pub mod keys;
+pub mod metrics;
 pub mod node;
 pub mod read;
 pub mod runtime;
 pub mod sim;
+pub mod trace;
 
 use serde::{Deserialize, Serialize};
 

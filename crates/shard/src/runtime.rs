@@ -19,7 +19,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use opentelemetry::trace::{SpanContext, TraceContextExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -30,6 +29,8 @@ use ledger_store::{Expect, Store, WriteBatch};
 use crate::engine::{
     CoordRecord, Engine, Fatal, Input, Locate, Message, PreparedRecord, Recovered, Reply, Token,
 };
+use crate::metrics::RuntimeMetrics;
+use crate::trace::TraceParent;
 use crate::{Clock, Options, codec, keys};
 
 /// The lease record: value = epoch (u64 BE) then this.
@@ -169,12 +170,13 @@ pub enum Command {
         home: ShardId,
         reply: oneshot::Sender<Reply>,
     },
-    CreateTransfer(Transfer, Option<SpanContext>, oneshot::Sender<Reply>),
-    /// Many transfers, one reply with one result each, in order (cheaper than one command each),
-    /// with the caller's span (the batch span links to it).
+    /// A transfer with the caller's trace context (the batch span links to it; 2PC and
+    /// lock-wait spans join its trace).
+    CreateTransfer(Transfer, Option<TraceParent>, oneshot::Sender<Reply>),
+    /// Many transfers, one reply with one result each, in order (cheaper than one command each).
     CreateTransfers(
         Vec<Transfer>,
-        Option<SpanContext>,
+        Option<TraceParent>,
         oneshot::Sender<Vec<Reply>>,
     ),
     Peer {
@@ -236,7 +238,7 @@ impl ShardHandle {
     }
 
     pub async fn create_transfer(&self, transfer: Transfer) -> Result<Reply, ShardError> {
-        let caller = caller_span();
+        let caller = TraceParent::current();
         self.call(|tx| Command::CreateTransfer(transfer, caller, tx))
             .await
     }
@@ -246,12 +248,7 @@ impl ShardHandle {
         transfers: Vec<Transfer>,
     ) -> Result<Vec<Reply>, ShardError> {
         let (tx, rx) = oneshot::channel();
-        let caller = tracing::Span::current()
-            .context()
-            .span()
-            .span_context()
-            .clone();
-        let caller = caller.is_valid().then_some(caller);
+        let caller = TraceParent::current();
         let command = Command::CreateTransfers(transfers, caller, tx);
         self.tx
             .send(command)
@@ -268,16 +265,6 @@ impl ShardHandle {
     pub async fn stop(&self) {
         let _ = self.tx.send(Command::Stop).await;
     }
-}
-
-/// The current span's OpenTelemetry context, if spans are being exported.
-fn caller_span() -> Option<SpanContext> {
-    let caller = tracing::Span::current()
-        .context()
-        .span()
-        .span_context()
-        .clone();
-    caller.is_valid().then_some(caller)
 }
 
 pub fn channel(shard: ShardId, capacity: usize) -> (ShardHandle, mpsc::Receiver<Command>) {
@@ -330,7 +317,18 @@ impl Runtime {
         });
     }
 
+    /// Takes the lease and loads the shard, in a `shard.recover` span: the recovery spans of
+    /// the coordinations and prepared legs it resumes link to it.
     fn begin_term(&self) -> Result<Engine, LeaseError> {
+        let span = tracing::info_span!(
+            "shard.recover",
+            shard = self.shard.0,
+            epoch = tracing::field::Empty,
+            accounts = tracing::field::Empty,
+            coordinations = tracing::field::Empty,
+            prepared = tracing::field::Empty,
+        );
+        let _recover = span.enter();
         let now = self.clock.now_ms();
         let lease = acquire_lease(
             &*self.store,
@@ -340,6 +338,10 @@ impl Runtime {
             self.options.lease_ms,
         )?;
         let recovered = load(&*self.store, self.shard)?;
+        span.record("epoch", lease.epoch);
+        span.record("accounts", recovered.accounts.len());
+        span.record("coordinations", recovered.coordinations.len());
+        span.record("prepared", recovered.prepared.len());
         Ok(Engine::new(
             self.shard,
             lease.epoch,
@@ -352,6 +354,8 @@ impl Runtime {
 
     async fn lead(&mut self, mut engine: Engine) -> Term {
         let mut waiting = Waiting::default();
+        let mut metrics = RuntimeMetrics::new(self.shard);
+        metrics.term(engine.epoch());
         let renew_every = self.options.lease_ms / 3;
         let mut renewed_at = self.clock.now_ms();
         loop {
@@ -366,7 +370,7 @@ impl Runtime {
             engine.begin(now);
             let mut stop = false;
             let mut inputs = 0;
-            let mut links: Vec<SpanContext> = Vec::new();
+            let mut links: Vec<TraceParent> = Vec::new();
             let mut next = first;
             while let Some(command) = next.take() {
                 let mut handle = |input| {
@@ -405,7 +409,11 @@ impl Runtime {
                             links.push(caller);
                         }
                         let token = waiting.one(tx);
-                        handle(Input::CreateTransfer { token, transfer })
+                        handle(Input::CreateTransfer {
+                            token,
+                            transfer,
+                            trace: caller,
+                        })
                     }
                     Command::CreateTransfers(transfers, caller, tx) => {
                         if let Some(caller) = caller
@@ -419,7 +427,11 @@ impl Runtime {
                             .into_iter()
                             .zip(tokens)
                             .try_for_each(|(transfer, token)| {
-                                handle(Input::CreateTransfer { token, transfer })
+                                handle(Input::CreateTransfer {
+                                    token,
+                                    transfer,
+                                    trace: caller,
+                                })
                             })
                     }
                 };
@@ -462,21 +474,48 @@ impl Runtime {
             } else {
                 tracing::Span::none()
             };
-            for link in links {
-                span.add_link(link);
+            if !span.is_none() {
+                let room = LINKS_PER_BATCH_MAX.saturating_sub(links.len());
+                links.extend(output.links.iter().take(room));
+                for link in links {
+                    span.add_link(link.span_context());
+                }
             }
             let _batch = span.enter();
-            if !output.writes.is_empty()
-                && let Err(e) = tracing::info_span!("store.commit", shard = self.shard.0)
-                    .in_scope(|| self.store.commit(&output.writes))
-            {
-                // Fenced or failed: nothing of this batch is acknowledged. Dropping the reply
-                // senders tells every waiting caller `Unavailable`.
-                return Term::SteppedDown(format!("commit failed: {e}"));
+            metrics.queue_depth.set(self.rx.len() as f64);
+            if inputs > 0 {
+                metrics.batch_inputs.record(inputs as f64);
             }
+            if !output.writes.is_empty() {
+                metrics
+                    .batch_writes
+                    .record(output.writes.writes.len() as f64);
+                let started = stopwatch();
+                let committed = tracing::info_span!("store.commit", shard = self.shard.0)
+                    .in_scope(|| self.store.commit(&output.writes));
+                metrics
+                    .commit_seconds
+                    .record(started.elapsed().as_secs_f64());
+                if let Err(e) = committed {
+                    if matches!(e, ledger_store::CommitError::Conflict { .. }) {
+                        metrics.commit_conflicts.increment(1);
+                    } else {
+                        metrics.commit_failures.increment(1);
+                    }
+                    // Fenced or failed: nothing of this batch is acknowledged. Dropping the
+                    // reply senders tells every waiting caller `Unavailable`.
+                    return Term::SteppedDown(format!("commit failed: {e}"));
+                }
+            }
+            // Durable: the steps it completes end now.
+            drop(output.ended);
             for (token, reply) in output.replies {
+                if let Reply::Transfer(r) = &reply {
+                    metrics.transfer(r.record.result.as_ref().map(|_| ()).map_err(|e| *e));
+                }
                 waiting.reply(token, reply);
             }
+            metrics.flush();
             for (to, message) in output.messages {
                 self.peers.send(to, self.shard, message);
             }
@@ -485,6 +524,12 @@ impl Runtime {
             }
         }
     }
+}
+
+/// Measures the store commit (a runtime adapter: it may read the monotonic clock).
+#[allow(clippy::disallowed_methods)]
+fn stopwatch() -> std::time::Instant {
+    std::time::Instant::now()
 }
 
 enum Term {

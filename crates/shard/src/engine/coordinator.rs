@@ -37,6 +37,7 @@ use super::{
     Attempt, Engine, Fatal, Leg, Message, Parked, Plan, Reply, Token, TransferReply,
     lock_key_account, lock_key_hold,
 };
+use crate::trace::{self, Role, TraceParent};
 use crate::{codec, keys};
 
 /// What a coordination does.
@@ -57,6 +58,8 @@ pub struct CoordRecord {
     pub(crate) plan: Plan,
     /// None while preparing; Some(commit?) once decided. Written before any Decide is sent.
     pub decision: Option<bool>,
+    /// The caller's trace: recovery after a restart continues it.
+    pub trace: Option<TraceParent>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,6 +86,23 @@ pub(crate) struct Coordination {
     last_sent_ms: u64,
     /// The reply for waiters once the participant has applied a commit.
     reply: Option<TransferReply>,
+    spans: Spans,
+}
+
+/// The open spans of a coordination (sampled traces only) and when each phase began.
+#[derive(Debug, Default)]
+struct Spans {
+    /// `lock.wait` while parked behind one of this shard's locks.
+    wait: Option<tracing::Span>,
+    wait_ms: u64,
+    /// `2pc.prepare` from the Prepare sent to Prepared or Refused; after a restart, the
+    /// `2pc.recover` span of an undecided coordination.
+    prepare: Option<tracing::Span>,
+    prepare_ms: u64,
+    /// `2pc.decide` from the decision to the participant's Acked; after a restart, the
+    /// `2pc.recover` span of a decided one.
+    decide: Option<tracing::Span>,
+    decide_ms: u64,
 }
 
 impl Coordination {
@@ -105,6 +125,7 @@ impl Coordination {
         }
     }
 
+    /// What a Prepare carries: the prepare span's context, else the caller's.
     fn leg(&self) -> Leg {
         let plan = &self.record.plan;
         let (transfer_id, entry_kind, code, expected_version) = match &self.record.work {
@@ -125,6 +146,16 @@ impl Coordination {
             transfer_id,
             entry_kind,
             code,
+            trace: trace::context_of(&self.spans.prepare, self.record.trace),
+        }
+    }
+
+    fn decide_message(&self, commit: bool, now_ms: u64) -> Message {
+        Message::Decide {
+            attempt: self.record.attempt.clone(),
+            commit,
+            committed_at_ms: now_ms,
+            trace: trace::context_of(&self.spans.decide, self.record.trace),
         }
     }
 }
@@ -139,6 +170,7 @@ impl Engine {
         token: Token,
         transfer: Transfer,
         plan: Plan,
+        trace: Option<TraceParent>,
     ) -> Result<(), Fatal> {
         if self.coordinations.len() >= self.options.coordinations_max {
             let record = TransferRecord {
@@ -149,7 +181,13 @@ impl Engine {
             return Ok(());
         }
         let op = transfer.id.clone();
-        self.insert_coordination(op.clone(), Work::Transfer(transfer), plan, vec![token]);
+        self.insert_coordination(
+            op.clone(),
+            Work::Transfer(transfer),
+            plan,
+            vec![token],
+            trace,
+        );
         self.advance(&op)
     }
 
@@ -174,11 +212,24 @@ impl Engine {
             credit,
             hold: Some(hold),
         };
-        self.insert_coordination(op.clone(), Work::Expire { pending_id }, plan, Vec::new());
+        self.insert_coordination(
+            op.clone(),
+            Work::Expire { pending_id },
+            plan,
+            Vec::new(),
+            None,
+        );
         self.advance(&op)
     }
 
-    fn insert_coordination(&mut self, op: String, work: Work, plan: Plan, waiters: Vec<Token>) {
+    fn insert_coordination(
+        &mut self,
+        op: String,
+        work: Work,
+        plan: Plan,
+        waiters: Vec<Token>,
+        trace: Option<TraceParent>,
+    ) {
         let attempt = Attempt {
             op: op.clone(),
             epoch: self.epoch,
@@ -191,6 +242,7 @@ impl Engine {
                 work,
                 plan,
                 decision: None,
+                trace,
             },
             step: Step::Locking,
             logged: false,
@@ -201,13 +253,44 @@ impl Engine {
             started_ms: self.now_ms,
             last_sent_ms: self.now_ms,
             reply: None,
+            spans: Spans::default(),
         };
         self.coordinations.insert(op, coordination);
+        self.metrics.coordinations_started.increment(1);
     }
 
     pub(super) fn recover_coordination(&mut self, record: CoordRecord) {
         let op = record.attempt.op.clone();
         let decided = record.decision.is_some();
+        // A span in the transfer's trace, linked to this term's `shard.recover` span: open
+        // until the participant acks the decision (or, undecided, until the abort).
+        let recovery = trace::phase(
+            "2pc.recover",
+            record.trace,
+            self.shard,
+            Role::Coordinator,
+            &op,
+        );
+        if let Some(span) = &recovery {
+            trace::link_current(span);
+            let action = match record.decision {
+                Some(true) => "resend the commit decision until acked",
+                Some(false) => "resend the abort decision until acked",
+                None => "undecided: presumed abort",
+            };
+            span.record("action", action);
+        }
+        let spans = if decided {
+            Spans {
+                decide: recovery,
+                ..Spans::default()
+            }
+        } else {
+            Spans {
+                prepare: recovery,
+                ..Spans::default()
+            }
+        };
         let coordination = Coordination {
             // Undecided: the Prepare may have gone out, so wait for its timeout, then abort.
             // `started_ms: 0` makes the first tick do that (presumed abort).
@@ -225,6 +308,7 @@ impl Engine {
             started_ms: 0,
             last_sent_ms: 0,
             reply: None,
+            spans,
         };
         self.coordinations.insert(op, coordination);
     }
@@ -242,9 +326,16 @@ impl Engine {
         let plan = c.record.plan.clone();
         // 1. The hold (if any) comes first in the lock order; then re-check with it held.
         if let (Some(pending_id), false) = (c.hold_id().map(str::to_string), c.hold_locked) {
-            match self.lock_or_park(&lock_key_hold(&pending_id), &holder, park(op)) {
-                Ok(true) => self.coordination(op).hold_locked = true,
-                Ok(false) => return Ok(()),
+            let key = lock_key_hold(&pending_id);
+            match self.lock_or_park(&key, &holder, park(op)) {
+                Ok(true) => {
+                    self.end_coordination_wait(op);
+                    self.coordination(op).hold_locked = true;
+                }
+                Ok(false) => {
+                    self.begin_coordination_wait(op, &key);
+                    return Ok(());
+                }
                 Err(_) => return self.abort(op, Rejection::AccountBusy),
             }
             if let Err(reason) = self.recheck_hold(op)? {
@@ -256,9 +347,16 @@ impl Engine {
         let c = self.coordination(op);
         let debit_first = plan.debit_id < plan.credit_id;
         if !c.debit_locked && (debit_first || c.credit_version.is_some()) {
-            match self.lock_or_park(&lock_key_account(&plan.debit_id), &holder, park(op)) {
-                Ok(true) => self.coordination(op).debit_locked = true,
-                Ok(false) => return Ok(()),
+            let key = lock_key_account(&plan.debit_id);
+            match self.lock_or_park(&key, &holder, park(op)) {
+                Ok(true) => {
+                    self.end_coordination_wait(op);
+                    self.coordination(op).debit_locked = true;
+                }
+                Ok(false) => {
+                    self.begin_coordination_wait(op, &key);
+                    return Ok(());
+                }
                 Err(_) => return self.abort(op, Rejection::AccountBusy),
             }
             let expected = self
@@ -279,10 +377,14 @@ impl Engine {
             // 3. Log the record durably before the Prepare leaves (the runtime sends messages
             //    only after the batch commits).
             let now = self.now_ms;
+            let caller = self.coordination(op).record.trace;
+            let span = self.begin_phase("2pc.prepare", caller, Role::Coordinator, op);
             let c = self.coordination(op);
             c.step = Step::AwaitPrepared;
             c.logged = true;
             c.last_sent_ms = now;
+            c.spans.prepare = span;
+            c.spans.prepare_ms = now;
             let record = c.record.clone();
             let leg = c.leg();
             self.batch
@@ -295,6 +397,60 @@ impl Engine {
 
     fn coordination(&mut self, op: &str) -> &mut Coordination {
         self.coordinations.get_mut(op).expect("live coordination")
+    }
+
+    /// The coordination is parked behind `lock`: its `lock.wait` span starts (once).
+    fn begin_coordination_wait(&mut self, op: &str, lock: &str) {
+        if self.coordination(op).spans.wait_ms != 0 {
+            return;
+        }
+        let caller = self.coordination(op).record.trace;
+        let span = self.begin_phase("lock.wait", caller, Role::Coordinator, op);
+        if let Some(span) = &span {
+            span.record("lock", lock);
+        }
+        self.metrics.lock_waits.increment(1);
+        let now = self.now_ms.max(1);
+        let c = self.coordination(op);
+        c.spans.wait = span;
+        c.spans.wait_ms = now;
+    }
+
+    /// The coordination stops waiting for a lock (it got it, or it is aborted).
+    fn end_coordination_wait(&mut self, op: &str) {
+        let c = self.coordination(op);
+        let since = std::mem::take(&mut c.spans.wait_ms);
+        let span = c.spans.wait.take();
+        if since != 0 {
+            self.metrics.lock_wait(self.now_ms.saturating_sub(since));
+        }
+        drop(span);
+    }
+
+    /// Ends the prepare phase (`outcome`: prepared, refused, aborted).
+    fn end_prepare(&mut self, op: &str, outcome: &str) {
+        let now = self.now_ms;
+        let c = self.coordination(op);
+        let span = c.spans.prepare.take();
+        let began = std::mem::take(&mut c.spans.prepare_ms);
+        if began != 0 {
+            self.metrics
+                .phase_prepare
+                .record(now.saturating_sub(began) as f64 / 1000.0);
+        }
+        trace::outcome(&span, outcome);
+        self.end_phase(span);
+    }
+
+    /// Begins the decide phase: the decision is written in this batch.
+    fn begin_decide(&mut self, op: &str, commit: bool) {
+        let now = self.now_ms;
+        let caller = self.coordination(op).record.trace;
+        let span = self.begin_phase("2pc.decide", caller, Role::Coordinator, op);
+        trace::decision(&span, commit);
+        let c = self.coordination(op);
+        c.spans.decide = span;
+        c.spans.decide_ms = now;
     }
 
     /// With the hold locked, checks it is still pending (and for a transfer, still resolves
@@ -329,6 +485,11 @@ impl Engine {
             Work::Transfer(t) => (t.id.clone(), EntryKind::of(t.kind), t.code),
             Work::Expire { pending_id } => (pending_id.clone(), EntryKind::ExpirePending, 0),
         };
+        self.end_prepare(op, "prepared");
+        self.begin_decide(op, true);
+        let decide_cx = trace::context_of(&self.coordination(op).spans.decide, None);
+        let apply = self.begin_phase("2pc.apply", decide_cx, Role::Coordinator, op);
+        self.end_phase(apply);
         let debit_version =
             self.apply_change(&plan.debit_id, &plan.debit, &transfer_id, kind, code);
         let reply = match &work {
@@ -360,14 +521,10 @@ impl Engine {
         c.last_sent_ms = now;
         c.reply = reply;
         let record = c.record.clone();
+        let decide = c.decide_message(true, now);
         self.batch
             .writes
             .put(keys::coord(self.shard, op), codec::encode(&record));
-        let decide = Message::Decide {
-            attempt: record.attempt,
-            commit: true,
-            committed_at_ms: now,
-        };
         self.send(plan.credit_shard, decide);
         self.unlock(&lock_key_account(&plan.debit_id), &holder);
         if let Some(hold) = self.coordination(op).hold_id().map(str::to_string) {
@@ -387,6 +544,10 @@ impl Engine {
             self.shard
         );
         let participant_may_hold = c.step == Step::AwaitPrepared;
+        self.metrics.abort(reason);
+        self.end_coordination_wait(op);
+        self.end_prepare(op, &format!("aborted: {}", reason.name()));
+        let c = self.coordination(op);
         let holder = c.attempt_key();
         let hold = c.hold_id().map(str::to_string);
         let waiters = std::mem::take(&mut c.waiters);
@@ -413,19 +574,16 @@ impl Engine {
         }
         if participant_may_hold {
             let now = self.now_ms;
+            self.begin_decide(op, false);
             let c = self.coordination(op);
             c.record.decision = Some(false);
             c.step = Step::AwaitAck;
             c.last_sent_ms = now;
             let record = c.record.clone();
+            let decide = c.decide_message(false, now);
             self.batch
                 .writes
                 .put(keys::coord(self.shard, op), codec::encode(&record));
-            let decide = Message::Decide {
-                attempt: record.attempt,
-                commit: false,
-                committed_at_ms: now,
-            };
             self.send(plan.credit_shard, decide);
         } else {
             let c = self.coordinations.remove(op).expect("live coordination");
@@ -455,19 +613,27 @@ impl Engine {
             .map(|c| (c.step, c.record.decision));
         match (message, live) {
             (Message::Prepared { version_after, .. }, Some((Step::AwaitPrepared, None))) => {
+                self.end_prepare(&attempt.op, "prepared");
                 self.coordination(&attempt.op).credit_version = Some(version_after);
                 self.advance(&attempt.op)?;
             }
             (Message::Refused { reason, .. }, Some((Step::AwaitPrepared, None))) => {
                 // The participant holds nothing, so no Decide is owed.
+                self.end_prepare(&attempt.op, &format!("refused: {}", reason.name()));
                 self.coordination(&attempt.op).step = Step::Locking;
                 self.abort(&attempt.op, reason)?;
             }
             (Message::Acked { .. }, Some((Step::AwaitAck, Some(_)))) => {
-                let c = self
+                let mut c = self
                     .coordinations
                     .remove(&attempt.op)
                     .expect("live coordination");
+                if c.spans.decide_ms != 0 {
+                    let took = self.now_ms.saturating_sub(c.spans.decide_ms);
+                    self.metrics.phase_decide.record(took as f64 / 1000.0);
+                }
+                trace::outcome(&c.spans.decide, "acked");
+                self.end_phase(c.spans.decide.take());
                 self.batch
                     .writes
                     .delete(keys::coord(self.shard, &attempt.op));
@@ -478,11 +644,7 @@ impl Engine {
                 }
             }
             (Message::QueryDecision { .. }, Some((_, Some(commit)))) => {
-                let decide = Message::Decide {
-                    attempt,
-                    commit,
-                    committed_at_ms: self.now_ms,
-                };
+                let decide = self.coordinations[&attempt.op].decide_message(commit, self.now_ms);
                 self.send(from, decide);
             }
             (Message::QueryDecision { .. }, Some((_, None))) => {} // Undecided: it will be sent.
@@ -493,6 +655,7 @@ impl Engine {
                     attempt,
                     commit: false,
                     committed_at_ms: self.now_ms,
+                    trace: None,
                 };
                 self.send(from, decide);
             }
@@ -523,11 +686,7 @@ impl Engine {
                 }
                 Step::AwaitAck if now.saturating_sub(c.last_sent_ms) >= self.options.retry_ms => {
                     c.last_sent_ms = now;
-                    let decide = Message::Decide {
-                        attempt: c.record.attempt.clone(),
-                        commit: c.record.decision.expect("decided"),
-                        committed_at_ms: now,
-                    };
+                    let decide = c.decide_message(c.record.decision.expect("decided"), now);
                     self.batch
                         .messages
                         .push((c.record.plan.credit_shard, decide));

@@ -42,6 +42,8 @@ use ledger_domain::{
 use ledger_store::{Expect, Store, WriteBatch};
 
 use crate::codec::{self, DecodeError};
+use crate::metrics::EngineMetrics;
+use crate::trace::{self, Role, TraceParent};
 use crate::{Options, keys};
 
 pub use coordinator::CoordRecord;
@@ -65,8 +67,13 @@ pub enum Input {
         placement_key: String,
         home: ShardId,
     },
-    /// A transfer whose debit account (or hold) is on this shard (already validated).
-    CreateTransfer { token: Token, transfer: Transfer },
+    /// A transfer whose debit account (or hold) is on this shard (already validated), with the
+    /// caller's trace context (its 2PC and lock-wait spans join that trace).
+    CreateTransfer {
+        token: Token,
+        transfer: Transfer,
+        trace: Option<TraceParent>,
+    },
     /// A two-phase commit message from another shard.
     Peer { from: ShardId, message: Message },
 }
@@ -120,6 +127,8 @@ pub enum Message {
         attempt: Attempt,
         commit: bool,
         committed_at_ms: u64,
+        /// The coordinator's decide span: the participant's decide span is its child.
+        trace: Option<TraceParent>,
     },
     /// Participant -> coordinator: the decision is applied and the lock released.
     Acked { attempt: Attempt },
@@ -139,6 +148,8 @@ pub struct Leg {
     pub transfer_id: String,
     pub entry_kind: EntryKind,
     pub code: u32,
+    /// The coordinator's prepare span: the participant's prepare span is its child.
+    pub trace: Option<TraceParent>,
 }
 
 #[derive(Debug, Default)]
@@ -146,6 +157,10 @@ pub struct Output {
     pub writes: WriteBatch,
     pub replies: Vec<(Token, Reply)>,
     pub messages: Vec<(ShardId, Message)>,
+    /// Spans of steps this batch completes: the runtime drops (ends) them once it is durable.
+    pub ended: Vec<tracing::Span>,
+    /// Phase spans begun in this batch: the batch span links to them.
+    pub links: Vec<TraceParent>,
 }
 
 /// The engine cannot go on: its store could not be read or holds undecodable bytes. The runtime
@@ -178,7 +193,13 @@ struct Lock {
 #[derive(Debug)]
 enum Parked {
     /// A command or prepare that touches a locked account; `deadline_ms` bounds the wait.
-    Input { input: Input, deadline_ms: u64 },
+    /// `wait` is its `lock.wait` span (sampled traces only), ended when it runs or times out.
+    Input {
+        input: Input,
+        deadline_ms: u64,
+        since_ms: u64,
+        wait: Option<tracing::Span>,
+    },
     /// A coordination waiting for one of its own shard's locks.
     Coordination { op: String },
 }
@@ -194,6 +215,8 @@ struct Batch {
     holds: HashMap<String, HoldStatus>,
     replies: Vec<(Token, Reply)>,
     messages: Vec<(ShardId, Message)>,
+    ended: Vec<tracing::Span>,
+    links: Vec<TraceParent>,
 }
 
 pub struct Engine {
@@ -217,6 +240,7 @@ pub struct Engine {
     /// Waiters released by a lock, run after the current input.
     rerun: VecDeque<Parked>,
     batch: Batch,
+    metrics: EngineMetrics,
 }
 
 impl std::fmt::Debug for Engine {
@@ -263,6 +287,7 @@ impl Engine {
             next_seq: 0,
             rerun: VecDeque::new(),
             batch: Batch::default(),
+            metrics: EngineMetrics::new(shard),
         };
         for (id, hold) in recovered.holds {
             if let (HoldState::Pending, Some(at)) = (hold.state, hold.expires_at_ms) {
@@ -301,10 +326,17 @@ impl Engine {
         self.dispatch(input)?;
         while let Some(parked) = self.rerun.pop_front() {
             match parked {
-                Parked::Input { input, deadline_ms } => {
+                Parked::Input {
+                    input,
+                    deadline_ms,
+                    since_ms,
+                    wait,
+                } => {
                     if self.now_ms >= deadline_ms {
+                        self.end_wait(since_ms, wait, "timed out");
                         self.time_out(input);
                     } else {
+                        self.end_wait(since_ms, wait, "acquired");
                         self.dispatch(input)?;
                     }
                 }
@@ -325,7 +357,11 @@ impl Engine {
             } => {
                 self.reserve_forward(token, id, placement_key, home);
             }
-            Input::CreateTransfer { token, transfer } => self.create_transfer(token, transfer)?,
+            Input::CreateTransfer {
+                token,
+                transfer,
+                trace,
+            } => self.create_transfer(token, transfer, trace)?,
             Input::Peer { from, message } => self.on_message(from, message)?,
         }
         Ok(())
@@ -339,7 +375,15 @@ impl Engine {
         self.tick_prepared();
         while let Some(parked) = self.rerun.pop_front() {
             match parked {
-                Parked::Input { input, .. } => self.dispatch(input)?,
+                Parked::Input {
+                    input,
+                    since_ms,
+                    wait,
+                    ..
+                } => {
+                    self.end_wait(since_ms, wait, "acquired");
+                    self.dispatch(input)?;
+                }
                 Parked::Coordination { op } => self.advance(&op)?,
             }
         }
@@ -371,10 +415,14 @@ impl Engine {
             writes.expect(key.clone(), expect);
             writes.put(key, codec::encode_account(account));
         }
+        self.metrics
+            .in_flight(self.coordinations.len(), self.prepared.len());
         Output {
             writes,
             replies: batch.replies,
             messages: batch.messages,
+            ended: batch.ended,
+            links: batch.links,
         }
     }
 
@@ -439,6 +487,28 @@ impl Engine {
 
     fn send(&mut self, to: ShardId, message: Message) {
         self.batch.messages.push((to, message));
+    }
+
+    /// Begins a phase span of a sampled trace; the batch span links to it.
+    fn begin_phase(
+        &mut self,
+        name: &'static str,
+        parent: Option<TraceParent>,
+        role: Role,
+        op: &str,
+    ) -> Option<tracing::Span> {
+        let span = trace::phase(name, parent, self.shard, role, op)?;
+        if let Some(cx) = TraceParent::of_span(&span) {
+            self.batch.links.push(cx);
+        }
+        Some(span)
+    }
+
+    /// Ends `span` once this batch is durable.
+    fn end_phase(&mut self, span: Option<tracing::Span>) {
+        if let Some(span) = span {
+            self.batch.ended.push(span);
+        }
     }
 
     fn put_transfer(&mut self, record: TransferRecord) {
@@ -569,14 +639,43 @@ impl Engine {
         }
     }
 
-    /// Queues `parked` behind the held lock `key`.
-    fn park(&mut self, key: &str, parked: Parked) -> Result<(), Parked> {
+    /// Queues `input` behind the held lock `key` until the lock is released or its deadline
+    /// passes. A full queue refuses it at once (`account_busy`).
+    fn wait_for_lock(
+        &mut self,
+        key: &str,
+        input: Input,
+        trace: Option<TraceParent>,
+        role: Role,
+        op: &str,
+    ) {
+        let wait = self.begin_phase("lock.wait", trace, role, op);
+        if let Some(span) = &wait {
+            span.record("lock", key);
+        }
+        let parked = Parked::Input {
+            input,
+            deadline_ms: self.now_ms + self.options.lock_wait_ms_max,
+            since_ms: self.now_ms,
+            wait,
+        };
         let lock = self.locks.get_mut(key).expect("park on a held lock");
         if lock.waiters.len() >= self.options.lock_waiters_max {
-            return Err(parked);
+            if let Parked::Input { input, wait, .. } = parked {
+                trace::outcome(&wait, "busy");
+                self.metrics.lock_busy.increment(1);
+                self.refuse_busy(input, Rejection::AccountBusy);
+            }
+            return;
         }
+        self.metrics.lock_waits.increment(1);
         lock.waiters.push_back(parked);
-        Ok(())
+    }
+
+    /// A parked input stops waiting (it got the lock, or its deadline passed).
+    fn end_wait(&mut self, since_ms: u64, wait: Option<tracing::Span>, outcome: &str) {
+        self.metrics.lock_wait(self.now_ms.saturating_sub(since_ms));
+        trace::outcome(&wait, outcome);
     }
 
     fn unlock(&mut self, key: &str, holder: &str) {
@@ -606,7 +705,14 @@ impl Engine {
             });
         }
         for parked in expired {
-            if let Parked::Input { input, .. } = parked {
+            if let Parked::Input {
+                input,
+                since_ms,
+                wait,
+                ..
+            } = parked
+            {
+                self.end_wait(since_ms, wait, "timed out");
                 self.time_out(input);
             }
         }
@@ -620,7 +726,9 @@ impl Engine {
     fn refuse_busy(&mut self, input: Input, reason: Rejection) {
         debug_assert!(reason.is_retriable());
         match input {
-            Input::CreateTransfer { token, transfer } => {
+            Input::CreateTransfer {
+                token, transfer, ..
+            } => {
                 let record = TransferRecord {
                     request: transfer,
                     result: Err(reason),
@@ -705,7 +813,12 @@ impl Engine {
 
     // ---- transfers ---------------------------------------------------------------------------
 
-    fn create_transfer(&mut self, token: Token, transfer: Transfer) -> Result<(), Fatal> {
+    fn create_transfer(
+        &mut self,
+        token: Token,
+        transfer: Transfer,
+        trace: Option<TraceParent>,
+    ) -> Result<(), Fatal> {
         // Idempotency: the id's recorded outcome, or the cross-shard operation in flight.
         if let Some(record) = self.transfer_record(&transfer.id)? {
             let reply = self.replay(record, &transfer)?;
@@ -732,20 +845,20 @@ impl Engine {
             }
         };
         if plan.credit_shard != self.shard {
-            return self.start_coordination(token, transfer, plan);
+            return self.start_coordination(token, transfer, plan, trace);
         }
         // Single shard: one local commit, no two-phase commit. Wait only if a cross-shard
         // transfer holds one of the accounts.
         for account_id in [&plan.debit_id, &plan.credit_id] {
             let key = lock_key_account(account_id);
             if self.is_locked(&key) {
-                let input = Input::CreateTransfer { token, transfer };
-                let deadline_ms = self.now_ms + self.options.lock_wait_ms_max;
-                if let Err(Parked::Input { input, .. }) =
-                    self.park(&key, Parked::Input { input, deadline_ms })
-                {
-                    self.refuse_busy(input, Rejection::AccountBusy);
-                }
+                let op = transfer.id.clone();
+                let input = Input::CreateTransfer {
+                    token,
+                    transfer,
+                    trace,
+                };
+                self.wait_for_lock(&key, input, trace, Role::Local, &op);
                 return Ok(());
             }
         }

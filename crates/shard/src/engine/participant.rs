@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use ledger_domain::ShardId;
 
-use super::{Engine, Fatal, Input, Leg, Lock, Message, Parked, lock_key_account};
+use super::{Engine, Fatal, Input, Leg, Lock, Message, lock_key_account};
+use crate::trace::{self, Role, TraceParent};
 use crate::{codec, keys};
 
 /// The durable record of a prepared leg; its existence is the lock.
@@ -27,6 +28,8 @@ pub(crate) struct Prepared {
     record: PreparedRecord,
     prepared_ms: u64,
     last_query_ms: u64,
+    /// After a restart: the `2pc.recover` span, open until the decision arrives.
+    recovery: Option<tracing::Span>,
 }
 
 impl Engine {
@@ -34,9 +37,12 @@ impl Engine {
         match message {
             Message::Prepare(leg) => self.on_prepare(from, leg),
             Message::Decide {
-                attempt, commit, ..
+                attempt,
+                commit,
+                trace,
+                ..
             } => {
-                self.on_decide(from, &attempt.key(), commit);
+                self.on_decide(&attempt.key(), commit, trace);
                 self.send(from, Message::Acked { attempt });
                 Ok(())
             }
@@ -62,24 +68,23 @@ impl Engine {
         }
         let lock = lock_key_account(&leg.account_id);
         if self.is_locked(&lock) {
-            let deadline_ms = self.now_ms + self.options.lock_wait_ms_max;
+            let (trace, op) = (leg.trace, leg.attempt.op.clone());
             let input = Input::Peer {
                 from,
                 message: Message::Prepare(leg),
             };
-            if let Err(Parked::Input { input, .. }) =
-                self.park(&lock, Parked::Input { input, deadline_ms })
-            {
-                self.refuse_busy(input, ledger_domain::Rejection::AccountBusy);
-            }
+            self.wait_for_lock(&lock, input, trace, Role::Participant, &op);
             return Ok(());
         }
+        let span = self.begin_phase("2pc.prepare", leg.trace, Role::Participant, &leg.attempt.op);
         if let Err(reason) = self.check_change(
             &leg.account_id,
             &leg.ledger,
             &leg.change,
             leg.expected_version,
         ) {
+            trace::outcome(&span, &format!("refused: {}", reason.name()));
+            self.end_phase(span);
             self.send(
                 from,
                 Message::Refused {
@@ -98,7 +103,9 @@ impl Engine {
             .writes
             .put(keys::prepared(self.shard, &key), codec::encode(&record));
         let attempt = record.leg.attempt.clone();
-        self.hold_prepared(record, self.now_ms);
+        self.hold_prepared(record, self.now_ms, None);
+        trace::outcome(&span, "prepared");
+        self.end_phase(span);
         self.send(
             from,
             Message::Prepared {
@@ -109,7 +116,12 @@ impl Engine {
         Ok(())
     }
 
-    fn hold_prepared(&mut self, record: PreparedRecord, prepared_ms: u64) {
+    fn hold_prepared(
+        &mut self,
+        record: PreparedRecord,
+        prepared_ms: u64,
+        recovery: Option<tracing::Span>,
+    ) {
         let key = record.leg.attempt.key();
         let lock = Lock {
             holder: key.clone(),
@@ -129,21 +141,51 @@ impl Engine {
                 record,
                 prepared_ms,
                 last_query_ms: 0,
+                recovery,
             },
         );
     }
 
     pub(super) fn recover_prepared(&mut self, record: PreparedRecord) {
+        // A span in the transfer's trace, linked to this term's `shard.recover` span, open
+        // until the decision arrives.
+        let recovery = trace::phase(
+            "2pc.recover",
+            record.leg.trace,
+            self.shard,
+            Role::Participant,
+            &record.leg.attempt.op,
+        );
+        if let Some(span) = &recovery {
+            trace::link_current(span);
+            span.record(
+                "action",
+                "hold the lock; ask the coordinator for the decision",
+            );
+        }
         // prepared_ms 0: ask the coordinator at the first tick.
-        self.hold_prepared(record, 0);
+        self.hold_prepared(record, 0, recovery);
     }
 
-    fn on_decide(&mut self, _from: ShardId, key: &str, commit: bool) {
+    fn on_decide(&mut self, key: &str, commit: bool, trace: Option<TraceParent>) {
         let Some(prepared) = self.prepared.remove(key) else {
             return;
         };
+        trace::decision(&prepared.recovery, commit);
+        trace::outcome(&prepared.recovery, "decided");
+        self.end_phase(prepared.recovery);
         let leg = prepared.record.leg;
+        let span = self.begin_phase("2pc.decide", trace, Role::Participant, &leg.attempt.op);
+        trace::decision(&span, commit);
+        trace::outcome(&span, if commit { "applied" } else { "released" });
         if commit {
+            let apply = self.begin_phase(
+                "2pc.apply",
+                trace::context_of(&span, trace),
+                Role::Participant,
+                &leg.attempt.op,
+            );
+            self.end_phase(apply);
             self.apply_change(
                 &leg.account_id,
                 &leg.change,
@@ -157,6 +199,7 @@ impl Engine {
             .writes
             .put(keys::done(self.shard, key), codec::encode(&commit));
         self.unlock(&lock_key_account(&leg.account_id), key);
+        self.end_phase(span);
     }
 
     pub(super) fn tick_prepared(&mut self) {

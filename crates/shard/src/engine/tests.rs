@@ -58,7 +58,14 @@ fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> Transfer {
 fn submit(sim: &mut Sim, t: Transfer) -> u64 {
     let token = sim.token();
     let shard = shard_of(&t.debit_account_id);
-    sim.batch(shard, vec![Input::CreateTransfer { token, transfer: t }]);
+    sim.batch(
+        shard,
+        vec![Input::CreateTransfer {
+            token,
+            transfer: t,
+            trace: None,
+        }],
+    );
     token
 }
 
@@ -95,6 +102,7 @@ fn single_shard_transfer_is_one_commit_without_messages() {
         vec![Input::CreateTransfer {
             token,
             transfer: transfer("t1", "a", "b", 7),
+            trace: None,
         }],
     );
     assert!(out.messages.is_empty());
@@ -186,7 +194,14 @@ fn cross_shard_transfer_walks_the_protocol() {
     let t = transfer("x1", "a", "s1-b", 9);
 
     // Coordinator: debit "a" < credit "s1-b", so it locks "a", logs, and sends Prepare.
-    let out = sim.batch(S0, vec![Input::CreateTransfer { token, transfer: t }]);
+    let out = sim.batch(
+        S0,
+        vec![Input::CreateTransfer {
+            token,
+            transfer: t,
+            trace: None,
+        }],
+    );
     assert_eq!(out.writes.writes.len(), 1, "only the coordinator record");
     assert!(sim.stores[0].get(&keys::coord(S0, "x1")).unwrap().is_some());
     assert!(matches!(&out.messages[..], [(S1, Message::Prepare(leg))] if leg.account_id == "s1-b"));
@@ -481,6 +496,7 @@ fn stale_epoch_commit_is_rejected_by_the_store() {
         .handle(Input::CreateTransfer {
             token: 99,
             transfer: transfer("t1", "a", "b", 1),
+            trace: None,
         })
         .unwrap();
     let out = stale.finish();
@@ -494,4 +510,158 @@ fn stale_epoch_commit_is_rejected_by_the_store() {
         (0, 0, 0, 0, 0),
         "the fenced commit wrote nothing"
     );
+}
+
+/// Spans of the two-phase commit, lock waits and recovery, collected in memory. The engine runs
+/// on this thread only (the simulation), so a thread-local subscriber sees every span.
+mod spans {
+    use opentelemetry::trace::{SpanId, TracerProvider as _};
+    use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::*;
+    use crate::trace::TraceParent;
+
+    fn attr(span: &SpanData, key: &str) -> String {
+        span.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| kv.value.as_str().into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The one span named `name` with role `role` for operation `op`.
+    fn find<'a>(spans: &'a [SpanData], name: &str, role: &str, op: &str) -> &'a SpanData {
+        let found: Vec<&SpanData> = spans
+            .iter()
+            .filter(|s| s.name == name && attr(s, "role") == role && attr(s, "op") == op)
+            .collect();
+        assert_eq!(found.len(), 1, "one {name} ({role}) for {op}: {found:#?}");
+        found[0]
+    }
+
+    fn id(span: &SpanData) -> SpanId {
+        span.span_context.span_id()
+    }
+
+    fn submit_traced(sim: &mut Sim, t: Transfer, trace: TraceParent) -> u64 {
+        let token = sim.token();
+        let shard = shard_of(&t.debit_account_id);
+        let input = Input::CreateTransfer {
+            token,
+            transfer: t,
+            trace: Some(trace),
+        };
+        sim.batch(shard, vec![input]);
+        token
+    }
+
+    #[test]
+    fn two_phase_commit_lock_wait_and_recovery_spans_join_the_callers_trace() {
+        let exporter = InMemorySpanExporter::default();
+        let provider = SdkTracerProvider::builder()
+            .with_simple_exporter(exporter.clone())
+            .build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let _guard = tracing::subscriber::set_default(subscriber);
+
+        let mut sim = sim();
+        open(&mut sim, "a", false);
+        open(&mut sim, "s1-b", false);
+        open(&mut sim, "s1-c", false);
+        let caller = tracing::info_span!("caller");
+        let trace = TraceParent::of_span(&caller).expect("the OpenTelemetry layer is on");
+        let caller_id = SpanId::from_bytes(trace.span_id);
+
+        // x1: prepared on shard 1, where a local transfer then waits for s1-b's lock.
+        let x1 = submit_traced(&mut sim, transfer("x1", "a", "s1-b", 9), trace);
+        sim.deliver_all(1);
+        let l1 = submit_traced(&mut sim, transfer("l1", "s1-c", "s1-b", 1), trace);
+        assert!(!sim.replies.contains_key(&l1), "l1 waits for the lock");
+        sim.deliver_all(10);
+        assert_eq!(outcome(&sim, x1), Some(Ok(9)));
+        assert_eq!(outcome(&sim, l1), Some(Ok(1)));
+
+        // x2: decided, then both shards restart before the decision arrives.
+        let _x2 = submit_traced(&mut sim, transfer("x2", "a", "s1-b", 4), trace);
+        sim.deliver_all(2);
+        sim.inbox.clear();
+        let restart = tracing::info_span!("shard.recover");
+        let restart_id = restart.in_scope(|| {
+            sim.crash(S0);
+            sim.crash(S1);
+            TraceParent::of_span(&restart).expect("sampled").span_id
+        });
+        drop(restart);
+        sim.tick_all();
+        sim.deliver_all(10);
+        assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 14, 3));
+        drop(caller);
+        let spans = exporter.get_finished_spans().unwrap();
+        // The restart is a trace of its own; everything else is in the caller's.
+        for s in spans.iter().filter(|s| s.name != "shard.recover") {
+            assert_eq!(
+                s.span_context.trace_id().to_bytes(),
+                trace.trace_id,
+                "every span is in the caller's trace: {s:?}"
+            );
+        }
+
+        // The protocol of x1, coordinator (shard 0) and participant (shard 1).
+        let c_prepare = find(&spans, "2pc.prepare", "coordinator", "x1");
+        let p_prepare = find(&spans, "2pc.prepare", "participant", "x1");
+        let c_decide = find(&spans, "2pc.decide", "coordinator", "x1");
+        let p_decide = find(&spans, "2pc.decide", "participant", "x1");
+        let c_apply = find(&spans, "2pc.apply", "coordinator", "x1");
+        let p_apply = find(&spans, "2pc.apply", "participant", "x1");
+        assert_eq!(c_prepare.parent_span_id, caller_id);
+        assert_eq!(attr(c_prepare, "outcome"), "prepared");
+        assert_eq!(
+            p_prepare.parent_span_id,
+            id(c_prepare),
+            "the Prepare message carries the coordinator's prepare span"
+        );
+        assert_eq!(attr(p_prepare, "shard"), "1");
+        assert_eq!(c_decide.parent_span_id, caller_id);
+        assert_eq!(attr(c_decide, "decision"), "commit");
+        assert_eq!(attr(c_decide, "outcome"), "acked");
+        assert_eq!(p_decide.parent_span_id, id(c_decide));
+        assert_eq!(attr(p_decide, "decision"), "commit");
+        assert_eq!(attr(p_decide, "outcome"), "applied");
+        assert_eq!(c_apply.parent_span_id, id(c_decide));
+        assert_eq!(p_apply.parent_span_id, id(p_decide));
+
+        let wait = find(&spans, "lock.wait", "local", "l1");
+        assert_eq!(wait.parent_span_id, caller_id);
+        assert_eq!(attr(wait, "lock"), "a:s1-b");
+        assert_eq!(attr(wait, "outcome"), "acquired");
+        assert!(
+            wait.end_time >= p_decide.start_time,
+            "the wait lasted until x1's decision released the lock"
+        );
+
+        // x2's recovery: both shards' recover spans, linked to the restart.
+        let c_recover = find(&spans, "2pc.recover", "coordinator", "x2");
+        let p_recover = find(&spans, "2pc.recover", "participant", "x2");
+        assert_eq!(c_recover.parent_span_id, caller_id);
+        assert!(attr(c_recover, "action").contains("resend the commit decision"));
+        assert_eq!(attr(c_recover, "outcome"), "acked");
+        assert_eq!(attr(p_recover, "decision"), "commit");
+        assert_eq!(attr(p_recover, "outcome"), "decided");
+        for r in [c_recover, p_recover] {
+            assert!(
+                r.links
+                    .iter()
+                    .any(|l| l.span_context.span_id().to_bytes() == restart_id),
+                "linked to the restart's shard.recover span"
+            );
+        }
+        let p_decide2 = find(&spans, "2pc.decide", "participant", "x2");
+        assert_eq!(
+            p_decide2.parent_span_id,
+            id(c_recover),
+            "the resent decision carries the recovery span"
+        );
+    }
 }

@@ -1,0 +1,154 @@
+//! What a shard reports to the metrics recorder (Prometheus, when the server installs one;
+//! nothing otherwise). Every series is labelled with its `shard`.
+//!
+//! | name | kind | what |
+//! |---|---|---|
+//! | `ledger_transfers_total{outcome, reason}` | counter | transfer replies: `committed`, or `rejected` with the rejection's name |
+//! | `ledger_batch_inputs` | histogram | commands and messages per batch (group commit size) |
+//! | `ledger_batch_writes` | histogram | store writes per batch |
+//! | `ledger_commit_seconds` | histogram | one durable store commit |
+//! | `ledger_commit_conflicts_total` | counter | commits refused by a precondition (fenced or stale leader) |
+//! | `ledger_commit_failures_total` | counter | commits that failed otherwise (I/O) |
+//! | `ledger_leader_epoch` | gauge | the epoch of this node's leader term |
+//! | `ledger_leader_terms_total` | counter | leader terms begun (restarts and step-downs) |
+//! | `ledger_queue_depth` | gauge | commands waiting in the shard's queue after a batch was drained |
+//! | `ledger_lock_waits_total` | counter | operations that had to wait for a locked account or hold |
+//! | `ledger_lock_refusals_total` | counter | operations refused because a lock's wait queue was full |
+//! | `ledger_lock_wait_seconds` | histogram | how long a waiting operation waited |
+//! | `ledger_2pc_started_total` | counter | cross-shard operations this shard coordinated |
+//! | `ledger_2pc_in_flight{role}` | gauge | coordinations (`coordinator`) and prepared legs (`participant`) open |
+//! | `ledger_2pc_phase_seconds{phase}` | histogram | coordinator's `prepare` (Prepare sent to answer) and `decide` (decision to ack) |
+//! | `ledger_2pc_aborts_total{reason}` | counter | coordinations aborted before the commit point, by reason |
+//!
+//! Handles are registered once per engine or leader term; recording is an atomic operation.
+
+use std::collections::HashMap;
+
+use metrics::{Counter, Gauge, Histogram, counter, gauge, histogram};
+
+use ledger_domain::{Rejection, ShardId};
+
+/// Lock wait is measured on the engine's millisecond clock.
+const MS: f64 = 1_000.0;
+
+#[derive(Clone, Debug)]
+pub(crate) struct EngineMetrics {
+    shard: String,
+    pub lock_waits: Counter,
+    pub lock_busy: Counter,
+    lock_wait_seconds: Histogram,
+    pub coordinations_started: Counter,
+    coordinating: Gauge,
+    prepared: Gauge,
+    pub phase_prepare: Histogram,
+    pub phase_decide: Histogram,
+}
+
+impl EngineMetrics {
+    pub fn new(shard: ShardId) -> Self {
+        let label = shard.0.to_string();
+        Self {
+            lock_waits: counter!("ledger_lock_waits_total", "shard" => label.clone()),
+            lock_busy: counter!("ledger_lock_refusals_total", "shard" => label.clone()),
+            lock_wait_seconds: histogram!("ledger_lock_wait_seconds", "shard" => label.clone()),
+            coordinations_started: counter!("ledger_2pc_started_total", "shard" => label.clone()),
+            coordinating: gauge!("ledger_2pc_in_flight", "shard" => label.clone(), "role" => "coordinator"),
+            prepared: gauge!("ledger_2pc_in_flight", "shard" => label.clone(), "role" => "participant"),
+            phase_prepare: histogram!(
+                "ledger_2pc_phase_seconds",
+                "shard" => label.clone(), "phase" => "prepare"
+            ),
+            phase_decide: histogram!(
+                "ledger_2pc_phase_seconds",
+                "shard" => label.clone(), "phase" => "decide"
+            ),
+            shard: label,
+        }
+    }
+
+    pub fn lock_wait(&self, ms: u64) {
+        self.lock_wait_seconds.record(ms as f64 / MS);
+    }
+
+    pub fn in_flight(&self, coordinating: usize, prepared: usize) {
+        self.coordinating.set(coordinating as f64);
+        self.prepared.set(prepared as f64);
+    }
+
+    pub fn abort(&self, reason: Rejection) {
+        counter!(
+            "ledger_2pc_aborts_total",
+            "shard" => self.shard.clone(),
+            "reason" => reason.name()
+        )
+        .increment(1);
+    }
+}
+
+/// The leader runtime's series, registered at the start of each term.
+#[derive(Debug)]
+pub(crate) struct RuntimeMetrics {
+    shard: String,
+    pub batch_inputs: Histogram,
+    pub batch_writes: Histogram,
+    pub commit_seconds: Histogram,
+    pub commit_conflicts: Counter,
+    pub commit_failures: Counter,
+    pub queue_depth: Gauge,
+    committed: Counter,
+    /// Rejections counted in this batch, by reason; flushed once per batch.
+    rejected: HashMap<&'static str, u64>,
+    committed_in_batch: u64,
+}
+
+impl RuntimeMetrics {
+    pub fn new(shard: ShardId) -> Self {
+        let label = shard.0.to_string();
+        Self {
+            batch_inputs: histogram!("ledger_batch_inputs", "shard" => label.clone()),
+            batch_writes: histogram!("ledger_batch_writes", "shard" => label.clone()),
+            commit_seconds: histogram!("ledger_commit_seconds", "shard" => label.clone()),
+            commit_conflicts: counter!("ledger_commit_conflicts_total", "shard" => label.clone()),
+            commit_failures: counter!("ledger_commit_failures_total", "shard" => label.clone()),
+            queue_depth: gauge!("ledger_queue_depth", "shard" => label.clone()),
+            committed: counter!(
+                "ledger_transfers_total",
+                "shard" => label.clone(), "outcome" => "committed", "reason" => ""
+            ),
+            rejected: HashMap::new(),
+            committed_in_batch: 0,
+            shard: label,
+        }
+    }
+
+    /// A new leader term with `epoch`.
+    pub fn term(&self, epoch: u64) {
+        gauge!("ledger_leader_epoch", "shard" => self.shard.clone()).set(epoch as f64);
+        counter!("ledger_leader_terms_total", "shard" => self.shard.clone()).increment(1);
+    }
+
+    /// Counts one transfer reply (sent after its batch is durable).
+    pub fn transfer(&mut self, result: Result<(), Rejection>) {
+        match result {
+            Ok(()) => self.committed_in_batch += 1,
+            Err(reason) => *self.rejected.entry(reason.name()).or_default() += 1,
+        }
+    }
+
+    /// Publishes the counts of the batch just replied to.
+    pub fn flush(&mut self) {
+        if self.committed_in_batch > 0 {
+            self.committed
+                .increment(std::mem::take(&mut self.committed_in_batch));
+        }
+        for (reason, n) in self.rejected.drain() {
+            counter!(
+                "ledger_transfers_total",
+                "shard" => self.shard.clone(),
+                "outcome" => "rejected",
+                "reason" => reason
+            )
+            .increment(n);
+        }
+    }
+}
