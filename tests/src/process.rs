@@ -113,6 +113,8 @@ pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
 pub struct Ledgerd {
     child: Child,
     pub addr: String,
+    /// The start-up summary line (listen address, store, shards, traces, metrics).
+    pub summary: String,
 }
 
 impl Ledgerd {
@@ -142,6 +144,7 @@ impl Ledgerd {
             .unwrap_or_else(|| panic!("unexpected first line from ledgerd: {line:?}"));
         Ledgerd {
             addr: format!("http://{addr}"),
+            summary: line.trim().to_string(),
             child,
         }
     }

@@ -23,7 +23,12 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(shards: u32, data_dir: Option<PathBuf>) -> Result<Server, String> {
+    /// Starts `ledgerd` with `extra` flags after the bench's own.
+    pub fn start(
+        shards: u32,
+        data_dir: Option<PathBuf>,
+        extra: &[String],
+    ) -> Result<Server, String> {
         let (dir, path) = match data_dir {
             Some(path) => (None, path),
             None => {
@@ -46,6 +51,7 @@ impl Server {
                 "--data-dir",
             ])
             .arg(&path)
+            .args(extra)
             .env("LEDGER_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()

@@ -6,6 +6,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod ledger;
+mod otlp_sink;
 mod postgres;
 mod report;
 mod workload;
@@ -84,6 +85,10 @@ struct Args {
     ceiling_secs: u64,
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Export traces from the ledgerd the bench starts, sampling this share of requests
+    /// (0.0-1.0), to a span-counting OTLP sink in the bench. Default: tracing off.
+    #[arg(long)]
+    trace_sampling: Option<f64>,
 }
 
 fn knobs(args: &Args) -> Knobs {
@@ -127,9 +132,31 @@ async fn connect(addr: &str) -> Result<Client, String> {
 
 /// Returns transfers/s.
 async fn bench_ledger(args: &Args) -> Result<f64, String> {
+    let sink = match (args.trace_sampling, &args.addr) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "--trace-sampling applies to the ledgerd the bench starts (no --addr)".into(),
+            );
+        }
+        (Some(ratio), None) => Some((ratio, otlp_sink::start().await?)),
+        (None, _) => None,
+    };
+    let flags: Vec<String> = match &sink {
+        Some((ratio, (endpoint, _))) => vec![
+            "--otlp-endpoint".into(),
+            endpoint.clone(),
+            "--trace-sampling-ratio".into(),
+            ratio.to_string(),
+        ],
+        None => Vec::new(),
+    };
     let server = match &args.addr {
         Some(_) => None,
-        None => Some(ledger::Server::start(args.shards, args.data_dir.clone())?),
+        None => Some(ledger::Server::start(
+            args.shards,
+            args.data_dir.clone(),
+            &flags,
+        )?),
     };
     let addr = args
         .addr
@@ -188,6 +215,15 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
         extra.push((
             "ledgerd memory".into(),
             format!("{} MiB resident, {} MiB peak", rss >> 20, peak >> 20),
+        ));
+    }
+    if let Some((ratio, (_, spans))) = &sink {
+        extra.push((
+            "traces".into(),
+            format!(
+                "exported, sampling {ratio}; {} spans received by the sink so far",
+                spans.load(std::sync::atomic::Ordering::Relaxed)
+            ),
         ));
     }
     let checked = ledger::check(&client, &accounts, &tally).await;

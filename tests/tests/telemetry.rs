@@ -1,0 +1,396 @@
+//! Telemetry across processes: a real `ledgerd` exports its spans over OTLP/gRPC to a small
+//! receiver started by the test, and serves Prometheus metrics that a scrape reads.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
+use opentelemetry_proto::tonic::trace::v1::Span;
+
+use ledger_client::{Client, pb};
+use ledger_tests::process::{Ledgerd, test_config};
+
+/// Spans the receiver keeps; a run here exports a few hundred.
+const RECEIVED_SPANS_MAX: usize = 100_000;
+
+/// A span as received, with its resource's attributes.
+#[derive(Clone, Debug)]
+struct Received {
+    span: Span,
+    resource: HashMap<String, String>,
+}
+
+#[derive(Clone, Default)]
+struct Receiver {
+    spans: Arc<Mutex<Vec<Received>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut kept = self.spans.lock().unwrap();
+        for rs in request.into_inner().resource_spans {
+            let resource = rs
+                .resource
+                .map(|r| attrs(&r.attributes))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for span in ss.spans {
+                    if kept.len() < RECEIVED_SPANS_MAX {
+                        kept.push(Received {
+                            span,
+                            resource: resource.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+fn attrs(kvs: &[KeyValue]) -> HashMap<String, String> {
+    kvs.iter()
+        .map(|kv| {
+            let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                Some(any_value::Value::StringValue(s)) => s.clone(),
+                Some(any_value::Value::IntValue(i)) => i.to_string(),
+                Some(any_value::Value::BoolValue(b)) => b.to_string(),
+                Some(other) => format!("{other:?}"),
+                None => String::new(),
+            };
+            (kv.key.clone(), value)
+        })
+        .collect()
+}
+
+fn attr(span: &Span, key: &str) -> String {
+    attrs(&span.attributes).remove(key).unwrap_or_default()
+}
+
+/// Starts the receiver on 127.0.0.1, port 0; returns its address and what it received.
+async fn start_receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::default();
+    let spans = Arc::clone(&receiver.spans);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(receiver))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (format!("http://{addr}"), spans)
+}
+
+fn account(id: &str) -> pb::Account {
+    pb::Account {
+        id: id.into(),
+        ledger: "USD".into(),
+        ..Default::default()
+    }
+}
+
+fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> pb::Transfer {
+    pb::Transfer {
+        id: id.into(),
+        debit_account_id: debit.into(),
+        credit_account_id: credit.into(),
+        amount,
+        ledger: "USD".into(),
+        ..Default::default()
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_ledgerd_exports_a_cross_shard_trace_over_otlp() {
+    let (endpoint, received) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("data"), 4);
+    config.telemetry.otlp_endpoint = endpoint.clone();
+    config.telemetry.service_name = "ledgerd-otlp-test".into();
+    config.region = "eu-test".into();
+    let ledgerd = Ledgerd::start(dir.path(), &config);
+    assert!(
+        ledgerd
+            .summary
+            .contains(&format!("traces: OTLP {endpoint}")),
+        "the start-up line names the endpoint: {}",
+        ledgerd.summary
+    );
+
+    // The caller's trace: a span of ours that ledgerd's spans must hang under.
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let parent_span = "00f067aa0ba902b7";
+    let client = Client::connect(&ledgerd.addr)
+        .await
+        .unwrap()
+        .with_traceparent(&format!("00-{trace_id}-{parent_span}-01"))
+        .unwrap();
+    let ids: Vec<String> = (0..8).map(|i| format!("acct-{i}")).collect();
+    client
+        .create_accounts(ids.iter().map(|id| account(id)).collect())
+        .await
+        .unwrap();
+    let mut cross = Vec::new();
+    for (n, id) in ids.iter().enumerate().skip(1) {
+        let result = client
+            .transfer(transfer(&format!("t-{n}"), &ids[0], id, 5))
+            .await
+            .unwrap();
+        let Some(pb::transfer_result::Outcome::Transfer(t)) = result.outcome else {
+            panic!("committed: {result:?}")
+        };
+        assert_eq!(t.trace_id, trace_id);
+        if t.cross_shard {
+            cross.push(format!("t-{n}"));
+        }
+    }
+    assert!(!cross.is_empty(), "at least one transfer was cross-shard");
+    // SIGTERM: ledgerd flushes its exporter before it exits.
+    ledgerd.terminate();
+
+    let spans = received.lock().unwrap().clone();
+    let in_trace: Vec<&Received> = spans
+        .iter()
+        .filter(|r| hex(&r.span.trace_id) == trace_id)
+        .collect();
+    assert!(!in_trace.is_empty(), "spans of the caller's trace arrived");
+    for r in &in_trace {
+        assert_eq!(r.resource["service.name"], "ledgerd-otlp-test");
+        assert_eq!(r.resource["cloud.region"], "eu-test");
+    }
+    let find = |name: &str, role: &str, op: &str| -> Span {
+        let found: Vec<&Received> = in_trace
+            .iter()
+            .copied()
+            .filter(|r| r.span.name == name && attr(&r.span, "role") == role)
+            .filter(|r| attr(&r.span, "op") == op)
+            .collect();
+        assert_eq!(found.len(), 1, "one {name} ({role}) for {op}");
+        found[0].span.clone()
+    };
+    let requests: Vec<&Span> = in_trace
+        .iter()
+        .map(|r| &r.span)
+        .filter(|s| s.name == "/ledger.v1.LedgerService/Transfer")
+        .collect();
+    assert_eq!(requests.len(), 7, "one server span per call");
+    for request in &requests {
+        assert_eq!(
+            hex(&request.parent_span_id),
+            parent_span,
+            "the server span is a child of the caller's span"
+        );
+    }
+    let batches: Vec<&Span> = spans
+        .iter()
+        .map(|r| &r.span)
+        .filter(|s| s.name == "shard.batch")
+        .collect();
+    let commits: Vec<&Span> = spans
+        .iter()
+        .map(|r| &r.span)
+        .filter(|s| s.name == "store.commit")
+        .collect();
+    for op in &cross {
+        let c_prepare = find("2pc.prepare", "coordinator", op);
+        let p_prepare = find("2pc.prepare", "participant", op);
+        let c_decide = find("2pc.decide", "coordinator", op);
+        let p_decide = find("2pc.decide", "participant", op);
+        let route = in_trace
+            .iter()
+            .map(|r| &r.span)
+            .find(|s| s.span_id == c_prepare.parent_span_id)
+            .expect("the coordinator's prepare has a parent in the trace");
+        assert_eq!(route.name, "router.route");
+        assert!(
+            requests.iter().any(|r| r.span_id == route.parent_span_id),
+            "the routing span is a child of a server span"
+        );
+        assert_eq!(p_prepare.parent_span_id, c_prepare.span_id);
+        assert_eq!(c_decide.parent_span_id, route.span_id);
+        assert_eq!(p_decide.parent_span_id, c_decide.span_id);
+        assert_ne!(attr(&c_prepare, "shard"), attr(&p_prepare, "shard"));
+        for step in [&c_prepare, &p_prepare, &c_decide, &p_decide] {
+            let batch = batches
+                .iter()
+                .find(|b| b.links.iter().any(|l| l.span_id == step.span_id))
+                .unwrap_or_else(|| panic!("a batch links to {} of {op}", step.name));
+            assert!(
+                commits.iter().any(|c| c.parent_span_id == batch.span_id),
+                "that batch's store commit is its child"
+            );
+        }
+    }
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+fn scrape(url: &str) -> String {
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("not a metrics URL: {url}"));
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: ledgerd\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+fn value(body: &str, name: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(&dir.path().join("data"), 4);
+    config.telemetry.metrics_listen = "127.0.0.1:0".into();
+    let ledgerd = Ledgerd::start(dir.path(), &config);
+    let url = ledgerd
+        .summary
+        .split("metrics: ")
+        .nth(1)
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no metrics URL in {}", ledgerd.summary))
+        .to_string();
+    // Leaders take their leases just after the start-up line; wait (bounded) until all four lead.
+    let mut before = scrape(&url);
+    for _ in 0..100 {
+        if (0..4)
+            .all(|s| value(&before, "ledger_leader_epoch", &[&format!("shard=\"{s}\"")]) >= 1.0)
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        before = scrape(&url);
+    }
+    assert!(
+        value(&before, "ledger_leader_epoch", &[r#"shard="3""#]) >= 1.0,
+        "{before}"
+    );
+    assert_eq!(
+        value(
+            &before,
+            "ledger_transfers_total",
+            &[r#"outcome="committed""#]
+        ),
+        0.0
+    );
+
+    let client = Client::connect(&ledgerd.addr).await.unwrap();
+    let ids: Vec<String> = (0..16).map(|i| format!("m-{i}")).collect();
+    client
+        .create_accounts(ids.iter().map(|id| account(id)).collect())
+        .await
+        .unwrap();
+    // Everyone pays m-0 at once: cross-shard ones queue for its lock on m-0's shard.
+    let calls = ids.iter().skip(1).map(|id| {
+        let client = client.clone();
+        let t = transfer(&format!("pay-{id}"), id, &ids[0], 3);
+        async move { client.transfer(t).await.unwrap() }
+    });
+    let results = futures::future::join_all(calls).await;
+    let cross = results
+        .iter()
+        .filter(|r| {
+            matches!(&r.outcome, Some(pb::transfer_result::Outcome::Transfer(t)) if t.cross_shard)
+        })
+        .count();
+    assert!(cross > 0, "some payments crossed shards");
+    let rejected = client
+        .transfer(transfer("to-nowhere", &ids[1], "missing", 1))
+        .await
+        .unwrap();
+    assert!(matches!(
+        rejected.outcome,
+        Some(pb::transfer_result::Outcome::Rejection(_))
+    ));
+
+    let after = scrape(&url);
+    assert_eq!(
+        value(
+            &after,
+            "ledger_transfers_total",
+            &[r#"outcome="committed""#]
+        ),
+        15.0,
+        "every committed transfer is counted once"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "ledger_transfers_total",
+            &[
+                r#"outcome="rejected""#,
+                r#"reason="credit_account_not_found""#
+            ]
+        ),
+        1.0
+    );
+    let grew = |name: &str, labels: &[&str]| {
+        let (b, a) = (value(&before, name, labels), value(&after, name, labels));
+        assert!(a > b, "{name}{labels:?} moved: {b} -> {a}");
+    };
+    grew("ledger_batch_inputs_count", &[]);
+    grew("ledger_batch_inputs_sum", &[]);
+    grew("ledger_commit_seconds_count", &[]);
+    grew("ledger_commit_seconds_bucket", &[r#"le="+Inf""#]);
+    grew("ledger_2pc_started_total", &[]);
+    grew("ledger_2pc_phase_seconds_count", &[r#"phase="prepare""#]);
+    grew("ledger_2pc_phase_seconds_count", &[r#"phase="decide""#]);
+    grew("ledger_lock_waits_total", &[]);
+    grew("ledger_lock_wait_seconds_count", &[]);
+    // Every cross-shard payment was coordinated; to-nowhere too if "missing" hashes to
+    // another shard than m-1, and then its participant refused it: an abort.
+    let started = value(&after, "ledger_2pc_started_total", &[]);
+    let aborts = value(
+        &after,
+        "ledger_2pc_aborts_total",
+        &[r#"reason="credit_account_not_found""#],
+    );
+    assert_eq!(
+        started - aborts,
+        cross as f64,
+        "started {started}, aborted {aborts}"
+    );
+    assert_eq!(
+        value(&after, "ledger_2pc_in_flight", &[]),
+        0.0,
+        "nothing is left in flight"
+    );
+    assert!(value(&after, "ledger_process_resident_bytes", &[]) > 0.0);
+    assert_eq!(value(&after, "ledger_commit_conflicts_total", &[]), 0.0);
+    ledgerd.terminate();
+}
