@@ -17,6 +17,7 @@ use ledger_domain::{
 use ledger_shard::engine::{Reply, TransferReply};
 use ledger_shard::node::Node;
 use ledger_shard::read;
+use ledger_shard::trace::TraceParent;
 
 use crate::error::ApiError;
 
@@ -247,9 +248,14 @@ impl Router {
 }
 
 /// The routing span of a transfer call: finding each item's coordinating shard and waiting
-/// for the shards' answers. Shard batches link to it.
+/// for the shards' answers. Shard batches link to it. Made only inside a sampled trace: an
+/// unsampled call would pay for a span nobody sees (the shards then link to the call's span).
 fn route_span(items: usize) -> tracing::Span {
-    tracing::info_span!("router.route", items, shards = tracing::field::Empty)
+    if TraceParent::current().is_some_and(|p| p.sampled) {
+        tracing::info_span!("router.route", items, shards = tracing::field::Empty)
+    } else {
+        tracing::Span::none()
+    }
 }
 
 fn unexpected(reply: &Reply) -> ApiError {

@@ -155,8 +155,16 @@ pub fn init(
             .with_sampler(sampler(config.sampling_ratio))
             .with_resource(resource(&config.service_name, region, node_id))
             .build();
+        // Per-span extras cost CPU on every span, sampled or not, and on every poll of an
+        // instrumented future (inactivity timing, context activation): all off. Nothing here
+        // reads OpenTelemetry's current context; spans carry their parents explicitly.
         let layer = tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("ledgerd"))
+            .with_location(false)
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_context_activation(false)
             .with_filter(EnvFilter::new(OTEL_FILTER));
         (Some(layer), Some(provider))
     };
