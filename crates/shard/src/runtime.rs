@@ -491,8 +491,9 @@ impl Runtime {
                     .batch_writes
                     .record(output.writes.writes.len() as f64);
                 let started = stopwatch();
+                let writes = std::mem::take(&mut output.writes);
                 let committed = tracing::info_span!("store.commit", shard = self.shard.0)
-                    .in_scope(|| self.store.commit(&output.writes));
+                    .in_scope(|| self.store.commit_owned(writes));
                 metrics
                     .commit_seconds
                     .record(started.elapsed().as_secs_f64());
