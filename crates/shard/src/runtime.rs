@@ -491,9 +491,8 @@ impl Runtime {
                     .batch_writes
                     .record(output.writes.writes.len() as f64);
                 let started = stopwatch();
-                let writes = std::mem::take(&mut output.writes);
                 let committed = tracing::info_span!("store.commit", shard = self.shard.0)
-                    .in_scope(|| self.store.commit_owned(writes));
+                    .in_scope(|| self.store.commit(&output.writes));
                 metrics
                     .commit_seconds
                     .record(started.elapsed().as_secs_f64());

@@ -8,7 +8,6 @@ pub fn run_all(store: &dyn Store) {
     scan_is_ordered_and_bounded(store);
     preconditions_gate_the_whole_commit(store);
     stale_epoch_is_fenced(store);
-    owned_commits_behave_like_borrowed_ones(store);
 }
 
 fn clear(store: &dyn Store, prefix: &[u8]) {
@@ -34,30 +33,6 @@ pub fn put_get_delete(store: &dyn Store) {
     store.commit(&b).unwrap();
     assert_eq!(store.get(b"c1/a").unwrap(), None);
     assert_eq!(store.get(b"c1/b").unwrap(), Some(b"3".to_vec()));
-}
-
-/// `commit_owned` checks preconditions and applies writes exactly as `commit` does.
-pub fn owned_commits_behave_like_borrowed_ones(store: &dyn Store) {
-    clear(store, b"c5/");
-    let mut b = WriteBatch::default();
-    b.expect(b"c5/a".to_vec(), Expect::Absent);
-    b.put(b"c5/a".to_vec(), b"1".to_vec());
-    b.put(b"c5/b".to_vec(), b"2".to_vec());
-    store.commit_owned(b).unwrap();
-    let mut b = WriteBatch::default();
-    b.expect(b"c5/a".to_vec(), Expect::Absent);
-    b.put(b"c5/b".to_vec(), b"changed".to_vec());
-    assert!(matches!(
-        store.commit_owned(b),
-        Err(CommitError::Conflict { .. })
-    ));
-    let mut b = WriteBatch::default();
-    b.expect(b"c5/a".to_vec(), Expect::Equals(b"1".to_vec()));
-    b.delete(b"c5/a".to_vec());
-    store.commit_owned(b).unwrap();
-    assert_eq!(store.get(b"c5/a").unwrap(), None);
-    assert_eq!(store.get(b"c5/b").unwrap(), Some(b"2".to_vec()));
-    assert_eq!(store.scan(b"c5/", b"c5/\xff", 10).unwrap().len(), 1);
 }
 
 pub fn scan_is_ordered_and_bounded(store: &dyn Store) {

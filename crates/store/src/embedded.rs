@@ -30,7 +30,6 @@
 //! One commit at a time per store (a mutex): the shard runtime gives each shard its own thread
 //! and its own file. Readers take the same mutex only to look at the overlay.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -182,7 +181,7 @@ impl Embedded {
                     "the log jumps from commit {seq} to {record_seq}; refusing to guess"
                 )));
             }
-            overlay_apply(&mut replayed, writes);
+            overlay_apply(&mut replayed, &writes);
             seq = record_seq;
         }
         write_checkpoint(&db, &replayed, seq).map_err(open_err)?;
@@ -357,16 +356,15 @@ fn io(e: impl std::fmt::Display) -> Error {
 }
 
 /// Adds a commit's writes to an overlay; returns the bytes of keys and values added.
-/// Lays `writes` over the overlay (taking their bytes); returns the bytes added.
-fn overlay_apply(overlay: &mut Overlay, writes: impl IntoIterator<Item = Write>) -> usize {
+fn overlay_apply(overlay: &mut Overlay, writes: &[Write]) -> usize {
     let mut bytes = 0;
     for write in writes {
         let (key, value) = match write {
-            Write::Put(k, v) => (k, Some(v)),
+            Write::Put(k, v) => (k, Some(v.clone())),
             Write::Delete(k) => (k, None),
         };
         bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-        overlay.insert(key, value);
+        overlay.insert(key.clone(), value);
     }
     bytes
 }
@@ -429,22 +427,6 @@ impl Store for Embedded {
     }
 
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError> {
-        self.commit_batch(Cow::Borrowed(batch))
-    }
-
-    fn commit_owned(&self, batch: WriteBatch) -> Result<(), CommitError> {
-        self.commit_batch(Cow::Owned(batch))
-    }
-
-    fn kind(&self) -> &'static str {
-        "embedded"
-    }
-}
-
-impl Embedded {
-    /// Checks, logs (durably) and lays the batch over the overlay; an owned batch's bytes move
-    /// into the overlay instead of being copied.
-    fn commit_batch(&self, batch: Cow<'_, WriteBatch>) -> Result<(), CommitError> {
         let not_committed = |e: &dyn std::fmt::Display| CommitError::NotCommitted(e.to_string());
         // One commit at a time per store: its log order is its commit order.
         let mut state = self.state();
@@ -474,10 +456,7 @@ impl Embedded {
         }
         state.seq = seq;
         state.commits_since_checkpoint += 1;
-        state.overlay_bytes += match batch {
-            Cow::Owned(batch) => overlay_apply(&mut state.overlay, batch.writes),
-            Cow::Borrowed(batch) => overlay_apply(&mut state.overlay, batch.writes.iter().cloned()),
-        };
+        state.overlay_bytes += overlay_apply(&mut state.overlay, &batch.writes);
         if state.commits_since_checkpoint >= CHECKPOINT_COMMITS
             || state.overlay_bytes >= OVERLAY_BYTES_MAX
         {
@@ -489,6 +468,10 @@ impl Embedded {
             }
         }
         Ok(())
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
     }
 }
 
@@ -686,13 +669,13 @@ mod tests {
             assert_eq!(value(b"missing"), None);
             let key = format!("k{round}");
             put(key.as_bytes(), round);
-            // Fill until a checkpoint takes the overlay (the key is then in the frozen one).
             for i in 0..CHECKPOINT_COMMITS {
-                put(b"filler", i);
-                assert_eq!(value(key.as_bytes()), Some(round), "round {round}, commit {i}");
-                if store.state().frozen.is_some() {
-                    break;
-                }
+                put(b"filler", i as u64);
+                assert_eq!(
+                    value(key.as_bytes()),
+                    Some(round),
+                    "round {round}, commit {i}"
+                );
             }
             assert!(store.state().frozen.is_some(), "a checkpoint is running");
             store.settle(&mut store.state(), true).unwrap();

@@ -131,12 +131,6 @@ pub trait Store: Send + Sync + 'static {
     /// commit is durable (for durable backends).
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError>;
 
-    /// [`Store::commit`] for a batch the caller no longer needs: a backend may keep the
-    /// batch's keys and values instead of copying them.
-    fn commit_owned(&self, batch: WriteBatch) -> Result<(), CommitError> {
-        self.commit(&batch)
-    }
-
     /// A short name for logs ("embedded", "memory").
     fn kind(&self) -> &'static str;
 }
