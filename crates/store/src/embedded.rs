@@ -672,7 +672,11 @@ mod tests {
             // Fill until a checkpoint takes the overlay (the key is then in the frozen one).
             for i in 0..CHECKPOINT_COMMITS {
                 put(b"filler", i);
-                assert_eq!(value(key.as_bytes()), Some(round), "round {round}, commit {i}");
+                assert_eq!(
+                    value(key.as_bytes()),
+                    Some(round),
+                    "round {round}, commit {i}"
+                );
                 if store.state().frozen.is_some() {
                     break;
                 }
