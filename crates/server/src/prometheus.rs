@@ -59,6 +59,8 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors, say: back off instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
