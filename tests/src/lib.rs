@@ -4,3 +4,4 @@
 pub mod checks;
 pub mod process;
 pub mod reference;
+pub mod wire;

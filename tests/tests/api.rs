@@ -9,6 +9,7 @@ use ledger_client::{Client, pb};
 use ledger_store::Store;
 use ledger_tests::checks;
 use ledger_tests::process::{InProcess, open_shards, test_config};
+use ledger_tests::wire::usd_transfer as transfer;
 
 fn account(id: &str, no_overdraft: bool) -> pb::Account {
     pb::Account {
@@ -18,17 +19,6 @@ fn account(id: &str, no_overdraft: bool) -> pb::Account {
             debits_must_not_exceed_credits: no_overdraft,
             ..Default::default()
         }),
-        ..Default::default()
-    }
-}
-
-fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> pb::Transfer {
-    pb::Transfer {
-        id: id.into(),
-        debit_account_id: debit.into(),
-        credit_account_id: credit.into(),
-        amount,
-        ledger: "USD".into(),
         ..Default::default()
     }
 }

@@ -17,6 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 
 use ledger_client::{Client, pb};
 use ledger_tests::process::{Ledgerd, test_config};
+use ledger_tests::wire::{pay_from_first, usd_account, usd_transfer};
 
 /// Spans the receiver keeps; a run here exports a few hundred.
 const RECEIVED_SPANS_MAX: usize = 100_000;
@@ -93,25 +94,6 @@ async fn start_receiver() -> (String, Arc<Mutex<Vec<Received>>>) {
     (format!("http://{addr}"), spans)
 }
 
-fn account(id: &str) -> pb::Account {
-    pb::Account {
-        id: id.into(),
-        ledger: "USD".into(),
-        ..Default::default()
-    }
-}
-
-fn transfer(id: &str, debit: &str, credit: &str, amount: u64) -> pb::Transfer {
-    pb::Transfer {
-        id: id.into(),
-        debit_account_id: debit.into(),
-        credit_account_id: credit.into(),
-        amount,
-        ledger: "USD".into(),
-        ..Default::default()
-    }
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -141,23 +123,15 @@ async fn a_real_ledgerd_exports_a_cross_shard_trace_over_otlp() {
         .unwrap()
         .with_traceparent(&format!("00-{trace_id}-{parent_span}-01"))
         .unwrap();
-    let ids: Vec<String> = (0..8).map(|i| format!("acct-{i}")).collect();
-    client
-        .create_accounts(ids.iter().map(|id| account(id)).collect())
-        .await
-        .unwrap();
+    let (_, committed) = pay_from_first(&client, 8).await;
     let mut cross = Vec::new();
-    for (n, id) in ids.iter().enumerate().skip(1) {
-        let result = client
-            .transfer(transfer(&format!("t-{n}"), &ids[0], id, 5))
-            .await
-            .unwrap();
-        let Some(pb::transfer_result::Outcome::Transfer(t)) = result.outcome else {
-            panic!("committed: {result:?}")
-        };
-        assert_eq!(t.trace_id, trace_id);
+    for t in committed {
+        assert_eq!(
+            t.trace_id, trace_id,
+            "the transfer records the caller's trace"
+        );
         if t.cross_shard {
-            cross.push(format!("t-{n}"));
+            cross.push(t.id);
         }
     }
     assert!(!cross.is_empty(), "at least one transfer was cross-shard");
@@ -312,13 +286,13 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
     let client = Client::connect(&ledgerd.addr).await.unwrap();
     let ids: Vec<String> = (0..16).map(|i| format!("m-{i}")).collect();
     client
-        .create_accounts(ids.iter().map(|id| account(id)).collect())
+        .create_accounts(ids.iter().map(|id| usd_account(id)).collect())
         .await
         .unwrap();
     // Everyone pays m-0 at once: cross-shard ones queue for its lock on m-0's shard.
     let calls = ids.iter().skip(1).map(|id| {
         let client = client.clone();
-        let t = transfer(&format!("pay-{id}"), id, &ids[0], 3);
+        let t = usd_transfer(&format!("pay-{id}"), id, &ids[0], 3);
         async move { client.transfer(t).await.unwrap() }
     });
     let results = futures::future::join_all(calls).await;
@@ -330,7 +304,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         .count();
     assert!(cross > 0, "some payments crossed shards");
     let rejected = client
-        .transfer(transfer("to-nowhere", &ids[1], "missing", 1))
+        .transfer(usd_transfer("to-nowhere", &ids[1], "missing", 1))
         .await
         .unwrap();
     assert!(matches!(

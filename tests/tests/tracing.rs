@@ -15,25 +15,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use ledger_client::{Client, pb};
 use ledger_tests::process::{InProcess, test_config};
-
-fn account(id: &str) -> pb::Account {
-    pb::Account {
-        id: id.into(),
-        ledger: "USD".into(),
-        ..Default::default()
-    }
-}
-
-fn transfer(id: &str, debit: &str, credit: &str) -> pb::Transfer {
-    pb::Transfer {
-        id: id.into(),
-        debit_account_id: debit.into(),
-        credit_account_id: credit.into(),
-        amount: 1,
-        ledger: "USD".into(),
-        ..Default::default()
-    }
-}
+use ledger_tests::wire::{pay_from_first, usd_transfer};
 
 fn named<'a>(spans: &'a [SpanData], name: &str) -> Vec<&'a SpanData> {
     spans.iter().filter(|s| s.name == name).collect()
@@ -103,29 +85,18 @@ async fn a_transfer_is_one_trace_from_client_to_store_commit() {
         .with_traceparent(&traceparent)
         .unwrap();
 
-    let ids: Vec<String> = (0..8).map(|i| format!("acct-{i}")).collect();
-    client
-        .create_accounts(ids.iter().map(|id| account(id)).collect())
-        .await
-        .unwrap();
     // One transfer per call from acct-0 to each other account: some same-shard, some
     // cross-shard (4 shards).
+    let (ids, committed) = pay_from_first(&client, 8).await;
     let mut cross = Vec::new();
-    for (n, id) in ids.iter().enumerate().skip(1) {
-        let result = client
-            .transfer(transfer(&format!("t-{n}"), &ids[0], id))
-            .await
-            .unwrap();
-        let Some(pb::transfer_result::Outcome::Transfer(t)) = result.outcome else {
-            panic!("committed: {result:?}")
-        };
+    for t in committed {
         assert_eq!(
             t.trace_id,
             trace_id.to_string(),
             "the result carries the trace id"
         );
         if t.cross_shard {
-            cross.push(format!("t-{n}"));
+            cross.push(t.id);
         }
     }
     assert!(!cross.is_empty(), "at least one transfer was cross-shard");
@@ -139,7 +110,7 @@ async fn a_transfer_is_one_trace_from_client_to_store_commit() {
     let mut raw = pb::ledger_service_client::LedgerServiceClient::connect(server.addr.clone())
         .await
         .unwrap();
-    let mut request = tonic::Request::new(transfer("t-raw", &ids[0], &ids[1]));
+    let mut request = tonic::Request::new(usd_transfer("t-raw", &ids[0], &ids[1], 1));
     request
         .metadata_mut()
         .insert("traceparent", traceparent.parse().unwrap());

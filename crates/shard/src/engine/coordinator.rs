@@ -326,17 +326,10 @@ impl Engine {
         let plan = c.record.plan.clone();
         // 1. The hold (if any) comes first in the lock order; then re-check with it held.
         if let (Some(pending_id), false) = (c.hold_id().map(str::to_string), c.hold_locked) {
-            let key = lock_key_hold(&pending_id);
-            match self.lock_or_park(&key, &holder, park(op)) {
-                Ok(true) => {
-                    self.end_coordination_wait(op);
-                    self.coordination(op).hold_locked = true;
-                }
-                Ok(false) => {
-                    self.begin_coordination_wait(op, &key);
-                    return Ok(());
-                }
-                Err(_) => return self.abort(op, Rejection::AccountBusy),
+            match self.take_lock(op, &lock_key_hold(&pending_id), &holder) {
+                Taken::Yes => self.coordination(op).hold_locked = true,
+                Taken::Parked => return Ok(()),
+                Taken::Busy => return self.abort(op, Rejection::AccountBusy),
             }
             if let Err(reason) = self.recheck_hold(op)? {
                 return self.abort(op, reason);
@@ -347,17 +340,10 @@ impl Engine {
         let c = self.coordination(op);
         let debit_first = plan.debit_id < plan.credit_id;
         if !c.debit_locked && (debit_first || c.credit_version.is_some()) {
-            let key = lock_key_account(&plan.debit_id);
-            match self.lock_or_park(&key, &holder, park(op)) {
-                Ok(true) => {
-                    self.end_coordination_wait(op);
-                    self.coordination(op).debit_locked = true;
-                }
-                Ok(false) => {
-                    self.begin_coordination_wait(op, &key);
-                    return Ok(());
-                }
-                Err(_) => return self.abort(op, Rejection::AccountBusy),
+            match self.take_lock(op, &lock_key_account(&plan.debit_id), &holder) {
+                Taken::Yes => self.coordination(op).debit_locked = true,
+                Taken::Parked => return Ok(()),
+                Taken::Busy => return self.abort(op, Rejection::AccountBusy),
             }
             let expected = self
                 .coordination(op)
@@ -397,6 +383,22 @@ impl Engine {
 
     fn coordination(&mut self, op: &str) -> &mut Coordination {
         self.coordinations.get_mut(op).expect("live coordination")
+    }
+
+    /// Takes one of this shard's locks for the coordination, or parks it behind the holder
+    /// (its lock wait is timed and traced until it gets the lock).
+    fn take_lock(&mut self, op: &str, key: &str, holder: &str) -> Taken {
+        match self.lock_or_park(key, holder, park(op)) {
+            Ok(true) => {
+                self.end_coordination_wait(op);
+                Taken::Yes
+            }
+            Ok(false) => {
+                self.begin_coordination_wait(op, key);
+                Taken::Parked
+            }
+            Err(_) => Taken::Busy,
+        }
     }
 
     /// The coordination is parked behind `lock`: its `lock.wait` span starts (once).
@@ -699,6 +701,15 @@ impl Engine {
         }
         Ok(())
     }
+}
+
+/// What [`Engine::take_lock`] did.
+enum Taken {
+    Yes,
+    /// Queued behind the holder; `advance` runs again when the lock is released.
+    Parked,
+    /// The lock's wait queue is full.
+    Busy,
 }
 
 fn park(op: &str) -> Parked {

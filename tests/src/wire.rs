@@ -1,0 +1,47 @@
+//! Request builders and small call sequences shared by the API-level tests.
+
+use ledger_client::{Client, pb};
+
+/// A USD account with default flags.
+pub fn usd_account(id: &str) -> pb::Account {
+    pb::Account {
+        id: id.into(),
+        ledger: "USD".into(),
+        ..Default::default()
+    }
+}
+
+/// A posted USD transfer.
+pub fn usd_transfer(id: &str, debit: &str, credit: &str, amount: u64) -> pb::Transfer {
+    pb::Transfer {
+        id: id.into(),
+        debit_account_id: debit.into(),
+        credit_account_id: credit.into(),
+        amount,
+        ledger: "USD".into(),
+        ..Default::default()
+    }
+}
+
+/// Opens USD accounts `acct-0` .. `acct-{n-1}`, then pays 1 from `acct-0` to each other one in
+/// a call of its own (`t-1` ..). Returns the account ids and the committed transfers, in order;
+/// with several shards some of them cross shards.
+pub async fn pay_from_first(client: &Client, n: usize) -> (Vec<String>, Vec<pb::Transfer>) {
+    let ids: Vec<String> = (0..n).map(|i| format!("acct-{i}")).collect();
+    client
+        .create_accounts(ids.iter().map(|id| usd_account(id)).collect())
+        .await
+        .unwrap();
+    let mut committed = Vec::new();
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        let result = client
+            .transfer(usd_transfer(&format!("t-{i}"), &ids[0], id, 1))
+            .await
+            .unwrap();
+        let Some(pb::transfer_result::Outcome::Transfer(t)) = result.outcome else {
+            panic!("committed: {result:?}")
+        };
+        committed.push(t);
+    }
+    (ids, committed)
+}
