@@ -16,7 +16,7 @@ pub use ledger::v1 as pb;
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ledger_descriptor");
 
 use ledger_domain::{
-    Account, Entry, EntryKind, HoldState, HoldStatus, InvalidInput, NewAccount, Rejection, Side,
+    Account, Committed, Entry, EntryKind, HoldState, HoldStatus, InvalidInput, NewAccount, Rejection, Side,
     Transfer, TransferKind, TransferRecord,
 };
 
@@ -113,20 +113,25 @@ fn transfer_flags(kind: TransferKind) -> pb::TransferFlags {
 
 /// The wire form of a transfer request (what a client sends).
 pub fn transfer_to_wire(t: &Transfer) -> pb::Transfer {
+    transfer_into_wire(t.clone())
+}
+
+/// As [`transfer_to_wire`], moving the strings instead of copying them.
+pub fn transfer_into_wire(t: Transfer) -> pb::Transfer {
     pb::Transfer {
-        id: t.id.clone(),
-        debit_account_id: t.debit_account_id.clone(),
-        credit_account_id: t.credit_account_id.clone(),
+        id: t.id,
+        debit_account_id: t.debit_account_id,
+        credit_account_id: t.credit_account_id,
         amount: t.amount,
-        ledger: t.ledger.clone(),
+        ledger: t.ledger,
         code: t.code,
         flags: Some(transfer_flags(t.kind)),
-        pending_id: t.pending_id.clone(),
+        pending_id: t.pending_id,
         timeout_seconds: t.timeout_seconds,
         expected_debit_version: t.expected_debit_version,
         expected_credit_version: t.expected_credit_version,
-        metadata: t.metadata.clone().into_iter().collect(),
-        trace_id: t.trace_id.clone(),
+        metadata: t.metadata.into_iter().collect(),
+        trace_id: t.trace_id,
         ..Default::default()
     }
 }
@@ -136,11 +141,19 @@ pub fn committed_transfer(
     record: &TransferRecord,
     hold: Option<&HoldStatus>,
 ) -> Option<pb::Transfer> {
-    let committed = record.result.as_ref().ok()?;
-    let mut t = transfer_to_wire(&record.request);
-    t.debit_account_id.clone_from(&committed.debit_account_id);
-    t.credit_account_id.clone_from(&committed.credit_account_id);
-    t.ledger.clone_from(&committed.ledger);
+    let committed = record.result.as_ref().ok()?.clone();
+    Some(committed_into_wire(record.request.clone(), committed, hold))
+}
+
+fn committed_into_wire(
+    request: Transfer,
+    committed: Committed,
+    hold: Option<&HoldStatus>,
+) -> pb::Transfer {
+    let mut t = transfer_into_wire(request);
+    t.debit_account_id = committed.debit_account_id;
+    t.credit_account_id = committed.credit_account_id;
+    t.ledger = committed.ledger;
     t.amount = committed.amount;
     t.committed_at_unix_ms = committed.committed_at_ms;
     t.debit_account_version = committed.debit_account_version;
@@ -150,7 +163,7 @@ pub fn committed_transfer(
         t.hold_state = hold_state(hold.state) as i32;
         t.hold_posted_amount = hold.posted_amount;
     }
-    Some(t)
+    t
 }
 
 fn hold_state(state: HoldState) -> pb::HoldState {
@@ -171,14 +184,23 @@ pub fn rejection(reason: Rejection) -> pb::Rejection {
 }
 
 pub fn transfer_result(record: &TransferRecord, hold: Option<&HoldStatus>) -> pb::TransferResult {
-    let outcome = match &record.result {
-        Ok(_) => pb::transfer_result::Outcome::Transfer(
-            committed_transfer(record, hold).expect("committed"),
-        ),
-        Err(reason) => pb::transfer_result::Outcome::Rejection(rejection(*reason)),
+    into_transfer_result(record.clone(), hold)
+}
+
+/// As [`transfer_result`], moving the record's strings into the answer (a batch answers
+/// thousands of items).
+pub fn into_transfer_result(record: TransferRecord, hold: Option<&HoldStatus>) -> pb::TransferResult {
+    let id = record.request.id.clone();
+    let outcome = match record.result {
+        Ok(committed) => pb::transfer_result::Outcome::Transfer(committed_into_wire(
+            record.request,
+            committed,
+            hold,
+        )),
+        Err(reason) => pb::transfer_result::Outcome::Rejection(rejection(reason)),
     };
     pb::TransferResult {
-        id: record.request.id.clone(),
+        id,
         outcome: Some(outcome),
     }
 }

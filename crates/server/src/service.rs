@@ -22,9 +22,12 @@ impl Ledger {
     }
 }
 
-fn decode_transfer(t: pb::Transfer, field: &str) -> Result<Transfer, ApiError> {
-    let t = wire::transfer(t).map_err(|e| e.within(field))?;
-    t.validate().map_err(|e| e.within(field))?;
+/// Decodes and validates one transfer of a batch; `index` names it in an error (the field name
+/// is formatted only then: a batch holds thousands of items).
+fn decode_transfer(t: pb::Transfer, index: usize) -> Result<Transfer, ApiError> {
+    let field = || format!("transfers[{index}]");
+    let t = wire::transfer(t).map_err(|e| e.within(&field()))?;
+    t.validate().map_err(|e| e.within(&field()))?;
     Ok(t)
 }
 
@@ -103,13 +106,16 @@ impl LedgerService for Ledger {
             .into_iter()
             .enumerate()
             .map(|(i, t)| {
-                let mut t = decode_transfer(t, &format!("transfers[{i}]"))?;
+                let mut t = decode_transfer(t, i)?;
                 t.trace_id.clone_from(&trace_id);
                 Ok(t)
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
         let replies = self.router.create_transfers(transfers).await?;
-        let results = replies.iter().map(transfer_result).collect();
+        let results = replies
+            .into_iter()
+            .map(|r| wire::into_transfer_result(r.record, r.hold.as_ref()))
+            .collect();
         let mut response = Response::new(pb::CreateTransfersResponse { results });
         telemetry::set_response_traceparent(&mut response);
         Ok(response)

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use ledger_domain::Account;
+use ledger_domain::{Account, Amount, Balances, EntryKind, Side};
 
 const FORMAT_V1: u8 = 1;
 
@@ -75,10 +75,60 @@ pub fn decode_account(bytes: &[u8]) -> Result<Account, DecodeError> {
     Ok(account)
 }
 
+/// An [`ledger_domain::Entry`] that borrows its ids: the engine writes two entries per
+/// transfer and would otherwise copy both ids into each. Encodes exactly as `Entry` does (same
+/// fields, same order; `entry_ref_encodes_as_entry` holds them together).
+#[derive(Serialize)]
+pub struct EntryRef<'a> {
+    pub account_id: &'a str,
+    pub version: u64,
+    pub transfer_id: &'a str,
+    pub side: Side,
+    pub kind: EntryKind,
+    pub amount: Amount,
+    pub balances: Balances,
+    pub committed_at_ms: u64,
+    pub code: u32,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ledger_domain::{Balances, NewAccount};
+    use ledger_domain::{Entry, NewAccount};
+
+    #[test]
+    fn entry_ref_encodes_as_entry() {
+        let entry = Entry {
+            account_id: "acct-1".into(),
+            version: 9,
+            transfer_id: "t-7".into(),
+            side: Side::Credit,
+            kind: EntryKind::PostPending,
+            amount: 1_234,
+            balances: Balances {
+                debits_pending: 1,
+                debits_posted: 2,
+                credits_pending: 3,
+                credits_posted: 4,
+            },
+            committed_at_ms: 55,
+            code: 17,
+        };
+        let borrowed = EntryRef {
+            account_id: &entry.account_id,
+            version: entry.version,
+            transfer_id: &entry.transfer_id,
+            side: entry.side,
+            kind: entry.kind,
+            amount: entry.amount,
+            balances: entry.balances,
+            committed_at_ms: entry.committed_at_ms,
+            code: entry.code,
+        };
+        let bytes = encode(&borrowed);
+        assert_eq!(bytes, encode(&entry));
+        assert_eq!(decode::<Entry>("entry", &bytes).unwrap(), entry);
+    }
 
     #[test]
     fn account_round_trip() {

@@ -15,10 +15,11 @@
 //! If a commit fails or the store cannot be read, the leader steps down: callers in flight get
 //! `Unavailable` (retrying the same transfer id is safe), and a new term reloads from the store.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -538,14 +539,13 @@ enum Term {
 }
 
 /// Callers waiting for replies: single commands, or groups that get one reply when all of
-/// their items have one.
+/// their items have one. A group of `len` items takes the tokens `group + 1 ..= group + len`,
+/// so finding an item's group is a range lookup, not an entry per item.
 #[derive(Default)]
 struct Waiting {
     next: Token,
     ones: HashMap<Token, oneshot::Sender<Reply>>,
-    /// token -> (group, index in group)
-    members: HashMap<Token, (Token, usize)>,
-    groups: HashMap<Token, Group>,
+    groups: BTreeMap<Token, Group>,
 }
 
 struct Group {
@@ -561,16 +561,9 @@ impl Waiting {
         self.next
     }
 
-    fn group(&mut self, len: usize, tx: oneshot::Sender<Vec<Reply>>) -> Vec<Token> {
-        self.next += 1;
-        let group = self.next;
-        let tokens: Vec<Token> = (0..len)
-            .map(|index| {
-                self.next += 1;
-                self.members.insert(self.next, (group, index));
-                self.next
-            })
-            .collect();
+    fn group(&mut self, len: usize, tx: oneshot::Sender<Vec<Reply>>) -> std::ops::RangeInclusive<Token> {
+        let group = self.next + 1;
+        self.next = group + len as Token;
         let replies = (0..len).map(|_| None).collect();
         self.groups.insert(
             group,
@@ -583,7 +576,7 @@ impl Waiting {
         if len == 0 {
             self.finish(group);
         }
-        tokens
+        group + 1..=self.next
     }
 
     fn reply(&mut self, token: Token, reply: Reply) {
@@ -591,11 +584,14 @@ impl Waiting {
             let _ = tx.send(reply);
             return;
         }
-        let Some((group, index)) = self.members.remove(&token) else {
+        let Some((&group, g)) = self.groups.range_mut(..token).next_back() else {
             return;
         };
-        let g = self.groups.get_mut(&group).expect("group of a member");
-        debug_assert!(g.replies[index].is_none(), "one reply per item");
+        let index = (token - group - 1) as usize;
+        if index >= g.replies.len() || g.replies[index].is_some() {
+            debug_assert!(index >= g.replies.len(), "one reply per item");
+            return;
+        }
         g.replies[index] = Some(reply);
         g.remaining -= 1;
         if g.remaining == 0 {

@@ -279,11 +279,21 @@ impl Embedded {
 
     /// The committed value of `key`: the overlay's, else the checkpoint's, else redb's.
     fn read(&self, state: &mut State, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.read_with(state, key, |value| value.map(<[u8]>::to_vec))
+    }
+
+    /// Looks at the committed value of `key` in place (a precondition needs no copy of it).
+    fn read_with<T>(
+        &self,
+        state: &mut State,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> T,
+    ) -> Result<T, Error> {
         if let Some(value) = state.overlay.get(key) {
-            return Ok(value.clone());
+            return Ok(f(value.as_deref()));
         }
         if let Some(value) = state.frozen.as_ref().and_then(|f| f.overlay.get(key)) {
-            return Ok(value.clone());
+            return Ok(f(value.as_deref()));
         }
         let table = match &state.snapshot {
             Some(table) => table,
@@ -292,7 +302,8 @@ impl Embedded {
                 state.snapshot.insert(txn.open_table(KV).map_err(io)?)
             }
         };
-        Ok(table.get(key).map_err(io)?.map(|v| v.value().to_vec()))
+        let found = table.get(key).map_err(io)?;
+        Ok(f(found.as_ref().map(|v| v.value())))
     }
 }
 
@@ -440,8 +451,10 @@ impl Store for Embedded {
             )));
         }
         for (key, expect) in &batch.preconditions {
-            let current = self.read(&mut state, key).map_err(|e| not_committed(&e))?;
-            if !expect.holds(current.as_deref()) {
+            let holds = self
+                .read_with(&mut state, key, |current| expect.holds(current))
+                .map_err(|e| not_committed(&e))?;
+            if !holds {
                 return Err(CommitError::Conflict { key: key.clone() });
             }
         }

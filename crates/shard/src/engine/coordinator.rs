@@ -502,7 +502,7 @@ impl Engine {
                     request: transfer.clone(),
                     result: Ok(committed),
                 };
-                self.put_transfer(record.clone());
+                self.put_transfer(&record);
                 Some(TransferReply { record, hold })
             }
             Work::Expire { pending_id } => {
@@ -560,7 +560,7 @@ impl Engine {
                 result: Err(reason),
             };
             if !reason.is_retriable() {
-                self.put_transfer(record.clone());
+                self.put_transfer(&record);
             }
             for token in waiters {
                 let reply = TransferReply {

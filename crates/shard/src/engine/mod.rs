@@ -30,16 +30,17 @@ mod participant;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
 use ledger_domain::{
-    Account, Balances, Change, Committed, Entry, EntryKind, HoldState, HoldStatus, NewAccount,
+    Account, Balances, Change, Committed, EntryKind, HoldState, HoldStatus, NewAccount,
     Rejection, ShardId, Side, Transfer, TransferKind, TransferRecord,
 };
-use ledger_store::{Expect, Store, WriteBatch};
+use ledger_store::{Expect, Store, Write, WriteBatch};
 
 use crate::codec::{self, DecodeError};
 use crate::metrics::EngineMetrics;
@@ -210,8 +211,8 @@ struct Batch {
     writes: WriteBatch,
     /// Accounts changed in this batch -> their version when the batch began (None: created).
     dirty: HashMap<String, Option<u64>>,
-    /// Records written in this batch, read before the store.
-    transfers: HashMap<String, TransferRecord>,
+    /// Transfer records written in this batch (read before the store): id -> its write.
+    transfers: HashMap<String, usize>,
     holds: HashMap<String, HoldStatus>,
     replies: Vec<(Token, Reply)>,
     messages: Vec<(ShardId, Message)>,
@@ -281,9 +282,9 @@ impl Engine {
                 .collect(),
             forwards: recovered.forwards.into_iter().collect(),
             expiries: BTreeSet::new(),
-            locks: HashMap::new(),
-            coordinations: HashMap::new(),
-            prepared: HashMap::new(),
+            locks: HashMap::default(),
+            coordinations: HashMap::default(),
+            prepared: HashMap::default(),
             next_seq: 0,
             rerun: VecDeque::new(),
             batch: Batch::default(),
@@ -460,8 +461,11 @@ impl Engine {
     // ---- reads -------------------------------------------------------------------------------
 
     fn transfer_record(&self, id: &str) -> Result<Option<TransferRecord>, Fatal> {
-        if let Some(record) = self.batch.transfers.get(id) {
-            return Ok(Some(record.clone()));
+        if let Some(&index) = self.batch.transfers.get(id) {
+            let Write::Put(_, bytes) = &self.batch.writes.writes[index] else {
+                unreachable!("a transfer record is a put")
+            };
+            return Ok(Some(codec::decode("transfer", bytes)?));
         }
         match self.store.get(&keys::transfer(self.shard, id))? {
             Some(bytes) => Ok(Some(codec::decode("transfer", &bytes)?)),
@@ -511,12 +515,13 @@ impl Engine {
         }
     }
 
-    fn put_transfer(&mut self, record: TransferRecord) {
-        let id = record.request.id.clone();
+    fn put_transfer(&mut self, record: &TransferRecord) {
+        let id = &record.request.id;
+        let index = self.batch.writes.writes.len();
         self.batch
             .writes
-            .put(keys::transfer(self.shard, &id), codec::encode(&record));
-        self.batch.transfers.insert(id, record);
+            .put(keys::transfer(self.shard, id), codec::encode(record));
+        self.batch.transfers.insert(id.clone(), index);
     }
 
     fn put_hold(&mut self, pending_id: &str, hold: HoldStatus) {
@@ -555,16 +560,17 @@ impl Engine {
             .balances
             .apply(change, account.spec.flags, account.spec.credit_limit)
             .unwrap_or_else(|r| panic!("shard={shard} checked change failed: {r} {change:?}"));
-        self.batch
-            .dirty
-            .entry(account_id.to_string())
-            .or_insert(Some(account.version));
+        if !self.batch.dirty.contains_key(account_id) {
+            self.batch
+                .dirty
+                .insert(account_id.to_string(), Some(account.version));
+        }
         account.balances = after;
         account.version += 1;
-        let entry = Entry {
-            account_id: account_id.to_string(),
+        let entry = codec::EntryRef {
+            account_id,
             version: account.version,
-            transfer_id: transfer_id.to_string(),
+            transfer_id,
             side: change.side,
             kind,
             amount: entry_amount(change),
@@ -862,7 +868,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let reply = self.commit_local(&transfer, &plan);
+        let reply = self.commit_local(transfer, plan);
         self.reply(token, Reply::Transfer(reply));
         Ok(())
     }
@@ -891,7 +897,7 @@ impl Engine {
             result: Err(reason),
         };
         if !reason.is_retriable() {
-            self.put_transfer(record.clone());
+            self.put_transfer(&record);
         }
         self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
     }
@@ -965,7 +971,7 @@ impl Engine {
     }
 
     /// Applies a checked single-shard transfer.
-    fn commit_local(&mut self, transfer: &Transfer, plan: &Plan) -> TransferReply {
+    fn commit_local(&mut self, transfer: Transfer, plan: Plan) -> TransferReply {
         let kind = EntryKind::of(transfer.kind);
         let debit_version = self.apply_change(
             &plan.debit_id,
@@ -981,13 +987,22 @@ impl Engine {
             kind,
             transfer.code,
         );
-        let committed = self.committed(plan, debit_version, credit_version, false);
-        let hold = self.settle_hold(transfer, plan);
+        let hold = self.settle_hold(&transfer, &plan);
+        let committed = Committed {
+            debit_account_id: plan.debit_id,
+            credit_account_id: plan.credit_id,
+            ledger: plan.ledger,
+            amount: plan.amount,
+            committed_at_ms: self.now_ms,
+            debit_account_version: debit_version,
+            credit_account_version: credit_version,
+            cross_shard: false,
+        };
         let record = TransferRecord {
-            request: transfer.clone(),
+            request: transfer,
             result: Ok(committed),
         };
-        self.put_transfer(record.clone());
+        self.put_transfer(&record);
         TransferReply { record, hold }
     }
 
