@@ -493,7 +493,7 @@ impl Runtime {
                     .record(output.writes.writes.len() as f64);
                 let started = stopwatch();
                 let committed = tracing::info_span!("store.commit", shard = self.shard.0)
-                    .in_scope(|| self.store.commit(&output.writes));
+                    .in_scope(|| self.store.commit_owned(output.writes));
                 metrics
                     .commit_seconds
                     .record(started.elapsed().as_secs_f64());

@@ -8,6 +8,7 @@ pub fn run_all(store: &dyn Store) {
     scan_is_ordered_and_bounded(store);
     preconditions_gate_the_whole_commit(store);
     stale_epoch_is_fenced(store);
+    owned_commits_behave_as_lent_ones(store);
 }
 
 fn clear(store: &dyn Store, prefix: &[u8]) {
@@ -128,6 +129,35 @@ pub fn stale_epoch_is_fenced(store: &dyn Store) {
     b.expect(lease, Expect::Equals(epoch(2)));
     b.put(b"c5/data".to_vec(), b"current".to_vec());
     store.commit(&b).unwrap();
+}
+
+/// `commit_owned` (the leader's path) checks and applies exactly as `commit` does.
+pub fn owned_commits_behave_as_lent_ones(store: &dyn Store) {
+    clear(store, b"c6/");
+    let mut b = WriteBatch::default();
+    b.expect(b"c6/v".to_vec(), Expect::Absent);
+    b.put(b"c6/v".to_vec(), b"\x00\x01one".to_vec());
+    b.put(b"c6/gone".to_vec(), b"x".to_vec());
+    store.commit_owned(b).unwrap();
+    assert_eq!(store.get(b"c6/v").unwrap(), Some(b"\x00\x01one".to_vec()));
+
+    let mut b = WriteBatch::default();
+    b.expect(b"c6/v".to_vec(), Expect::Prefix(b"\x00\x02".to_vec()));
+    b.put(b"c6/v".to_vec(), b"\x00\x02stale".to_vec());
+    assert!(matches!(
+        store.commit_owned(b),
+        Err(CommitError::Conflict { .. })
+    ));
+    assert_eq!(store.get(b"c6/v").unwrap(), Some(b"\x00\x01one".to_vec()));
+
+    let mut b = WriteBatch::default();
+    b.expect(b"c6/v".to_vec(), Expect::Prefix(b"\x00\x01".to_vec()));
+    b.put(b"c6/v".to_vec(), b"\x00\x02two".to_vec());
+    b.delete(b"c6/gone".to_vec());
+    store.commit_owned(b).unwrap();
+    assert_eq!(store.get(b"c6/v").unwrap(), Some(b"\x00\x02two".to_vec()));
+    assert_eq!(store.get(b"c6/gone").unwrap(), None);
+    assert_eq!(store.scan(b"c6/", b"c6/\xff", 10).unwrap().len(), 1);
 }
 
 #[cfg(test)]

@@ -8,8 +8,10 @@
 //!  checkpoint:     every CHECKPOINT_COMMITS commits, or once the overlay holds
 //!                  OVERLAY_BYTES_MAX, freeze the overlay and start a fresh one; a
 //!                  checkpoint thread writes the frozen one into redb in one durable
-//!                  transaction (one at a time); then the log may drop segments that
-//!                  every store has made durable
+//!                  transaction (one at a time: one that comes due while another runs
+//!                  starts after it, and commits wait for it only once the overlay holds
+//!                  OVERLAY_BYTES_HARD_MAX); then the log may drop segments that every
+//!                  store has made durable
 //!  open:           replay this store's log records with seq > applied_seq, make durable
 //! ```
 //!
@@ -50,6 +52,10 @@ pub const CHECKPOINT_COMMITS: u64 = 512;
 /// ... or as soon as the overlay holds this many bytes of keys and values (per store; a node
 /// has one store per shard).
 pub const OVERLAY_BYTES_MAX: usize = 4 << 20;
+/// A checkpoint that comes due while the previous one still runs waits until that one ends,
+/// unless the overlay reaches this: then the commit waits for it (backpressure). A store holds
+/// at most this plus the frozen overlay being written.
+pub const OVERLAY_BYTES_HARD_MAX: usize = OVERLAY_BYTES_MAX + OVERLAY_BYTES_MAX / 2;
 
 pub struct Embedded {
     db: Arc<Database>,
@@ -181,7 +187,7 @@ impl Embedded {
                     "the log jumps from commit {seq} to {record_seq}; refusing to guess"
                 )));
             }
-            overlay_apply(&mut replayed, &writes);
+            overlay_apply(&mut replayed, writes);
             seq = record_seq;
         }
         write_checkpoint(&db, &replayed, seq).map_err(open_err)?;
@@ -367,17 +373,39 @@ fn io(e: impl std::fmt::Display) -> Error {
 }
 
 /// Adds a commit's writes to an overlay; returns the bytes of keys and values added.
-fn overlay_apply(overlay: &mut Overlay, writes: &[Write]) -> usize {
+fn overlay_apply(overlay: &mut Overlay, writes: impl IntoIterator<Item = Write>) -> usize {
     let mut bytes = 0;
     for write in writes {
         let (key, value) = match write {
-            Write::Put(k, v) => (k, Some(v.clone())),
+            Write::Put(k, v) => (k, Some(v)),
             Write::Delete(k) => (k, None),
         };
         bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-        overlay.insert(key.clone(), value);
+        overlay.insert(key, value);
     }
     bytes
+}
+
+/// A commit's writes, lent or given (given ones move into the overlay without a copy).
+enum Writes<'a> {
+    Lent(&'a [Write]),
+    Given(Vec<Write>),
+}
+
+impl Writes<'_> {
+    fn as_slice(&self) -> &[Write] {
+        match self {
+            Writes::Lent(w) => w,
+            Writes::Given(w) => w,
+        }
+    }
+
+    fn into_overlay(self, overlay: &mut Overlay) -> usize {
+        match self {
+            Writes::Lent(w) => overlay_apply(overlay, w.iter().cloned()),
+            Writes::Given(w) => overlay_apply(overlay, w),
+        }
+    }
 }
 
 impl Store for Embedded {
@@ -438,6 +466,24 @@ impl Store for Embedded {
     }
 
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError> {
+        self.commit_writes(&batch.preconditions, Writes::Lent(&batch.writes))
+    }
+
+    fn commit_owned(&self, batch: WriteBatch) -> Result<(), CommitError> {
+        self.commit_writes(&batch.preconditions, Writes::Given(batch.writes))
+    }
+
+    fn kind(&self) -> &'static str {
+        "embedded"
+    }
+}
+
+impl Embedded {
+    fn commit_writes(
+        &self,
+        preconditions: &[(Vec<u8>, crate::Expect)],
+        writes: Writes<'_>,
+    ) -> Result<(), CommitError> {
         let not_committed = |e: &dyn std::fmt::Display| CommitError::NotCommitted(e.to_string());
         // One commit at a time per store: its log order is its commit order.
         let mut state = self.state();
@@ -450,7 +496,7 @@ impl Store for Embedded {
                 self.path
             )));
         }
-        for (key, expect) in &batch.preconditions {
+        for (key, expect) in preconditions {
             let holds = self
                 .read_with(&mut state, key, |current| expect.holds(current))
                 .map_err(|e| not_committed(&e))?;
@@ -458,21 +504,24 @@ impl Store for Embedded {
                 return Err(CommitError::Conflict { key: key.clone() });
             }
         }
-        if batch.writes.is_empty() {
+        if writes.as_slice().is_empty() {
             return Ok(());
         }
         let seq = state.seq + 1;
-        if let Err(e) = self.log.append(self.tag, seq, &batch.writes) {
+        if let Err(e) = self.log.append(self.tag, seq, writes.as_slice()) {
             // Part of the record may be on disk. Unknown, and no further commits here.
             state.poisoned = true;
             return Err(CommitError::Unknown(format!("log append: {e}")));
         }
         state.seq = seq;
         state.commits_since_checkpoint += 1;
-        state.overlay_bytes += overlay_apply(&mut state.overlay, &batch.writes);
-        if state.commits_since_checkpoint >= CHECKPOINT_COMMITS
-            || state.overlay_bytes >= OVERLAY_BYTES_MAX
-        {
+        state.overlay_bytes += writes.into_overlay(&mut state.overlay);
+        let due = state.commits_since_checkpoint >= CHECKPOINT_COMMITS
+            || state.overlay_bytes >= OVERLAY_BYTES_MAX;
+        // A checkpoint still running is not waited for (that would stall this shard's commits)
+        // until the overlay reaches its hard limit.
+        let running = state.frozen.is_some();
+        if due && (!running || state.overlay_bytes >= OVERLAY_BYTES_HARD_MAX) {
             // The commit is durable (logged) whatever happens here; a failed checkpoint leaves
             // the log holding it, and the store refuses further commits until a restart.
             if let Err(e) = self.start_checkpoint(&mut state) {
@@ -481,10 +530,6 @@ impl Store for Embedded {
             }
         }
         Ok(())
-    }
-
-    fn kind(&self) -> &'static str {
-        "embedded"
     }
 }
 

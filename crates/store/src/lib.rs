@@ -131,6 +131,12 @@ pub trait Store: Send + Sync + 'static {
     /// commit is durable (for durable backends).
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError>;
 
+    /// As [`Store::commit`], for a caller that is done with the batch: a backend that keeps the
+    /// written bytes in memory takes them instead of copying them.
+    fn commit_owned(&self, batch: WriteBatch) -> Result<(), CommitError> {
+        self.commit(&batch)
+    }
+
     /// A short name for logs ("embedded", "memory").
     fn kind(&self) -> &'static str;
 }

@@ -125,7 +125,11 @@ impl Log {
         if let Some(e) = &state.failed {
             return Err(e.clone());
         }
-        state.pending.extend_from_slice(&record);
+        if state.pending.is_empty() {
+            state.pending = record;
+        } else {
+            state.pending.extend_from_slice(&record);
+        }
         state.pending_tags.insert(tag, seq);
         let mine = state.open_group;
         loop {
@@ -241,7 +245,15 @@ fn create_segment(dir: &Path, index: u64) -> std::io::Result<File> {
 /// then per write: tag u8 (0 put, 1 delete), key length u32, key, [value length u32, value].
 /// Little-endian.
 fn encode(tag: u32, seq: u64, writes: &[Write]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(64 + writes.len() * 96);
+    let size = writes.iter().fold(12 + 16, |n, w| {
+        n + match w {
+            Write::Put(k, v) => 9 + k.len() + v.len(),
+            Write::Delete(k) => 5 + k.len(),
+        }
+    });
+    // The header (magic, length, crc) is filled in once the body behind it is written.
+    let mut body = Vec::with_capacity(size);
+    body.extend_from_slice(&[0; 12]);
     body.extend_from_slice(&tag.to_le_bytes());
     body.extend_from_slice(&seq.to_le_bytes());
     body.extend_from_slice(
@@ -270,16 +282,13 @@ fn encode(tag: u32, seq: u64, writes: &[Write]) -> Vec<u8> {
             body.extend_from_slice(v);
         }
     }
-    let mut out = Vec::with_capacity(body.len() + 12);
-    out.extend_from_slice(&MAGIC.to_le_bytes());
-    out.extend_from_slice(
-        &u32::try_from(body.len())
-            .expect("record fits u32")
-            .to_le_bytes(),
-    );
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
-    out
+    let len = u32::try_from(body.len() - 12).expect("record fits u32");
+    let crc = crc32fast::hash(&body[12..]);
+    body[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    body[4..8].copy_from_slice(&len.to_le_bytes());
+    body[8..12].copy_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(body.len(), size, "record size computed up front");
+    body
 }
 
 /// Every whole, intact record of a segment, in order; a torn or corrupt tail ends it.
