@@ -16,8 +16,8 @@ pub use ledger::v1 as pb;
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("ledger_descriptor");
 
 use ledger_domain::{
-    Account, Committed, Entry, EntryKind, HoldState, HoldStatus, InvalidInput, NewAccount, Rejection, Side,
-    Transfer, TransferKind, TransferRecord,
+    Account, Committed, Entry, EntryKind, HoldState, HoldStatus, InvalidInput, NewAccount,
+    Rejection, Side, Transfer, TransferKind, TransferRecord,
 };
 
 pub fn new_account(a: pb::Account) -> NewAccount {
@@ -189,7 +189,10 @@ pub fn transfer_result(record: &TransferRecord, hold: Option<&HoldStatus>) -> pb
 
 /// As [`transfer_result`], moving the record's strings into the answer (a batch answers
 /// thousands of items).
-pub fn into_transfer_result(record: TransferRecord, hold: Option<&HoldStatus>) -> pb::TransferResult {
+pub fn into_transfer_result(
+    record: TransferRecord,
+    hold: Option<&HoldStatus>,
+) -> pb::TransferResult {
     let id = record.request.id.clone();
     let outcome = match record.result {
         Ok(committed) => pb::transfer_result::Outcome::Transfer(committed_into_wire(

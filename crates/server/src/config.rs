@@ -31,6 +31,10 @@ pub struct Config {
     pub request_timeout_ms: u64,
     /// Page cache of the embedded store for the whole node, split evenly between the shards.
     pub store_cache_bytes: usize,
+    /// Logged writes the embedded store holds in memory before checkpointing them into redb,
+    /// for the whole node, split evenly between the shards (bigger: cheaper checkpoints, more
+    /// memory; each shard may briefly hold up to 2.5 times its share).
+    pub store_overlay_bytes: usize,
     pub shard: ShardOptions,
     pub telemetry: crate::telemetry::TelemetryConfig,
 }
@@ -59,6 +63,7 @@ impl Default for Config {
             message_size_max_bytes: 16 * 1024 * 1024,
             request_timeout_ms: 30_000,
             store_cache_bytes: 128 << 20,
+            store_overlay_bytes: 128 << 20,
             shard: ShardOptions::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
         }

@@ -133,8 +133,12 @@ fn open_embedded(
         );
     }
     // A floor keeps tiny configurations usable.
-    let cache_per_shard = (config.store_cache_bytes / meta.shard_count as usize).max(4 << 20);
-    let stores = ledger_store::open_shards(dir, meta.shard_count, cache_per_shard)
+    let shards = meta.shard_count as usize;
+    let limits = ledger_store::Limits {
+        cache_bytes: (config.store_cache_bytes / shards).max(4 << 20),
+        overlay_bytes: (config.store_overlay_bytes / shards).max(1 << 20),
+    };
+    let stores = ledger_store::open_shards(dir, meta.shard_count, limits)
         .map_err(|e| fail(e.to_string()))?
         .into_iter()
         .map(|s| Arc::new(s) as Arc<dyn Store>)

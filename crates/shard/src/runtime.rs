@@ -561,7 +561,11 @@ impl Waiting {
         self.next
     }
 
-    fn group(&mut self, len: usize, tx: oneshot::Sender<Vec<Reply>>) -> std::ops::RangeInclusive<Token> {
+    fn group(
+        &mut self,
+        len: usize,
+        tx: oneshot::Sender<Vec<Reply>>,
+    ) -> std::ops::RangeInclusive<Token> {
         let group = self.next + 1;
         self.next = group + len as Token;
         let replies = (0..len).map(|_| None).collect();

@@ -6,11 +6,11 @@
 //!                  log.append(tag, seq, writes): synced, with other stores' records  <- durable
 //!                  put the writes in the overlay (now visible)
 //!  checkpoint:     every CHECKPOINT_COMMITS commits, or once the overlay holds
-//!                  OVERLAY_BYTES_MAX, freeze the overlay and start a fresh one; a
+//!                  Limits::overlay_bytes, freeze the overlay and start a fresh one; a
 //!                  checkpoint thread writes the frozen one into redb in one durable
 //!                  transaction (one at a time: one that comes due while another runs
 //!                  starts after it, and commits wait for it only once the overlay holds
-//!                  OVERLAY_BYTES_HARD_MAX); then the log may drop segments that every
+//!                  1.5 times the limit); then the log may drop segments that every
 //!                  store has made durable
 //!  open:           replay this store's log records with seq > applied_seq, make durable
 //! ```
@@ -49,16 +49,42 @@ const APPLIED_SEQ: &str = "applied_seq";
 
 /// A durable redb commit (a checkpoint) at least every this many commits.
 pub const CHECKPOINT_COMMITS: u64 = 512;
-/// ... or as soon as the overlay holds this many bytes of keys and values (per store; a node
-/// has one store per shard).
-pub const OVERLAY_BYTES_MAX: usize = 4 << 20;
-/// A checkpoint that comes due while the previous one still runs waits until that one ends,
-/// unless the overlay reaches this: then the commit waits for it (backpressure). A store holds
-/// at most this plus the frozen overlay being written.
-pub const OVERLAY_BYTES_HARD_MAX: usize = OVERLAY_BYTES_MAX + OVERLAY_BYTES_MAX / 2;
+/// ... or as soon as the overlay holds this many bytes of keys and values (per store, unless
+/// [`Limits::overlay_bytes`] says otherwise; a node splits its budget between its shards).
+/// Bigger overlays make checkpoints cheaper per write: a leaf is copied once per checkpoint
+/// however many of its keys change (docs/benchmarks.md).
+pub const OVERLAY_BYTES_DEFAULT: usize = 8 << 20;
+
+/// Memory limits of one store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// redb's page cache.
+    pub cache_bytes: usize,
+    /// Keys and values in the overlay before a checkpoint is due. A checkpoint that comes due
+    /// while the previous one still runs starts after it; commits wait for it only once the
+    /// overlay holds 1.5 times this (backpressure). A store holds at most that plus the frozen
+    /// overlay being written.
+    pub overlay_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            cache_bytes: Embedded::CACHE_BYTES_DEFAULT,
+            overlay_bytes: OVERLAY_BYTES_DEFAULT,
+        }
+    }
+}
+
+impl Limits {
+    fn overlay_bytes_hard(&self) -> usize {
+        self.overlay_bytes + self.overlay_bytes / 2
+    }
+}
 
 pub struct Embedded {
     db: Arc<Database>,
+    limits: Limits,
     path: String,
     tag: u32,
     log: Arc<Log>,
@@ -102,11 +128,7 @@ impl std::fmt::Debug for Embedded {
 
 /// Opens the stores of a node's data directory: `shard-NNNN.redb` for `0..count`, sharing the
 /// log in `log/` (one fsync for all shards' commits).
-pub fn open_shards(
-    dir: &Path,
-    count: u32,
-    cache_bytes_each: usize,
-) -> Result<Vec<Embedded>, Error> {
+pub fn open_shards(dir: &Path, count: u32, limits_each: Limits) -> Result<Vec<Embedded>, Error> {
     let log_dir = dir.join("log");
     let log = Log::open(&log_dir).map_err(|e| Error::Open {
         path: log_dir.display().to_string(),
@@ -116,7 +138,7 @@ pub fn open_shards(
     (0..count)
         .map(|shard| {
             let path = dir.join(format!("shard-{shard:04}.redb"));
-            Embedded::open_in_log(&path, cache_bytes_each, Arc::clone(&log), shard)
+            Embedded::open_in_log(&path, limits_each, Arc::clone(&log), shard)
         })
         .collect()
 }
@@ -139,13 +161,17 @@ impl Embedded {
             path: log_dir.display().to_string(),
             reason: e.to_string(),
         })?;
-        Self::open_in_log(path, cache_bytes, Arc::new(log), 0)
+        let limits = Limits {
+            cache_bytes,
+            ..Limits::default()
+        };
+        Self::open_in_log(path, limits, Arc::new(log), 0)
     }
 
     /// Opens a database file whose commits go to `log` under `tag`, replaying the log first.
     pub fn open_in_log(
         path: &Path,
-        cache_bytes: usize,
+        limits: Limits,
         log: Arc<Log>,
         tag: u32,
     ) -> Result<Self, Error> {
@@ -155,7 +181,7 @@ impl Embedded {
             reason,
         };
         let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
+            .set_cache_size(limits.cache_bytes)
             .create(path)
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => open_err(
@@ -203,6 +229,7 @@ impl Embedded {
         };
         Ok(Self {
             db: Arc::new(db),
+            limits,
             path: shown,
             tag,
             log,
@@ -248,6 +275,12 @@ impl Embedded {
             .thread
             .join()
             .unwrap_or_else(|_| Err("the checkpoint thread panicked".into()));
+        // Freeing a checkpoint's worth of small allocations takes milliseconds: not on the
+        // committing thread. (If no thread can be started, the overlay is freed right here.)
+        let overlay = frozen.overlay;
+        let _ = std::thread::Builder::new()
+            .name(format!("overlay-free-{}", self.tag))
+            .spawn(move || drop(overlay));
         match outcome {
             Ok(()) => {
                 self.log.durable(self.tag, frozen.seq);
@@ -517,11 +550,11 @@ impl Embedded {
         state.commits_since_checkpoint += 1;
         state.overlay_bytes += writes.into_overlay(&mut state.overlay);
         let due = state.commits_since_checkpoint >= CHECKPOINT_COMMITS
-            || state.overlay_bytes >= OVERLAY_BYTES_MAX;
+            || state.overlay_bytes >= self.limits.overlay_bytes;
         // A checkpoint still running is not waited for (that would stall this shard's commits)
         // until the overlay reaches its hard limit.
         let running = state.frozen.is_some();
-        if due && (!running || state.overlay_bytes >= OVERLAY_BYTES_HARD_MAX) {
+        if due && (!running || state.overlay_bytes >= self.limits.overlay_bytes_hard()) {
             // The commit is durable (logged) whatever happens here; a failed checkpoint leaves
             // the log holding it, and the store refuses further commits until a restart.
             if let Err(e) = self.start_checkpoint(&mut state) {
@@ -769,14 +802,14 @@ mod tests {
     fn shards_share_one_log() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let stores = open_shards(dir.path(), 3, 4 << 20).unwrap();
+            let stores = open_shards(dir.path(), 3, Limits::default()).unwrap();
             for (i, store) in stores.iter().enumerate() {
                 let mut b = WriteBatch::default();
                 b.put(b"k".to_vec(), vec![i as u8]);
                 store.commit(&b).unwrap();
             }
         }
-        let stores = open_shards(dir.path(), 3, 4 << 20).unwrap();
+        let stores = open_shards(dir.path(), 3, Limits::default()).unwrap();
         for (i, store) in stores.iter().enumerate() {
             assert_eq!(store.get(b"k").unwrap(), Some(vec![i as u8]));
         }

@@ -20,7 +20,7 @@ mod memory;
 
 use std::sync::Arc;
 
-pub use embedded::{Embedded, open_shards};
+pub use embedded::{Embedded, Limits, open_shards};
 pub use memory::Memory;
 
 /// What a key must hold for a commit to go ahead.

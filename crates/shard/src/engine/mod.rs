@@ -37,8 +37,8 @@ use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
 use ledger_domain::{
-    Account, Balances, Change, Committed, EntryKind, HoldState, HoldStatus, NewAccount,
-    Rejection, ShardId, Side, Transfer, TransferKind, TransferRecord,
+    Account, Balances, Change, Committed, EntryKind, HoldState, HoldStatus, NewAccount, Rejection,
+    ShardId, Side, Transfer, TransferKind, TransferRecord,
 };
 use ledger_store::{Expect, Store, Write, WriteBatch};
 
@@ -855,7 +855,14 @@ impl Engine {
         }
         // Single shard: one local commit, no two-phase commit. Wait only if a cross-shard
         // transfer holds one of the accounts.
-        for account_id in [&plan.debit_id, &plan.credit_id] {
+        // (No cross-shard transfer in flight: no lock keys to build.)
+        let both = [&plan.debit_id, &plan.credit_id];
+        let accounts = if self.locks.is_empty() {
+            &both[..0]
+        } else {
+            &both[..]
+        };
+        for account_id in accounts {
             let key = lock_key_account(account_id);
             if self.is_locked(&key) {
                 let op = transfer.id.clone();
