@@ -62,7 +62,7 @@ impl Default for Config {
             batch_size_max: 8_190,
             message_size_max_bytes: 16 * 1024 * 1024,
             request_timeout_ms: 30_000,
-            store_cache_bytes: 128 << 20,
+            store_cache_bytes: 64 << 20,
             store_overlay_bytes: 128 << 20,
             shard: ShardOptions::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
