@@ -146,8 +146,14 @@ impl Log {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 continue;
             }
-            // Become the flusher for everything pending.
+            // Become the flusher for everything pending. First let other committers that are
+            // ready to run append theirs: one fsync then covers more records.
+            // Measured: small calls on 16 shards, +20% (docs/benchmarks.md); yielding more
+            // than once gained nothing more. With nothing else runnable it returns at once.
             state.flushing = true;
+            drop(state);
+            std::thread::yield_now();
+            state = self.lock();
             let group = state.open_group;
             state.open_group += 1;
             let buffer = std::mem::take(&mut state.pending);
