@@ -613,3 +613,64 @@ impl Waiting {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ledger_domain::Rejection;
+
+    const BUSY: Rejection = Rejection::AccountBusy;
+    const TIMEOUT: Rejection = Rejection::LockTimeout;
+
+    fn answer(reason: Rejection) -> Reply {
+        Reply::Forward(Err(reason))
+    }
+
+    fn reasons(replies: &[Reply]) -> Vec<Rejection> {
+        replies
+            .iter()
+            .map(|r| match r {
+                Reply::Forward(Err(reason)) => *reason,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    }
+
+    /// Groups and single callers interleave; each group gets its replies in item order, once
+    /// every item has one, whatever order the engine answered in.
+    #[test]
+    fn replies_reach_their_callers_in_item_order() {
+        let mut waiting = Waiting::default();
+        let (one_tx, mut one_rx) = oneshot::channel();
+        let single = waiting.one(one_tx);
+        let (a_tx, mut a_rx) = oneshot::channel();
+        let a: Vec<Token> = waiting.group(3, a_tx).collect();
+        let (empty_tx, mut empty_rx) = oneshot::channel();
+        assert_eq!(waiting.group(0, empty_tx).count(), 0);
+        let (b_tx, mut b_rx) = oneshot::channel();
+        let b: Vec<Token> = waiting.group(2, b_tx).collect();
+        assert!(
+            empty_rx.try_recv().unwrap().is_empty(),
+            "an empty group answers at once"
+        );
+
+        waiting.reply(b[1], answer(TIMEOUT));
+        waiting.reply(a[2], answer(TIMEOUT));
+        waiting.reply(a[0], answer(BUSY));
+        assert!(
+            a_rx.try_recv().is_err(),
+            "not before every item has a reply"
+        );
+        waiting.reply(single, answer(BUSY));
+        assert_eq!(reasons(&[one_rx.try_recv().unwrap()]), [BUSY]);
+        waiting.reply(a[1], answer(TIMEOUT));
+        assert_eq!(reasons(&a_rx.try_recv().unwrap()), [BUSY, TIMEOUT, TIMEOUT]);
+        // A token nobody waits for (already answered, or never issued) is ignored.
+        waiting.reply(single, answer(BUSY));
+        waiting.reply(10_000, answer(BUSY));
+        assert!(b_rx.try_recv().is_err());
+        waiting.reply(b[0], answer(BUSY));
+        assert_eq!(reasons(&b_rx.try_recv().unwrap()), [BUSY, TIMEOUT]);
+        assert!(waiting.groups.is_empty() && waiting.ones.is_empty());
+    }
+}
