@@ -183,16 +183,9 @@ pub fn rejection(reason: Rejection) -> pb::Rejection {
     }
 }
 
-pub fn transfer_result(record: &TransferRecord, hold: Option<&HoldStatus>) -> pb::TransferResult {
-    into_transfer_result(record.clone(), hold)
-}
-
-/// As [`transfer_result`], moving the record's strings into the answer (a batch answers
-/// thousands of items).
-pub fn into_transfer_result(
-    record: TransferRecord,
-    hold: Option<&HoldStatus>,
-) -> pb::TransferResult {
+/// The answer to one transfer: the committed transfer or the rejection. Takes the record, so
+/// its strings move into the answer (a batch answers thousands of items).
+pub fn transfer_result(record: TransferRecord, hold: Option<&HoldStatus>) -> pb::TransferResult {
     let id = record.request.id.clone();
     let outcome = match record.result {
         Ok(committed) => pb::transfer_result::Outcome::Transfer(committed_into_wire(

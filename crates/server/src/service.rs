@@ -31,8 +31,8 @@ fn decode_transfer(t: pb::Transfer, index: usize) -> Result<Transfer, ApiError> 
     Ok(t)
 }
 
-fn transfer_result(reply: &TransferReply) -> pb::TransferResult {
-    wire::transfer_result(&reply.record, reply.hold.as_ref())
+fn transfer_result(reply: TransferReply) -> pb::TransferResult {
+    wire::transfer_result(reply.record, reply.hold.as_ref())
 }
 
 fn check_ids(router: &Router, field: &str, ids: &[String]) -> Result<(), ApiError> {
@@ -112,10 +112,7 @@ impl LedgerService for Ledger {
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
         let replies = self.router.create_transfers(transfers).await?;
-        let results = replies
-            .into_iter()
-            .map(|r| wire::into_transfer_result(r.record, r.hold.as_ref()))
-            .collect();
+        let results = replies.into_iter().map(transfer_result).collect();
         let mut response = Response::new(pb::CreateTransfersResponse { results });
         telemetry::set_response_traceparent(&mut response);
         Ok(response)
@@ -130,7 +127,7 @@ impl LedgerService for Ledger {
         transfer.validate().map_err(ApiError::from)?;
         transfer.trace_id = trace_id;
         let reply = self.router.create_transfer(transfer).await?;
-        let mut response = Response::new(transfer_result(&reply));
+        let mut response = Response::new(transfer_result(reply));
         telemetry::set_response_traceparent(&mut response);
         Ok(response)
     }
