@@ -35,23 +35,7 @@ impl Store for Memory {
     }
 
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError> {
-        let mut map = self.map.lock().expect("poisoned");
-        for (key, expect) in &batch.preconditions {
-            if !expect.holds(map.get(key).map(Vec::as_slice)) {
-                return Err(CommitError::Conflict { key: key.clone() });
-            }
-        }
-        for write in &batch.writes {
-            match write {
-                Write::Put(k, v) => {
-                    map.insert(k.clone(), v.clone());
-                }
-                Write::Delete(k) => {
-                    map.remove(k);
-                }
-            }
-        }
-        Ok(())
+        self.commit_owned(batch.clone())
     }
 
     fn commit_owned(&self, batch: WriteBatch) -> Result<(), CommitError> {

@@ -496,8 +496,8 @@ impl Engine {
             self.apply_change(&plan.debit_id, &plan.debit, &transfer_id, kind, code);
         let reply = match &work {
             Work::Transfer(transfer) => {
-                let committed = self.committed(&plan, debit_version, credit_version, true);
                 let hold = self.settle_hold(transfer, &plan);
+                let committed = self.committed(plan.clone(), debit_version, credit_version, true);
                 let record = TransferRecord {
                     request: transfer.clone(),
                     result: Ok(committed),

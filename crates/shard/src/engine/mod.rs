@@ -622,6 +622,12 @@ impl Engine {
         self.locks.contains_key(key)
     }
 
+    /// Whether a cross-shard operation holds `account_id` (no lock key is built while no lock
+    /// is held, the common case on the single-shard path).
+    fn account_locked(&self, account_id: &str) -> bool {
+        !self.locks.is_empty() && self.is_locked(&lock_key_account(account_id))
+    }
+
     /// Takes `key` for `holder`, or queues `parked` behind it. Returns whether it was taken.
     /// A full queue hands `parked` back.
     fn lock_or_park(&mut self, key: &str, holder: &str, parked: Parked) -> Result<bool, Parked> {
@@ -855,16 +861,9 @@ impl Engine {
         }
         // Single shard: one local commit, no two-phase commit. Wait only if a cross-shard
         // transfer holds one of the accounts.
-        // (No cross-shard transfer in flight: no lock keys to build.)
-        let both = [&plan.debit_id, &plan.credit_id];
-        let accounts = if self.locks.is_empty() {
-            &both[..0]
-        } else {
-            &both[..]
-        };
-        for account_id in accounts {
-            let key = lock_key_account(account_id);
-            if self.is_locked(&key) {
+        for account_id in [&plan.debit_id, &plan.credit_id] {
+            if self.account_locked(account_id) {
+                let key = lock_key_account(account_id);
                 let op = transfer.id.clone();
                 let input = Input::CreateTransfer {
                     token,
@@ -995,16 +994,7 @@ impl Engine {
             transfer.code,
         );
         let hold = self.settle_hold(&transfer, &plan);
-        let committed = Committed {
-            debit_account_id: plan.debit_id,
-            credit_account_id: plan.credit_id,
-            ledger: plan.ledger,
-            amount: plan.amount,
-            committed_at_ms: self.now_ms,
-            debit_account_version: debit_version,
-            credit_account_version: credit_version,
-            cross_shard: false,
-        };
+        let committed = self.committed(plan, debit_version, credit_version, false);
         let record = TransferRecord {
             request: transfer,
             result: Ok(committed),
@@ -1013,17 +1003,18 @@ impl Engine {
         TransferReply { record, hold }
     }
 
+    /// The outcome of an applied plan (its accounts and ledger move into it).
     fn committed(
         &self,
-        plan: &Plan,
+        plan: Plan,
         debit_version: u64,
         credit_version: u64,
         cross: bool,
     ) -> Committed {
         Committed {
-            debit_account_id: plan.debit_id.clone(),
-            credit_account_id: plan.credit_id.clone(),
-            ledger: plan.ledger.clone(),
+            debit_account_id: plan.debit_id,
+            credit_account_id: plan.credit_id,
+            ledger: plan.ledger,
             amount: plan.amount,
             committed_at_ms: self.now_ms,
             debit_account_version: debit_version,
@@ -1089,7 +1080,7 @@ impl Engine {
             }
             let busy = [&hold.debit_account_id, &hold.credit_account_id]
                 .iter()
-                .any(|id| self.is_locked(&lock_key_account(id)));
+                .any(|id| self.account_locked(id));
             if busy {
                 continue; // Tried again next tick, once the cross-shard transfer is done.
             }
