@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand};
 
 use ledger_server::{Config, StoreKind, telemetry};
 
+/// mimalloc instead of the system allocator: the request path allocates per call (gRPC frames,
+/// codec buffers, overlay keys) from many threads, and glibc's malloc spent about a fifth of
+/// ledgerd's CPU there. Measured in docs/benchmarks.md.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "ledgerd",
