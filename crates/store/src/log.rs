@@ -27,6 +27,9 @@ use crate::Write;
 /// A segment is closed and a new one started once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 const MAGIC: u32 = 0x4C45_4457; // "LEDW"
+/// Buffers up to this size are kept for reuse (the flush buffer and each committer's encoding
+/// scratch); bigger ones, from an unusually large batch, are freed after use.
+const KEEP_BUFFER_BYTES: usize = 8 << 20;
 
 /// Records read at open, per tag, in log order.
 pub type Recovered = Vec<(u64, Vec<Write>)>;
@@ -42,6 +45,9 @@ pub struct Log {
 struct State {
     /// Records waiting for the next flush, and the number of that flush.
     pending: Vec<u8>,
+    /// The last flushed buffer, emptied, to become `pending` again: the log does not allocate
+    /// (and fault in) a fresh buffer per flush.
+    spare: Vec<u8>,
     pending_tags: HashMap<u32, u64>,
     open_group: u64,
     synced_group: u64,
@@ -87,6 +93,7 @@ impl Log {
         segments.insert(index, HashMap::new());
         let state = State {
             pending: Vec::new(),
+            spare: Vec::new(),
             pending_tags: HashMap::new(),
             open_group: 1,
             synced_group: 0,
@@ -120,15 +127,23 @@ impl Log {
     /// Appends a record and returns once it is on disk (fsynced), together with whatever other
     /// records arrived meanwhile.
     pub fn append(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<(), String> {
-        let record = encode(tag, seq, writes);
-        let mut state = self.lock();
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let mut state = SCRATCH.with_borrow_mut(|record| {
+            record.clear();
+            encode_into(record, tag, seq, writes);
+            let mut state = self.lock();
+            if state.failed.is_none() {
+                state.pending.extend_from_slice(record);
+            }
+            if record.capacity() > KEEP_BUFFER_BYTES {
+                *record = Vec::new();
+            }
+            state
+        });
         if let Some(e) = &state.failed {
             return Err(e.clone());
-        }
-        if state.pending.is_empty() {
-            state.pending = record;
-        } else {
-            state.pending.extend_from_slice(&record);
         }
         state.pending_tags.insert(tag, seq);
         let mine = state.open_group;
@@ -156,7 +171,8 @@ impl Log {
             state = self.lock();
             let group = state.open_group;
             state.open_group += 1;
-            let buffer = std::mem::take(&mut state.pending);
+            let spare = std::mem::take(&mut state.spare);
+            let mut buffer = std::mem::replace(&mut state.pending, spare);
             let tags = std::mem::take(&mut state.pending_tags);
             let mut file = state
                 .file
@@ -164,12 +180,18 @@ impl Log {
                 .expect("segment present when not flushing");
             drop(state);
             let written = file.write_all(&buffer).and_then(|()| file.sync_data());
+            let flushed_bytes = buffer.len() as u64;
+            buffer.clear();
+            if buffer.capacity() > KEEP_BUFFER_BYTES {
+                buffer = Vec::new();
+            }
             state = self.lock();
             state.flushing = false;
+            state.spare = buffer;
             match written {
                 Ok(()) => {
                     state.synced_group = group;
-                    state.bytes += buffer.len() as u64;
+                    state.bytes += flushed_bytes;
                     let index = state.index;
                     let segment = state.segments.entry(index).or_default();
                     for (tag, seq) in tags {
@@ -250,7 +272,7 @@ fn create_segment(dir: &Path, index: u64) -> std::io::Result<File> {
 /// Record: magic u32 | body length u32 | crc32 of body u32 | body = tag u32, seq u64, count u32,
 /// then per write: tag u8 (0 put, 1 delete), key length u32, key, [value length u32, value].
 /// Little-endian.
-fn encode(tag: u32, seq: u64, writes: &[Write]) -> Vec<u8> {
+fn encode_into(body: &mut Vec<u8>, tag: u32, seq: u64, writes: &[Write]) {
     let size = writes.iter().fold(12 + 16, |n, w| {
         n + match w {
             Write::Put(k, v) => 9 + k.len() + v.len(),
@@ -258,7 +280,8 @@ fn encode(tag: u32, seq: u64, writes: &[Write]) -> Vec<u8> {
         }
     });
     // The header (magic, length, crc) is filled in once the body behind it is written.
-    let mut body = Vec::with_capacity(size);
+    let start = body.len();
+    body.reserve(size);
     body.extend_from_slice(&[0; 12]);
     body.extend_from_slice(&tag.to_le_bytes());
     body.extend_from_slice(&seq.to_le_bytes());
@@ -288,13 +311,12 @@ fn encode(tag: u32, seq: u64, writes: &[Write]) -> Vec<u8> {
             body.extend_from_slice(v);
         }
     }
-    let len = u32::try_from(body.len() - 12).expect("record fits u32");
-    let crc = crc32fast::hash(&body[12..]);
-    body[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-    body[4..8].copy_from_slice(&len.to_le_bytes());
-    body[8..12].copy_from_slice(&crc.to_le_bytes());
-    debug_assert_eq!(body.len(), size, "record size computed up front");
-    body
+    let len = u32::try_from(body.len() - start - 12).expect("record fits u32");
+    let crc = crc32fast::hash(&body[start + 12..]);
+    body[start..start + 4].copy_from_slice(&MAGIC.to_le_bytes());
+    body[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+    body[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
+    debug_assert_eq!(body.len() - start, size, "record size computed up front");
 }
 
 /// Every whole, intact record of a segment, in order; a torn or corrupt tail ends it.
