@@ -418,6 +418,14 @@ impl Engine {
         }
         self.metrics
             .in_flight(self.coordinations.len(), self.prepared.len());
+        // The next batch starts sized like this one, instead of growing by doubling (a copy
+        // of every element each time). Bounded as the batch is: `batch_inputs_max` inputs per batch.
+        self.batch.writes.writes.reserve(writes.writes.len());
+        self.batch
+            .writes
+            .preconditions
+            .reserve(writes.preconditions.len());
+        self.batch.replies.reserve(batch.replies.len());
         Output {
             writes,
             replies: batch.replies,
