@@ -130,15 +130,16 @@ impl Log {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        // Encoded (and checksummed) outside the lock, then copied into the pending buffer.
         let mut state = SCRATCH.with_borrow_mut(|record| {
+            if record.capacity() > KEEP_BUFFER_BYTES {
+                *record = Vec::new(); // the last record was unusually large: free it here, unlocked
+            }
             record.clear();
             encode_into(record, tag, seq, writes);
             let mut state = self.lock();
             if state.failed.is_none() {
                 state.pending.extend_from_slice(record);
-            }
-            if record.capacity() > KEEP_BUFFER_BYTES {
-                *record = Vec::new();
             }
             state
         });
