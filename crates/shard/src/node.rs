@@ -1,4 +1,4 @@
-//! All shards of this process: their stores, queues and leader threads, message delivery
+//! All shards of this process: their stores, queues and leader tasks, message delivery
 //! between them, and where each account lives.
 //!
 //! Where an account lives: `placement.shard_of(placement_key)`. Clients name accounts by id, so
@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::thread::JoinHandle;
 
 use ledger_domain::{Placement, ShardId};
 use ledger_store::Store;
@@ -34,7 +33,7 @@ pub struct Node {
     forwards: Arc<RwLock<HashMap<String, ShardId>>>,
     handles: Vec<ShardHandle>,
     stores: Vec<Arc<dyn Store>>,
-    threads: Vec<JoinHandle<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -46,7 +45,9 @@ impl std::fmt::Debug for Node {
 }
 
 impl Node {
-    /// Starts one leader thread per store (store `i` holds shard `i`).
+    /// Starts one leader task per store (store `i` holds shard `i`) on the current tokio
+    /// runtime: call it from within one. Leaders share the runtime's threads with the gRPC
+    /// server, so a call reaches its shard and gets its answer without a thread switch.
     pub fn start(
         node_id: &str,
         placement: Placement,
@@ -81,7 +82,7 @@ impl Node {
             handles: handles.clone(),
         });
         let locate = locate_fn(placement.clone(), Arc::clone(&forwards));
-        let mut threads = Vec::new();
+        let mut tasks = Vec::new();
         for (i, rx) in receivers.into_iter().enumerate() {
             let runtime = Runtime {
                 shard: ShardId(i as u32),
@@ -93,18 +94,14 @@ impl Node {
                 locate: Arc::clone(&locate),
                 rx,
             };
-            let thread = std::thread::Builder::new()
-                .name(format!("shard-{i}"))
-                .spawn(move || runtime.run())
-                .expect("spawn a shard thread");
-            threads.push(thread);
+            tasks.push(tokio::spawn(runtime.run()));
         }
         Ok(Node {
             placement,
             forwards,
             handles,
             stores,
-            threads,
+            tasks,
         })
     }
 
@@ -137,18 +134,14 @@ impl Node {
         &self.stores[shard.0 as usize]
     }
 
-    /// Stops every leader after its current batch, and waits for the threads.
+    /// Stops every leader after its current batch, and waits for them.
     pub async fn shutdown(self) {
         for handle in &self.handles {
             handle.stop().await;
         }
-        let threads = self.threads;
-        let _ = tokio::task::spawn_blocking(move || {
-            for thread in threads {
-                let _ = thread.join();
-            }
-        })
-        .await;
+        for task in self.tasks {
+            let _ = task.await;
+        }
     }
 }
 

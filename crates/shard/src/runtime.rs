@@ -1,4 +1,7 @@
-//! The runtime of one shard leader: a dedicated thread that owns the engine.
+//! The runtime of one shard leader: a task on the node's tokio runtime that owns the engine.
+//! Callers and leaders share the runtime's threads, so a command reaches its shard and the
+//! reply gets back without a thread switch; the leader waits for durability as a future (the
+//! log's flusher thread wakes it), never by blocking a thread (docs/benchmarks.md).
 //!
 //! ```text
 //!  queue ──► drain up to batch_inputs_max ──► engine ──► one durable commit ──► replies
@@ -22,6 +25,7 @@ use std::time::Duration;
 use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use ledger_domain::{HoldStatus, NewAccount, ShardId, Transfer};
@@ -291,66 +295,46 @@ pub const LINKS_PER_BATCH_MAX: usize = 128;
 const TICK_MS: u64 = 20;
 
 impl Runtime {
-    /// Runs leader terms until stopped. Call on a dedicated thread: commits block.
-    pub fn run(mut self) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("a current-thread runtime");
-        rt.block_on(async move {
-            loop {
-                let engine = match self.begin_term() {
-                    Ok(engine) => engine,
-                    Err(e) => {
-                        tracing::warn!(shard = %self.shard, error = %e, "cannot lead yet; retrying");
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                        continue;
-                    }
-                };
-                tracing::info!(shard = %self.shard, epoch = engine.epoch(), "leading");
-                match self.lead(engine).await {
-                    Term::Stopped => return,
-                    Term::SteppedDown(reason) => {
-                        tracing::error!(shard = %self.shard, %reason, "stepping down; reloading");
-                    }
+    /// Runs leader terms until stopped: a task on the node's tokio runtime. It never blocks
+    /// its thread: commits wait for the log's fsync as futures, and a term's start (reading
+    /// the lease and loading the shard) runs on the blocking pool.
+    pub async fn run(mut self) {
+        loop {
+            let start = self.term_start();
+            let begun = match tokio::task::spawn_blocking(move || start.begin()).await {
+                Ok(begun) => begun,
+                Err(e) => {
+                    tracing::error!(shard = %self.shard, error = %e, "loading the shard failed; this shard stops");
+                    return;
+                }
+            };
+            let engine = match begun {
+                Ok(engine) => engine,
+                Err(e) => {
+                    tracing::warn!(shard = %self.shard, error = %e, "cannot lead yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            tracing::info!(shard = %self.shard, epoch = engine.epoch(), "leading");
+            match self.lead(engine).await {
+                Term::Stopped => return,
+                Term::SteppedDown(reason) => {
+                    tracing::error!(shard = %self.shard, %reason, "stepping down; reloading");
                 }
             }
-        });
+        }
     }
 
-    /// Takes the lease and loads the shard, in a `shard.recover` span: the recovery spans of
-    /// the coordinations and prepared legs it resumes link to it.
-    fn begin_term(&self) -> Result<Engine, LeaseError> {
-        let span = tracing::info_span!(
-            "shard.recover",
-            shard = self.shard.0,
-            epoch = tracing::field::Empty,
-            accounts = tracing::field::Empty,
-            coordinations = tracing::field::Empty,
-            prepared = tracing::field::Empty,
-        );
-        let _recover = span.enter();
-        let now = self.clock.now_ms();
-        let lease = acquire_lease(
-            &*self.store,
-            self.shard,
-            &self.node,
-            now,
-            self.options.lease_ms,
-        )?;
-        let recovered = load(&*self.store, self.shard)?;
-        span.record("epoch", lease.epoch);
-        span.record("accounts", recovered.accounts.len());
-        span.record("coordinations", recovered.coordinations.len());
-        span.record("prepared", recovered.prepared.len());
-        Ok(Engine::new(
-            self.shard,
-            lease.epoch,
-            self.options.clone(),
-            Arc::clone(&self.store),
-            Arc::clone(&self.locate),
-            recovered,
-        ))
+    fn term_start(&self) -> TermStart {
+        TermStart {
+            shard: self.shard,
+            node: self.node.clone(),
+            options: self.options.clone(),
+            store: Arc::clone(&self.store),
+            clock: Arc::clone(&self.clock),
+            locate: Arc::clone(&self.locate),
+        }
     }
 
     async fn lead(&mut self, mut engine: Engine) -> Term {
@@ -424,21 +408,27 @@ impl Runtime {
                         }
                         let tokens = waiting.group(transfers.len(), tx);
                         inputs += transfers.len().saturating_sub(1);
-                        transfers
-                            .into_iter()
-                            .zip(tokens)
-                            .try_for_each(|(transfer, token)| {
-                                handle(Input::CreateTransfer {
-                                    token,
-                                    transfer,
-                                    trace: caller,
-                                })
-                            })
+                        let mut result = Ok(());
+                        for (transfer, token) in transfers.into_iter().zip(tokens) {
+                            result = handle(Input::CreateTransfer {
+                                token,
+                                transfer,
+                                trace: caller,
+                            });
+                            if result.is_err() {
+                                break;
+                            }
+                            // A big request is thousands of inputs: let the runtime's other
+                            // tasks (calls being decoded and answered) run now and then.
+                            tokio::task::coop::consume_budget().await;
+                        }
+                        result
                     }
                 };
                 if let Err(term) = result {
                     return term;
                 }
+                tokio::task::coop::consume_budget().await;
                 inputs += 1;
                 if inputs < self.options.batch_inputs_max {
                     next = self.rx.try_recv().ok();
@@ -482,7 +472,6 @@ impl Runtime {
                     span.add_link(link.span_context());
                 }
             }
-            let _batch = span.enter();
             metrics.queue_depth.set(self.rx.len() as f64);
             if inputs > 0 {
                 metrics.batch_inputs.record(inputs as f64);
@@ -492,8 +481,13 @@ impl Runtime {
                     .batch_writes
                     .record(output.writes.writes.len() as f64);
                 let started = stopwatch();
-                let committed = tracing::info_span!("store.commit", shard = self.shard.0)
-                    .in_scope(|| self.store.commit_owned(output.writes));
+                let commit_span =
+                    tracing::info_span!(parent: &span, "store.commit", shard = self.shard.0);
+                let committed = self
+                    .store
+                    .commit_async(output.writes)
+                    .instrument(commit_span)
+                    .await;
                 metrics
                     .commit_seconds
                     .record(started.elapsed().as_secs_f64());
@@ -524,6 +518,53 @@ impl Runtime {
                 return Term::Stopped;
             }
         }
+    }
+}
+
+/// What a term's start needs, moved to the blocking pool (it reads the whole shard).
+struct TermStart {
+    shard: ShardId,
+    node: String,
+    options: Options,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    locate: Locate,
+}
+
+impl TermStart {
+    /// Takes the lease and loads the shard, in a `shard.recover` span: the recovery spans of
+    /// the coordinations and prepared legs it resumes link to it.
+    fn begin(self) -> Result<Engine, LeaseError> {
+        let span = tracing::info_span!(
+            "shard.recover",
+            shard = self.shard.0,
+            epoch = tracing::field::Empty,
+            accounts = tracing::field::Empty,
+            coordinations = tracing::field::Empty,
+            prepared = tracing::field::Empty,
+        );
+        let _recover = span.enter();
+        let now = self.clock.now_ms();
+        let lease = acquire_lease(
+            &*self.store,
+            self.shard,
+            &self.node,
+            now,
+            self.options.lease_ms,
+        )?;
+        let recovered = load(&*self.store, self.shard)?;
+        span.record("epoch", lease.epoch);
+        span.record("accounts", recovered.accounts.len());
+        span.record("coordinations", recovered.coordinations.len());
+        span.record("prepared", recovered.prepared.len());
+        Ok(Engine::new(
+            self.shard,
+            lease.epoch,
+            self.options,
+            self.store,
+            self.locate,
+            recovered,
+        ))
     }
 }
 

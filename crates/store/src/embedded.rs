@@ -29,13 +29,16 @@
 //! synced poisons the store: every later commit fails until the process restarts and replays
 //! the log (a leader would otherwise reload state that lacks a durable commit).
 //!
-//! One commit at a time per store (a mutex): the shard runtime gives each shard its own thread
-//! and its own file. Readers take the same mutex only to look at the overlay.
+//! One commit at a time per store: its log order is its commit order, and each shard has one
+//! writer (its leader) and its own file. The state's mutex is held to check preconditions and
+//! to apply a synced commit, not while the log syncs: readers take it only to look at the
+//! overlay. [`Store::commit_async`] waits for the sync as a future, so a leader running as an
+//! async task never blocks its thread on an fsync.
 
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -89,6 +92,8 @@ pub struct Embedded {
     tag: u32,
     log: Arc<Log>,
     state: Mutex<State>,
+    /// Signalled when a commit in flight finishes.
+    idle: Condvar,
 }
 
 struct State {
@@ -96,6 +101,8 @@ struct State {
     seq: u64,
     commits_since_checkpoint: u64,
     poisoned: bool,
+    /// A commit's record is in the log and its writes not yet in the overlay.
+    in_flight: bool,
     /// Logged (durable) writes not yet in redb: key -> value, or `None` for a delete.
     overlay: Overlay,
     overlay_bytes: usize,
@@ -222,6 +229,7 @@ impl Embedded {
             seq,
             commits_since_checkpoint: 0,
             poisoned: false,
+            in_flight: false,
             overlay: BTreeMap::new(),
             overlay_bytes: 0,
             frozen: None,
@@ -234,6 +242,7 @@ impl Embedded {
             tag,
             log,
             state: Mutex::new(state),
+            idle: Condvar::new(),
         })
     }
 
@@ -506,20 +515,55 @@ impl Store for Embedded {
         self.commit_writes(&batch.preconditions, Writes::Given(batch.writes))
     }
 
+    fn commit_async(&self, batch: WriteBatch) -> crate::CommitFuture<'_> {
+        Box::pin(async move {
+            let Some(group) = self.begin_commit(&batch.preconditions, &batch.writes)? else {
+                return Ok(());
+            };
+            let mut in_flight = InFlight::new(self);
+            let synced = self.log.synced(group).await;
+            in_flight.finish(Writes::Given(batch.writes), synced)
+        })
+    }
+
     fn kind(&self) -> &'static str {
         "embedded"
     }
 }
 
 impl Embedded {
+    /// A blocking commit: begin, wait for the log, finish.
     fn commit_writes(
         &self,
         preconditions: &[(Vec<u8>, crate::Expect)],
         writes: Writes<'_>,
     ) -> Result<(), CommitError> {
+        let Some(group) = self.begin_commit(preconditions, writes.as_slice())? else {
+            return Ok(());
+        };
+        let mut in_flight = InFlight::new(self);
+        let synced = self.log.wait(group);
+        in_flight.finish(writes, synced)
+    }
+
+    /// The first half of a commit: checks the preconditions and hands the record to the log.
+    /// Returns the log group to wait for, or `None` when there is nothing to write. The caller
+    /// must then call [`InFlight::finish`]: until it does, this store takes no other commit.
+    fn begin_commit(
+        &self,
+        preconditions: &[(Vec<u8>, crate::Expect)],
+        writes: &[Write],
+    ) -> Result<Option<u64>, CommitError> {
         let not_committed = |e: &dyn std::fmt::Display| CommitError::NotCommitted(e.to_string());
-        // One commit at a time per store: its log order is its commit order.
+        // One commit at a time per store: its log order is its commit order. A shard has one
+        // writer, so this waits only if a second writer shows up (a test, say).
         let mut state = self.state();
+        while state.in_flight {
+            state = self
+                .idle
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
         if let Err(e) = self.settle(&mut state, false) {
             tracing::error!(store = %self.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
         }
@@ -537,32 +581,85 @@ impl Embedded {
                 return Err(CommitError::Conflict { key: key.clone() });
             }
         }
-        if writes.as_slice().is_empty() {
-            return Ok(());
+        if writes.is_empty() {
+            return Ok(None);
         }
         let seq = state.seq + 1;
-        if let Err(e) = self.log.append(self.tag, seq, writes.as_slice()) {
-            // Part of the record may be on disk. Unknown, and no further commits here.
+        match self.log.submit(self.tag, seq, writes) {
+            Ok(group) => {
+                state.seq = seq;
+                state.in_flight = true;
+                Ok(Some(group))
+            }
+            Err(e) => {
+                // Part of the record may be on disk. Unknown, and no further commits here.
+                state.poisoned = true;
+                Err(CommitError::Unknown(format!("log append: {e}")))
+            }
+        }
+    }
+}
+
+/// A commit whose record is in the log but not yet visible. Dropped before it finishes (its
+/// task was cancelled while it waited for the fsync), it poisons the store: the record may
+/// be durable without being visible, and only a restart's replay can tell.
+struct InFlight<'a> {
+    store: &'a Embedded,
+    finished: bool,
+}
+
+impl<'a> InFlight<'a> {
+    fn new(store: &'a Embedded) -> Self {
+        Self {
+            store,
+            finished: false,
+        }
+    }
+
+    /// The second half of a commit, once the log has answered: a synced record's writes
+    /// become visible (and may start a checkpoint).
+    fn finish(
+        &mut self,
+        writes: Writes<'_>,
+        synced: Result<(), String>,
+    ) -> Result<(), CommitError> {
+        self.finished = true;
+        let store = self.store;
+        let mut state = store.state();
+        state.in_flight = false;
+        store.idle.notify_all();
+        if let Err(e) = synced {
             state.poisoned = true;
             return Err(CommitError::Unknown(format!("log append: {e}")));
         }
-        state.seq = seq;
         state.commits_since_checkpoint += 1;
         state.overlay_bytes += writes.into_overlay(&mut state.overlay);
         let due = state.commits_since_checkpoint >= CHECKPOINT_COMMITS
-            || state.overlay_bytes >= self.limits.overlay_bytes;
+            || state.overlay_bytes >= store.limits.overlay_bytes;
         // A checkpoint still running is not waited for (that would stall this shard's commits)
         // until the overlay reaches its hard limit.
         let running = state.frozen.is_some();
-        if due && (!running || state.overlay_bytes >= self.limits.overlay_bytes_hard()) {
+        if due && (!running || state.overlay_bytes >= store.limits.overlay_bytes_hard()) {
             // The commit is durable (logged) whatever happens here; a failed checkpoint leaves
             // the log holding it, and the store refuses further commits until a restart.
-            if let Err(e) = self.start_checkpoint(&mut state) {
+            if let Err(e) = store.start_checkpoint(&mut state) {
                 state.poisoned = true;
-                tracing::error!(store = %self.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
+                tracing::error!(store = %store.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
             }
         }
         Ok(())
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut state = self.store.state();
+            state.in_flight = false;
+            state.poisoned = true;
+            self.store.idle.notify_all();
+            tracing::error!(store = %self.store.path, "a commit was abandoned while its log record was being synced; restart to replay the log");
+        }
     }
 }
 
@@ -590,6 +687,43 @@ mod tests {
         }
         let store = Embedded::open(&path).unwrap();
         assert_eq!(store.get(b"k").unwrap(), Some(b"v".to_vec()));
+    }
+
+    /// An async commit is visible once it resolves. One abandoned while its record was being
+    /// synced poisons the store: that record may be durable without being visible.
+    #[test]
+    fn async_commits_become_visible_and_an_abandoned_one_poisons_the_store() {
+        use std::future::Future as _;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Embedded::open(&dir.path().join("db.redb")).unwrap();
+        let batch = |k: u8| {
+            let mut b = WriteBatch::default();
+            b.put(vec![b'k', k], vec![k]);
+            b
+        };
+        futures::executor::block_on(store.commit_async(batch(0))).unwrap();
+        assert_eq!(store.get(b"k\0").unwrap(), Some(vec![0]));
+
+        // Poll once: the record goes to the log; then give up on it before it is synced. (A
+        // flush can win the race; such a commit simply completes, so try again.)
+        let noop = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(noop);
+        let mut abandoned = false;
+        for k in 1..=100 {
+            let mut commit = store.commit_async(batch(k));
+            if commit.as_mut().poll(&mut cx).is_pending() {
+                abandoned = true;
+                break;
+            }
+        }
+        assert!(
+            abandoned,
+            "every commit was synced before its first poll returned"
+        );
+        assert!(matches!(
+            store.commit(&batch(200)),
+            Err(CommitError::NotCommitted(_))
+        ));
     }
 
     #[test]

@@ -137,11 +137,22 @@ pub trait Store: Send + Sync + 'static {
         self.commit(&batch)
     }
 
+    /// As [`Store::commit_owned`], for an async caller: waiting for durability does not block
+    /// its thread. The default runs the blocking commit inside the future, which suits a
+    /// backend whose commit does not wait (memory); a durable backend overrides it.
+    fn commit_async(&self, batch: WriteBatch) -> CommitFuture<'_> {
+        Box::pin(std::future::ready(self.commit_owned(batch)))
+    }
+
     /// A short name for logs ("embedded", "memory").
     fn kind(&self) -> &'static str;
 }
 
 pub type SharedStore = Arc<dyn Store>;
+
+/// What [`Store::commit_async`] returns.
+pub type CommitFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CommitError>> + Send + 'a>>;
 
 /// Key-value pairs from a scan, ascending by key.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;

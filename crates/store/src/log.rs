@@ -2,10 +2,15 @@
 //! commit across them.
 //!
 //! ```text
-//!  shard 0 ─ append(tag 0, seq, writes) ─┐
-//!  shard 1 ─ append(tag 1, seq, writes) ─┼─► pending buffer ─► one flusher: write + fsync ─► all wake
-//!  shard 7 ─ append(tag 7, seq, writes) ─┘     (whoever arrives while no flush runs becomes it)
+//!  shard 0 ─ submit(tag 0, seq, writes) ─┐
+//!  shard 1 ─ submit(tag 1, seq, writes) ─┼─► pending buffer ─► flusher thread: write + fsync ─► wake
+//!  shard 7 ─ submit(tag 7, seq, writes) ─┘    (what arrives during a flush forms the next group)
 //! ```
+//!
+//! A committer submits its record and gets the number of the flush group it joined; it then
+//! waits for that group either by blocking ([`Log::wait`], [`Log::append`]) or as a future
+//! ([`Log::synced`]), so a shard leader running as an async task never blocks a thread on
+//! an fsync. One flusher thread per log does every write and fsync.
 //!
 //! Each store (tag) numbers its commits 1, 2, 3, ...; a record is `(tag, seq, writes)`. A store
 //! makes its B-tree durable now and then (a checkpoint) and reports it with [`Log::durable`];
@@ -20,7 +25,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write as _};
 use std::path::{Path, PathBuf};
-use std::sync::{Condvar, Mutex};
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex};
+use std::task::{Context, Poll, Waker};
 
 use crate::Write;
 
@@ -36,9 +43,18 @@ pub type Recovered = Vec<(u64, Vec<Write>)>;
 
 #[derive(Debug)]
 pub struct Log {
+    shared: Arc<Shared>,
+    flusher: Option<std::thread::JoinHandle<()>>,
+}
+
+#[derive(Debug)]
+struct Shared {
     dir: PathBuf,
     state: Mutex<State>,
+    /// Signalled after every flush (blocking waiters).
     flushed: Condvar,
+    /// Signals the idle flusher that records are pending (or that the log is closing).
+    work: Condvar,
 }
 
 #[derive(Debug)]
@@ -51,7 +67,12 @@ struct State {
     pending_tags: HashMap<u32, u64>,
     open_group: u64,
     synced_group: u64,
-    flushing: bool,
+    /// The flusher waits for work (a submit must signal it).
+    flusher_idle: bool,
+    closing: bool,
+    /// Async waiters: the group each waits for, and how to wake it. At most one per store
+    /// with a commit in flight.
+    wakers: Vec<(u64, Waker)>,
     /// The current segment (taken by the flusher while it writes).
     file: Option<File>,
     index: u64,
@@ -64,13 +85,23 @@ struct State {
     failed: Option<String>,
 }
 
+impl State {
+    /// Whether flush group `group` is on disk: `Some(Ok)` yes, `Some(Err)` it never will be.
+    fn outcome(&self, group: u64) -> Option<Result<(), String>> {
+        if self.synced_group >= group {
+            return Some(Ok(()));
+        }
+        self.failed.clone().map(Err)
+    }
+}
+
 fn segment_path(dir: &Path, index: u64) -> PathBuf {
     dir.join(format!("{index:016}.log"))
 }
 
 impl Log {
-    /// Opens the log directory (creating it), reads every record for replay, and starts a new
-    /// segment.
+    /// Opens the log directory (creating it), reads every record for replay, starts a new
+    /// segment and the flusher thread.
     pub fn open(dir: &Path) -> std::io::Result<Log> {
         std::fs::create_dir_all(dir)?;
         let mut indices: Vec<u64> = std::fs::read_dir(dir)?
@@ -97,7 +128,9 @@ impl Log {
             pending_tags: HashMap::new(),
             open_group: 1,
             synced_group: 0,
-            flushing: false,
+            flusher_idle: false,
+            closing: false,
+            wakers: Vec::new(),
             file: Some(file),
             index,
             bytes: 0,
@@ -106,10 +139,21 @@ impl Log {
             recovered,
             failed: None,
         };
-        Ok(Log {
+        let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             state: Mutex::new(state),
             flushed: Condvar::new(),
+            work: Condvar::new(),
+        });
+        let flusher = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("log-flusher".into())
+                .spawn(move || shared.run_flusher())?
+        };
+        Ok(Log {
+            shared,
+            flusher: Some(flusher),
         })
     }
 
@@ -119,14 +163,12 @@ impl Log {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shared.lock()
     }
 
-    /// Appends a record and returns once it is on disk (fsynced), together with whatever other
-    /// records arrived meanwhile.
-    pub fn append(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<(), String> {
+    /// Adds a record to the next flush and returns that flush's group number (wait for it
+    /// with [`Log::wait`] or [`Log::synced`]). Nothing is durable before the wait returns.
+    pub fn submit(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<u64, String> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -147,26 +189,114 @@ impl Log {
             return Err(e.clone());
         }
         state.pending_tags.insert(tag, seq);
-        let mine = state.open_group;
+        if std::mem::take(&mut state.flusher_idle) {
+            self.shared.work.notify_one();
+        }
+        Ok(state.open_group)
+    }
+
+    /// Blocks until flush group `group` is on disk.
+    pub fn wait(&self, group: u64) -> Result<(), String> {
+        let mut state = self.lock();
         loop {
-            if state.synced_group >= mine {
-                return Ok(());
+            if let Some(outcome) = state.outcome(group) {
+                return outcome;
             }
-            if let Some(e) = &state.failed {
-                return Err(e.clone());
-            }
-            if state.flushing {
+            state = self
+                .shared
+                .flushed
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+    }
+
+    /// Resolves once flush group `group` is on disk, without blocking a thread meanwhile.
+    pub fn synced(&self, group: u64) -> Synced<'_> {
+        Synced { log: self, group }
+    }
+
+    /// Appends a record and returns once it is on disk (fsynced), together with whatever other
+    /// records arrived meanwhile.
+    pub fn append(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<(), String> {
+        let group = self.submit(tag, seq, writes)?;
+        self.wait(group)
+    }
+
+    /// `tag`'s store made everything up to `seq` durable by itself: segments that hold nothing
+    /// newer for any tag can go.
+    pub fn durable(&self, tag: u32, seq: u64) {
+        let mut state = self.lock();
+        state.durable.insert(tag, seq);
+        self.shared.collect(&mut state);
+    }
+
+    /// How many segment files exist (for tests and status).
+    pub fn segments(&self) -> usize {
+        self.lock().segments.len()
+    }
+}
+
+impl Drop for Log {
+    /// Flushes what is pending, then stops the flusher.
+    fn drop(&mut self) {
+        self.lock().closing = true;
+        self.shared.work.notify_one();
+        if let Some(flusher) = self.flusher.take() {
+            let _ = flusher.join();
+        }
+    }
+}
+
+/// A wait for one flush group: resolves once it is on disk (or the log failed).
+#[derive(Debug)]
+pub struct Synced<'a> {
+    log: &'a Log,
+    group: u64,
+}
+
+impl std::future::Future for Synced<'_> {
+    type Output = Result<(), String>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut state = self.log.lock();
+        if let Some(outcome) = state.outcome(self.group) {
+            return Poll::Ready(outcome);
+        }
+        let waker = cx.waker();
+        match state.wakers.iter_mut().find(|(_, w)| w.will_wake(waker)) {
+            Some(entry) => entry.0 = entry.0.min(self.group),
+            None => state.wakers.push((self.group, waker.clone())),
+        }
+        Poll::Pending
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The flusher thread: writes and syncs whatever is pending, one group at a time, until
+    /// the log is dropped (it flushes what is pending first).
+    fn run_flusher(&self) {
+        let mut state = self.lock();
+        loop {
+            while state.pending.is_empty() && !state.closing {
+                state.flusher_idle = true;
                 state = self
-                    .flushed
+                    .work
                     .wait(state)
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                continue;
             }
-            // Become the flusher for everything pending. First let other committers that are
-            // ready to run append theirs: one fsync then covers more records.
-            // Measured: small calls on 16 shards, +20% (docs/benchmarks.md); yielding more
-            // than once gained nothing more. With nothing else runnable it returns at once.
-            state.flushing = true;
+            state.flusher_idle = false;
+            if state.pending.is_empty() || state.failed.is_some() {
+                return; // closing, or nothing more may be logged
+            }
+            // Let other committers that are ready to run append theirs first: one fsync then
+            // covers more records. Measured: small calls on 16 shards, +20%
+            // (docs/benchmarks.md). With nothing else runnable it returns at once.
             drop(state);
             std::thread::yield_now();
             state = self.lock();
@@ -175,10 +305,7 @@ impl Log {
             let spare = std::mem::take(&mut state.spare);
             let mut buffer = std::mem::replace(&mut state.pending, spare);
             let tags = std::mem::take(&mut state.pending_tags);
-            let mut file = state
-                .file
-                .take()
-                .expect("segment present when not flushing");
+            let mut file = state.file.take().expect("the flusher owns the segment");
             drop(state);
             let written = file.write_all(&buffer).and_then(|()| file.sync_data());
             let flushed_bytes = buffer.len() as u64;
@@ -187,8 +314,8 @@ impl Log {
                 buffer = Vec::new();
             }
             state = self.lock();
-            state.flushing = false;
             state.spare = buffer;
+            state.file = Some(file);
             match written {
                 Ok(()) => {
                     state.synced_group = group;
@@ -198,7 +325,6 @@ impl Log {
                     for (tag, seq) in tags {
                         segment.insert(tag, seq);
                     }
-                    state.file = Some(file);
                     if state.bytes >= SEGMENT_BYTES
                         && let Err(e) = self.rotate(&mut state)
                     {
@@ -209,10 +335,18 @@ impl Log {
                     // Part of the buffer may be on disk. Nothing more may be logged in this
                     // process: a restart replays what is intact.
                     state.failed = Some(format!("log write in {}: {e}", self.dir.display()));
-                    state.file = Some(file);
                 }
             }
             self.flushed.notify_all();
+            let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.wakers)
+                .into_iter()
+                .partition(|(g, _)| state.outcome(*g).is_some());
+            state.wakers = waiting;
+            drop(state);
+            for (_, waker) in ready {
+                waker.wake();
+            }
+            state = self.lock();
         }
     }
 
@@ -224,14 +358,6 @@ impl Log {
         state.segments.insert(index, HashMap::new());
         self.collect(state);
         Ok(())
-    }
-
-    /// `tag`'s store made everything up to `seq` durable by itself: segments that hold nothing
-    /// newer for any tag can go.
-    pub fn durable(&self, tag: u32, seq: u64) {
-        let mut state = self.lock();
-        state.durable.insert(tag, seq);
-        self.collect(&mut state);
     }
 
     fn collect(&self, state: &mut State) {
@@ -252,11 +378,6 @@ impl Log {
             let _ = std::fs::remove_file(segment_path(&self.dir, index));
             state.segments.remove(&index);
         }
-    }
-
-    /// How many segment files exist (for tests and status).
-    pub fn segments(&self) -> usize {
-        self.lock().segments.len()
     }
 }
 
@@ -375,6 +496,7 @@ fn decode(body: &[u8]) -> Option<(u32, u64, Vec<Write>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future as _;
 
     fn put(k: u8) -> Vec<Write> {
         vec![Write::Put(vec![k], vec![k; 3]), Write::Delete(vec![k, k])]
@@ -446,6 +568,64 @@ mod tests {
                 .map(|(s, _)| s)
                 .collect();
             assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "tag {tag}");
+        }
+    }
+
+    /// An async waiter registers its waker and is woken by the flusher once its group is on
+    /// disk (a waiter that is never woken would strand its shard).
+    #[test]
+    fn async_waiters_are_woken_once_their_group_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let log = Log::open(dir.path()).unwrap();
+            let mut pending_polls = 0;
+            for seq in 1..=20u64 {
+                let group = log
+                    .submit(1, seq, &put(u8::try_from(seq).unwrap()))
+                    .unwrap();
+                let synced = log.synced(group);
+                let (result, pending) = poll_until_woken(synced);
+                result.unwrap();
+                pending_polls += pending;
+            }
+            assert!(
+                pending_polls > 0,
+                "every wait was over before the first poll"
+            );
+        }
+        let log = Log::open(dir.path()).unwrap();
+        let seqs: Vec<u64> = log.take_recovered(1).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, (1..=20).collect::<Vec<_>>());
+    }
+
+    /// Polls a future; between polls, waits (at most 10 s) to be woken. Returns the output and
+    /// how many polls were pending.
+    fn poll_until_woken<F: std::future::Future>(future: F) -> (F::Output, usize) {
+        #[derive(Default)]
+        struct Flag(Mutex<bool>, Condvar);
+        impl std::task::Wake for Flag {
+            fn wake(self: Arc<Self>) {
+                *self.0.lock().unwrap() = true;
+                self.1.notify_all();
+            }
+        }
+        let flag = Arc::new(Flag::default());
+        let waker = Waker::from(Arc::clone(&flag));
+        let mut cx = Context::from_waker(&waker);
+        let mut future = std::pin::pin!(future);
+        let mut pending = 0;
+        loop {
+            if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+                return (out, pending);
+            }
+            pending += 1;
+            let woken = flag.0.lock().unwrap();
+            let (mut woken, timeout) = flag
+                .1
+                .wait_timeout_while(woken, std::time::Duration::from_secs(10), |w| !*w)
+                .unwrap();
+            assert!(!timeout.timed_out(), "a pending waiter was never woken");
+            *woken = false;
         }
     }
 
