@@ -43,6 +43,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::log::Log;
+use crate::overlay::OverlayKey;
 use crate::{CommitError, Error, Store, Write, WriteBatch};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -115,7 +116,7 @@ struct State {
     snapshot: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
 }
 
-type Overlay = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+type Overlay = BTreeMap<OverlayKey, Option<Vec<u8>>>;
 
 struct Frozen {
     overlay: Arc<Overlay>,
@@ -337,11 +338,14 @@ impl Embedded {
         key: &[u8],
         f: impl FnOnce(Option<&[u8]>) -> T,
     ) -> Result<T, Error> {
-        if let Some(value) = state.overlay.get(key) {
-            return Ok(f(value.as_deref()));
-        }
-        if let Some(value) = state.frozen.as_ref().and_then(|f| f.overlay.get(key)) {
-            return Ok(f(value.as_deref()));
+        if !state.overlay.is_empty() || state.frozen.is_some() {
+            let probe = OverlayKey::new(key);
+            if let Some(value) = state.overlay.get(&probe) {
+                return Ok(f(value.as_deref()));
+            }
+            if let Some(value) = state.frozen.as_ref().and_then(|f| f.overlay.get(&probe)) {
+                return Ok(f(value.as_deref()));
+            }
         }
         let table = match &state.snapshot {
             Some(table) => table,
@@ -374,10 +378,13 @@ fn write_checkpoint(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), St
         .map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
         for (key, value) in overlay {
+            bytes.clear();
+            key.write_to(&mut bytes);
             match value {
-                Some(v) => table.insert(key.as_slice(), v.as_slice()),
-                None => table.remove(key.as_slice()),
+                Some(v) => table.insert(bytes.as_slice(), v.as_slice()),
+                None => table.remove(bytes.as_slice()),
             }
             .map_err(|e| e.to_string())?;
         }
@@ -389,9 +396,9 @@ fn write_checkpoint(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), St
 
 /// Merges two ordered runs of overlay entries; `newer` wins on equal keys.
 fn merge_overlays<'a>(
-    newer: impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
-    older: impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)>,
-) -> impl Iterator<Item = (&'a Vec<u8>, &'a Option<Vec<u8>>)> {
+    newer: impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)>,
+    older: impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)>,
+) -> impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)> {
     let (mut newer, mut older) = (newer.peekable(), older.peekable());
     std::iter::from_fn(move || match (newer.peek(), older.peek()) {
         (None, None) => None,
@@ -423,7 +430,7 @@ fn overlay_apply(overlay: &mut Overlay, writes: impl IntoIterator<Item = Write>)
             Write::Delete(k) => (k, None),
         };
         bytes += key.len() + value.as_ref().map_or(0, Vec::len);
-        overlay.insert(key, value);
+        overlay.insert(OverlayKey::new(&key), value);
     }
     bytes
 }
@@ -466,11 +473,14 @@ impl Store for Embedded {
         // Merge redb's range with the overlay's; the overlay wins on equal keys and its
         // deletes hide redb's values.
         let mut base = table.range(start..end).map_err(io)?.peekable();
-        let range = || (Bound::Included(start), Bound::Excluded(end));
+        let (from, to) = (OverlayKey::new(start), OverlayKey::new(end));
+        let range = || (Bound::Included(&from), Bound::Excluded(&to));
         let frozen = state.frozen.as_ref().map(|f| &*f.overlay);
         let mut over = merge_overlays(
-            state.overlay.range::<[u8], _>(range()),
-            frozen.into_iter().flat_map(|f| f.range::<[u8], _>(range())),
+            state.overlay.range::<OverlayKey, _>(range()),
+            frozen
+                .into_iter()
+                .flat_map(|f| f.range::<OverlayKey, _>(range())),
         )
         .peekable();
         let mut out = Vec::new();
@@ -489,15 +499,16 @@ impl Store for Embedded {
                 (None, None) => break,
                 (None, Some(_)) => true,
                 (Some(_), None) => false,
-                (Some(b), Some((o, _))) => o.as_slice() <= b.as_slice(),
+                (Some(b), Some((o, _))) => **o <= OverlayKey::new(b),
             };
             if take_overlay {
                 let (k, v) = over.next().expect("peeked");
-                if base_key.as_deref() == Some(k.as_slice()) {
+                let k = k.to_bytes();
+                if base_key.as_ref() == Some(&k) {
                     base.next(); // shadowed by the overlay
                 }
                 if let Some(v) = v {
-                    out.push((k.clone(), v.clone()));
+                    out.push((k, v.clone()));
                 }
             } else {
                 let (k, v) = base.next().expect("peeked").map_err(io)?;
@@ -693,7 +704,6 @@ mod tests {
     /// synced poisons the store: that record may be durable without being visible.
     #[test]
     fn async_commits_become_visible_and_an_abandoned_one_poisons_the_store() {
-        use std::future::Future as _;
         let dir = tempfile::tempdir().unwrap();
         let store = Embedded::open(&dir.path().join("db.redb")).unwrap();
         let batch = |k: u8| {

@@ -17,6 +17,7 @@ mod embedded;
 pub mod key;
 pub mod log;
 mod memory;
+mod overlay;
 
 use std::sync::Arc;
 

@@ -496,7 +496,6 @@ fn decode(body: &[u8]) -> Option<(u32, u64, Vec<Write>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::future::Future as _;
 
     fn put(k: u8) -> Vec<Write> {
         vec![Write::Put(vec![k], vec![k; 3]), Write::Delete(vec![k, k])]
