@@ -7,8 +7,11 @@
 //! the one place that decides whether an id is taken. The forwards are small and loaded into
 //! memory at start.
 
-use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
+
+// Seeded per process like the engine's maps, and cheaper than SipHash on short ids: every call
+// locates its accounts here (docs/benchmarks.md).
+use foldhash::HashMap;
 
 use ledger_domain::{Placement, ShardId};
 use ledger_store::Store;
@@ -60,7 +63,7 @@ impl Node {
             placement.shard_count() as usize,
             "one store per shard"
         );
-        let mut forwards = HashMap::new();
+        let mut forwards = HashMap::default();
         for (i, store) in stores.iter().enumerate() {
             let (start, end) = keys::forwards(ShardId(i as u32));
             for (key, value) in store.scan(&start, &end, usize::MAX)? {
