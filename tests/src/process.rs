@@ -178,5 +178,11 @@ impl Drop for Ledgerd {
 
 /// Opens a stopped node's shard files (replaying its log) for the checkers.
 pub fn open_shards(dir: &Path, shards: u32) -> Vec<ledger_store::Embedded> {
-    ledger_store::open_shards(dir, shards, ledger_store::Limits::default()).expect("open shards")
+    ledger_store::open_shards(
+        dir,
+        shards,
+        ledger_store::Limits::default(),
+        Some(ledger_shard::keys::entry_group),
+    )
+    .expect("open shards")
 }

@@ -138,11 +138,17 @@ fn open_embedded(
         cache_bytes: (config.store_cache_bytes / shards).max(4 << 20),
         overlay_bytes: (config.store_overlay_bytes / shards).max(1 << 20),
     };
-    let stores = ledger_store::open_shards(dir, meta.shard_count, limits)
-        .map_err(|e| fail(e.to_string()))?
-        .into_iter()
-        .map(|s| Arc::new(s) as Arc<dyn Store>)
-        .collect();
+    // Entries (statement lines) are written once, in version order: checkpoints pack them.
+    let stores = ledger_store::open_shards(
+        dir,
+        meta.shard_count,
+        limits,
+        Some(ledger_shard::keys::entry_group),
+    )
+    .map_err(|e| fail(e.to_string()))?
+    .into_iter()
+    .map(|s| Arc::new(s) as Arc<dyn Store>)
+    .collect();
     Ok((meta, stores))
 }
 

@@ -103,9 +103,22 @@ impl Router {
         span: &tracing::Span,
     ) -> Result<Vec<TransferReply>, ApiError> {
         let mut out: Vec<Option<TransferReply>> = (0..transfers.len()).map(|_| None).collect();
-        let mut by_shard: HashMap<ShardId, (Vec<usize>, Vec<Transfer>)> = HashMap::new();
-        for (i, transfer) in transfers.into_iter().enumerate() {
-            match self.home_of_transfer(&transfer)? {
+        // Homes first, so each shard's vectors are allocated once at their size (growing them
+        // by doubling copied every transfer several times in a request of thousands).
+        let homes = transfers
+            .iter()
+            .map(|t| self.home_of_transfer(t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut counts: HashMap<ShardId, usize> = HashMap::new();
+        for shard in homes.iter().flatten() {
+            *counts.entry(*shard).or_default() += 1;
+        }
+        let mut by_shard: HashMap<ShardId, (Vec<usize>, Vec<Transfer>)> = counts
+            .into_iter()
+            .map(|(shard, n)| (shard, (Vec::with_capacity(n), Vec::with_capacity(n))))
+            .collect();
+        for ((i, transfer), home) in transfers.into_iter().enumerate().zip(homes) {
+            match home {
                 Some(shard) => {
                     let (indices, items) = by_shard.entry(shard).or_default();
                     indices.push(i);

@@ -43,6 +43,15 @@ pub fn entry(shard: ShardId, account_id: &str, version: u64) -> Vec<u8> {
     base(shard, ENTRY).str(account_id).u64(version).into_bytes()
 }
 
+/// The packed-group rule of a shard's store (`ledger_store::packed`): an entry is written
+/// once, and an account's entries in increasing version order, so an entry key's group is its
+/// account (every byte but the version's eight). Account ids are terminated, so groups are
+/// prefix-free.
+pub fn entry_group(key: &[u8]) -> Option<usize> {
+    const HEAD: usize = 6; // b'S', the shard, the kind
+    (key.len() >= HEAD + 1 + 8 && key[0] == b'S' && key[5] == ENTRY).then(|| key.len() - 8)
+}
+
 pub fn transfer(shard: ShardId, id: &str) -> Vec<u8> {
     base(shard, TRANSFER).str(id).into_bytes()
 }

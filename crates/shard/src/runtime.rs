@@ -358,7 +358,7 @@ impl Runtime {
             let mut links: Vec<TraceParent> = Vec::new();
             let mut next = first;
             while let Some(command) = next.take() {
-                let mut handle = |input| {
+                let handle = |engine: &mut Engine, input| {
                     engine
                         .handle(input)
                         .map_err(|e| Term::SteppedDown(e.to_string()))
@@ -368,10 +368,12 @@ impl Runtime {
                         stop = true;
                         break;
                     }
-                    Command::Peer { from, message } => handle(Input::Peer { from, message }),
+                    Command::Peer { from, message } => {
+                        handle(&mut engine, Input::Peer { from, message })
+                    }
                     Command::CreateAccount(account, tx) => {
                         let token = waiting.one(tx);
-                        handle(Input::CreateAccount { token, account })
+                        handle(&mut engine, Input::CreateAccount { token, account })
                     }
                     Command::ReserveForward {
                         id,
@@ -380,12 +382,15 @@ impl Runtime {
                         reply,
                     } => {
                         let token = waiting.one(reply);
-                        handle(Input::ReserveForward {
-                            token,
-                            id,
-                            placement_key,
-                            home,
-                        })
+                        handle(
+                            &mut engine,
+                            Input::ReserveForward {
+                                token,
+                                id,
+                                placement_key,
+                                home,
+                            },
+                        )
                     }
                     Command::CreateTransfer(transfer, caller, tx) => {
                         if let Some(caller) = caller
@@ -394,11 +399,14 @@ impl Runtime {
                             links.push(caller);
                         }
                         let token = waiting.one(tx);
-                        handle(Input::CreateTransfer {
-                            token,
-                            transfer,
-                            trace: caller,
-                        })
+                        handle(
+                            &mut engine,
+                            Input::CreateTransfer {
+                                token,
+                                transfer,
+                                trace: caller,
+                            },
+                        )
                     }
                     Command::CreateTransfers(transfers, caller, tx) => {
                         if let Some(caller) = caller
@@ -408,13 +416,17 @@ impl Runtime {
                         }
                         let tokens = waiting.group(transfers.len(), tx);
                         inputs += transfers.len().saturating_sub(1);
+                        engine.reserve_transfers(transfers.len());
                         let mut result = Ok(());
                         for (transfer, token) in transfers.into_iter().zip(tokens) {
-                            result = handle(Input::CreateTransfer {
-                                token,
-                                transfer,
-                                trace: caller,
-                            });
+                            result = handle(
+                                &mut engine,
+                                Input::CreateTransfer {
+                                    token,
+                                    transfer,
+                                    trace: caller,
+                                },
+                            );
                             if result.is_err() {
                                 break;
                             }

@@ -44,6 +44,7 @@ use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinitio
 
 use crate::log::Log;
 use crate::overlay::OverlayKey;
+use crate::packed::{self, GroupOf, PACKED, Packer};
 use crate::{CommitError, Error, Store, Write, WriteBatch};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
@@ -89,6 +90,8 @@ impl Limits {
 pub struct Embedded {
     db: Arc<Database>,
     limits: Limits,
+    /// Which keys checkpoints pack into chunks (see [`crate::packed`]); `None` packs nothing.
+    group_of: Option<GroupOf>,
     path: String,
     tag: u32,
     log: Arc<Log>,
@@ -113,7 +116,23 @@ struct State {
     /// A read snapshot of redb reused by point reads (a read transaction per read costs more
     /// than the lookup). Valid while every commit it lacks is still in `overlay` or `frozen`:
     /// dropped whenever a checkpoint's overlay is let go.
-    snapshot: Option<redb::ReadOnlyTable<&'static [u8], &'static [u8]>>,
+    snapshot: Option<Snapshot>,
+}
+
+/// redb's tables as of one read transaction.
+struct Snapshot {
+    kv: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+    packed: redb::ReadOnlyTable<&'static [u8], &'static [u8]>,
+}
+
+impl Snapshot {
+    fn open(db: &Database) -> Result<Self, Error> {
+        let txn = db.begin_read().map_err(io)?;
+        Ok(Self {
+            kv: txn.open_table(KV).map_err(io)?,
+            packed: txn.open_table(PACKED).map_err(io)?,
+        })
+    }
 }
 
 type Overlay = BTreeMap<OverlayKey, Option<Vec<u8>>>;
@@ -135,8 +154,14 @@ impl std::fmt::Debug for Embedded {
 }
 
 /// Opens the stores of a node's data directory: `shard-NNNN.redb` for `0..count`, sharing the
-/// log in `log/` (one fsync for all shards' commits).
-pub fn open_shards(dir: &Path, count: u32, limits_each: Limits) -> Result<Vec<Embedded>, Error> {
+/// log in `log/` (one fsync for all shards' commits). Checkpoints pack the keys `group_of`
+/// places in groups (see [`crate::packed`]).
+pub fn open_shards(
+    dir: &Path,
+    count: u32,
+    limits_each: Limits,
+    group_of: Option<GroupOf>,
+) -> Result<Vec<Embedded>, Error> {
     let log_dir = dir.join("log");
     let log = Log::open(&log_dir).map_err(|e| Error::Open {
         path: log_dir.display().to_string(),
@@ -146,7 +171,7 @@ pub fn open_shards(dir: &Path, count: u32, limits_each: Limits) -> Result<Vec<Em
     (0..count)
         .map(|shard| {
             let path = dir.join(format!("shard-{shard:04}.redb"));
-            Embedded::open_in_log(&path, limits_each, Arc::clone(&log), shard)
+            Embedded::open_in_log(&path, limits_each, Arc::clone(&log), shard, group_of)
         })
         .collect()
 }
@@ -173,15 +198,17 @@ impl Embedded {
             cache_bytes,
             ..Limits::default()
         };
-        Self::open_in_log(path, limits, Arc::new(log), 0)
+        Self::open_in_log(path, limits, Arc::new(log), 0, None)
     }
 
     /// Opens a database file whose commits go to `log` under `tag`, replaying the log first.
+    /// Checkpoints pack the keys `group_of` places in groups (see [`crate::packed`]).
     pub fn open_in_log(
         path: &Path,
         limits: Limits,
         log: Arc<Log>,
         tag: u32,
+        group_of: Option<GroupOf>,
     ) -> Result<Self, Error> {
         let shown = path.display().to_string();
         let open_err = |reason: String| Error::Open {
@@ -201,6 +228,17 @@ impl Embedded {
         // Create the tables up front so readers never meet a missing table.
         let txn = db.begin_write().map_err(|e| oe(&e))?;
         txn.open_table(KV).map_err(|e| oe(&e))?;
+        let packed_rows = txn
+            .open_table(PACKED)
+            .map_err(|e| oe(&e))?
+            .first()
+            .map_err(|e| oe(&e))?
+            .is_some();
+        if packed_rows && group_of.is_none() {
+            return Err(open_err(
+                "it holds packed rows, and was opened without the rule that reads them".into(),
+            ));
+        }
         let applied = {
             let meta = txn.open_table(META).map_err(|e| oe(&e))?;
             meta.get(APPLIED_SEQ)
@@ -224,7 +262,7 @@ impl Embedded {
             overlay_apply(&mut replayed, writes);
             seq = record_seq;
         }
-        write_checkpoint(&db, &replayed, seq).map_err(open_err)?;
+        write_checkpoint(&db, &replayed, seq, group_of).map_err(open_err)?;
         log.durable(tag, seq);
         let state = State {
             seq,
@@ -239,6 +277,7 @@ impl Embedded {
         Ok(Self {
             db: Arc::new(db),
             limits,
+            group_of,
             path: shown,
             tag,
             log,
@@ -256,10 +295,10 @@ impl Embedded {
         state.overlay_bytes = 0;
         state.commits_since_checkpoint = 0;
         let seq = state.seq;
-        let (db, frozen) = (Arc::clone(&self.db), Arc::clone(&overlay));
+        let (db, frozen, group_of) = (Arc::clone(&self.db), Arc::clone(&overlay), self.group_of);
         let thread = std::thread::Builder::new()
             .name(format!("checkpoint-{}", self.tag))
-            .spawn(move || write_checkpoint(&db, &frozen, seq))
+            .spawn(move || write_checkpoint(&db, &frozen, seq, group_of))
             .map_err(|e| format!("cannot start a checkpoint thread: {e}"))?;
         state.frozen = Some(Frozen {
             overlay,
@@ -311,7 +350,7 @@ impl Embedded {
         if state.overlay.is_empty() {
             return Ok(());
         }
-        write_checkpoint(&self.db, &state.overlay, state.seq)?;
+        write_checkpoint(&self.db, &state.overlay, state.seq, self.group_of)?;
         state.snapshot = None;
         state.overlay.clear();
         state.overlay_bytes = 0;
@@ -347,15 +386,20 @@ impl Embedded {
                 return Ok(f(value.as_deref()));
             }
         }
-        let table = match &state.snapshot {
-            Some(table) => table,
-            None => {
-                let txn = self.db.begin_read().map_err(io)?;
-                state.snapshot.insert(txn.open_table(KV).map_err(io)?)
-            }
+        let snapshot = match &state.snapshot {
+            Some(snapshot) => snapshot,
+            None => state.snapshot.insert(Snapshot::open(&self.db)?),
         };
-        let found = table.get(key).map_err(io)?;
-        Ok(f(found.as_ref().map(|v| v.value())))
+        if let Some(found) = snapshot.kv.get(key).map_err(io)? {
+            return Ok(f(Some(found.value())));
+        }
+        match self.group_of.and_then(|g| g(key)) {
+            Some(group) if group <= key.len() => {
+                let found = packed::get(&snapshot.packed, key, group)?;
+                Ok(f(found.as_deref()))
+            }
+            _ => Ok(f(None)),
+        }
     }
 }
 
@@ -371,23 +415,41 @@ impl Drop for Embedded {
     }
 }
 
-/// One durable redb transaction holding `overlay` and the log position it reaches.
-fn write_checkpoint(db: &Database, overlay: &Overlay, seq: u64) -> Result<(), String> {
+/// One durable redb transaction holding `overlay` and the log position it reaches. Keys that
+/// `group_of` places in groups are packed into chunks (see [`crate::packed`]).
+fn write_checkpoint(
+    db: &Database,
+    overlay: &Overlay,
+    seq: u64,
+    group_of: Option<GroupOf>,
+) -> Result<(), String> {
     let mut txn = db.begin_write().map_err(|e| e.to_string())?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| e.to_string())?;
     {
         let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
+        let mut packed = txn.open_table(PACKED).map_err(|e| e.to_string())?;
+        let mut packer = Packer::new();
         let mut bytes = Vec::new();
         for (key, value) in overlay {
             bytes.clear();
             key.write_to(&mut bytes);
-            match value {
-                Some(v) => table.insert(bytes.as_slice(), v.as_slice()),
-                None => table.remove(bytes.as_slice()),
+            let group = group_of
+                .and_then(|g| g(&bytes))
+                .filter(|g| *g <= bytes.len());
+            match (value, group) {
+                (Some(v), Some(group)) => packer.push(&mut packed, &mut table, &bytes, group, v)?,
+                (Some(v), None) => {
+                    table
+                        .insert(bytes.as_slice(), v.as_slice())
+                        .map_err(|e| e.to_string())?;
+                }
+                (None, _) => {
+                    table.remove(bytes.as_slice()).map_err(|e| e.to_string())?;
+                }
             }
-            .map_err(|e| e.to_string())?;
         }
+        packer.flush(&mut packed, &mut table)?;
         let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
         meta.insert(APPLIED_SEQ, seq).map_err(|e| e.to_string())?;
     }
@@ -412,6 +474,30 @@ fn merge_overlays<'a>(
                 newer.next()
             } else {
                 older.next()
+            }
+        }
+    })
+}
+
+/// Merges two ordered runs of owned rows (plain rows and packed members); on an equal key,
+/// which a packed group's contract rules out, the plain row wins and the other is dropped.
+fn merge_rows(
+    rows: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>>,
+    members: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>>,
+) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>> {
+    let (mut rows, mut members) = (rows.peekable(), members.peekable());
+    std::iter::from_fn(move || match (rows.peek(), members.peek()) {
+        (None, None) => None,
+        (Some(_), None) | (Some(Err(_)), _) => rows.next(),
+        (None, Some(_)) | (_, Some(Err(_))) => members.next(),
+        (Some(Ok((r, _))), Some(Ok((m, _)))) => {
+            if r <= m {
+                if r == m {
+                    members.next();
+                }
+                rows.next()
+            } else {
+                members.next()
             }
         }
     })
@@ -468,11 +554,19 @@ impl Store for Embedded {
             return Ok(Vec::new());
         }
         let state = self.state();
-        let txn = self.db.begin_read().map_err(io)?;
-        let table = txn.open_table(KV).map_err(io)?;
-        // Merge redb's range with the overlay's; the overlay wins on equal keys and its
-        // deletes hide redb's values.
-        let mut base = table.range(start..end).map_err(io)?.peekable();
+        let snapshot = Snapshot::open(&self.db)?;
+        // redb's rows and packed members, merged (a key is in at most one of them), then
+        // merged with the overlay's; the overlay wins on equal keys and its deletes hide
+        // redb's values.
+        let rows = snapshot.kv.range(start..end).map_err(io)?.map(|row| {
+            row.map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
+                .map_err(io)
+        });
+        let members = match self.group_of {
+            Some(group_of) => Some(packed::Range::new(&snapshot.packed, group_of, start, end)?),
+            None => None,
+        };
+        let mut base = merge_rows(rows, members.into_iter().flatten()).peekable();
         let (from, to) = (OverlayKey::new(start), OverlayKey::new(end));
         let range = || (Bound::Included(&from), Bound::Excluded(&to));
         let frozen = state.frozen.as_ref().map(|f| &*f.overlay);
@@ -486,7 +580,7 @@ impl Store for Embedded {
         let mut out = Vec::new();
         while out.len() < limit {
             let base_key = match base.peek() {
-                Some(Ok((k, _))) => Some(k.value().to_vec()),
+                Some(Ok((k, _))) => Some(k.clone()),
                 Some(Err(_)) => {
                     let Some(Err(e)) = base.next() else {
                         unreachable!("peeked an error")
@@ -511,8 +605,7 @@ impl Store for Embedded {
                     out.push((k, v.clone()));
                 }
             } else {
-                let (k, v) = base.next().expect("peeked").map_err(io)?;
-                out.push((k.value().to_vec(), v.value().to_vec()));
+                out.push(base.next().expect("peeked")?);
             }
         }
         Ok(out)
@@ -594,6 +687,16 @@ impl Embedded {
         }
         if writes.is_empty() {
             return Ok(None);
+        }
+        if let Some(group_of) = self.group_of
+            && let Some(key) = writes.iter().find_map(|w| match w {
+                Write::Delete(key) if group_of(key).is_some() => Some(key),
+                _ => None,
+            })
+        {
+            return Err(CommitError::NotCommitted(format!(
+                "key {key:?} is in a packed group, whose members are never deleted"
+            )));
         }
         let seq = state.seq + 1;
         match self.log.submit(self.tag, seq, writes) {
@@ -946,14 +1049,14 @@ mod tests {
     fn shards_share_one_log() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let stores = open_shards(dir.path(), 3, Limits::default()).unwrap();
+            let stores = open_shards(dir.path(), 3, Limits::default(), None).unwrap();
             for (i, store) in stores.iter().enumerate() {
                 let mut b = WriteBatch::default();
                 b.put(b"k".to_vec(), vec![i as u8]);
                 store.commit(&b).unwrap();
             }
         }
-        let stores = open_shards(dir.path(), 3, Limits::default()).unwrap();
+        let stores = open_shards(dir.path(), 3, Limits::default(), None).unwrap();
         for (i, store) in stores.iter().enumerate() {
             assert_eq!(store.get(b"k").unwrap(), Some(vec![i as u8]));
         }
@@ -971,5 +1074,163 @@ mod tests {
         std::fs::write(&path, b"this is not a database, just some text").unwrap();
         let err = Embedded::open(&path).unwrap_err();
         assert!(matches!(err, Error::Open { .. }), "{err}");
+    }
+
+    /// Test groups: `g`, a group byte, then an 8-byte big-endian sequence number.
+    fn test_group(key: &[u8]) -> Option<usize> {
+        (key.len() == 10 && key[0] == b'g').then_some(2)
+    }
+
+    fn member(group: u8, seq: u64) -> Vec<u8> {
+        let mut key = vec![b'g', group];
+        key.extend_from_slice(&seq.to_be_bytes());
+        key
+    }
+
+    fn open_packed(dir: &Path, overlay_bytes: usize) -> Embedded {
+        let log = Arc::new(Log::open(&dir.join("log")).unwrap());
+        let limits = Limits {
+            overlay_bytes,
+            ..Limits::default()
+        };
+        Embedded::open_in_log(&dir.join("db.redb"), limits, log, 0, Some(test_group)).unwrap()
+    }
+
+    /// Every read a caller can make agrees with `model`: all point reads (members, keys
+    /// between members, plain keys), the whole range, ranges that start and end inside groups,
+    /// and limits.
+    fn assert_reads_match(store: &Embedded, model: &BTreeMap<Vec<u8>, Vec<u8>>, rng: &mut u64) {
+        let mut next = || {
+            *rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            *rng >> 33
+        };
+        let all: Vec<_> = model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        assert_eq!(store.scan(&[], &[0xFF], usize::MAX).unwrap(), all);
+        for (k, v) in model {
+            assert_eq!(store.get(k).unwrap().as_ref(), Some(v), "get {k:?}");
+        }
+        for _ in 0..200 {
+            let group = (next() % 5) as u8;
+            let a = member(group, next() % 400);
+            let b = member((next() % 5) as u8, next() % 400);
+            let (start, end) = if a <= b { (a, b) } else { (b, a) };
+            assert_eq!(
+                store.get(&start).unwrap(),
+                model.get(&start).cloned(),
+                "get {start:?}"
+            );
+            let limit = (next() % 70) as usize;
+            let want: Vec<_> = model
+                .range(start.clone()..end.clone())
+                .take(limit)
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            assert_eq!(
+                store.scan(&start, &end, limit).unwrap(),
+                want,
+                "scan {start:?}..{end:?} limit {limit}"
+            );
+        }
+    }
+
+    #[test]
+    fn packed_groups_read_back_as_written_across_checkpoints_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = BTreeMap::new();
+        let mut rng = 7u64;
+        let mut next_seq = [0u64; 5];
+        {
+            // A small overlay: many checkpoints, so groups span many chunks and checkpoints.
+            let store = open_packed(dir.path(), 16 << 10);
+            for round in 0u64..60 {
+                let mut b = WriteBatch::default();
+                for group in 0..5u8 {
+                    // Group 0 grows by 100 a round (chunks split at MEMBERS_MAX); group 1
+                    // carries big values (chunks split at CHUNK_BYTES_MAX).
+                    let n = [100, 3, 1, 0, 2][usize::from(group)] + round % 2;
+                    for _ in 0..n {
+                        let key = member(group, next_seq[usize::from(group)]);
+                        next_seq[usize::from(group)] += 2; // odd numbers stay free
+                        let len = if group == 1 {
+                            6_000
+                        } else {
+                            1 + (round as usize % 30)
+                        };
+                        let value = vec![group.wrapping_add(round as u8); len];
+                        b.put(key.clone(), value.clone());
+                        model.insert(key, value);
+                    }
+                }
+                if round % 7 == 3 {
+                    // Out of order: below members already written (and checkpointed).
+                    let key = member(0, 2 * round + 1);
+                    b.put(key.clone(), b"late".to_vec());
+                    model.insert(key, b"late".to_vec());
+                }
+                // Plain keys, put and deleted, interleaved with the groups' range.
+                let plain = format!("h{}", round % 9).into_bytes();
+                if round % 3 == 0 {
+                    b.delete(plain.clone());
+                    model.remove(&plain);
+                } else {
+                    b.put(plain.clone(), round.to_be_bytes().to_vec());
+                    model.insert(plain, round.to_be_bytes().to_vec());
+                }
+                store.commit(&b).unwrap();
+                if round % 10 == 9 {
+                    assert_reads_match(&store, &model, &mut rng);
+                }
+            }
+            // Members are never deleted: refused, and nothing changes.
+            let mut b = WriteBatch::default();
+            b.put(b"h0".to_vec(), b"no".to_vec());
+            b.delete(member(0, 0));
+            let err = store.commit(&b).unwrap_err();
+            assert!(matches!(err, CommitError::NotCommitted(_)), "{err}");
+            assert_reads_match(&store, &model, &mut rng);
+            // Packing happened: far fewer rows than members.
+            let mut state = store.state();
+            store.checkpoint_now(&mut state).unwrap();
+            drop(state);
+            let txn = store.db.begin_read().unwrap();
+            let chunks = txn.open_table(PACKED).unwrap().iter().unwrap().count();
+            let members = model.keys().filter(|k| k[0] == b'g').count();
+            assert!(
+                chunks > 0 && chunks * 10 < members,
+                "{chunks} chunks for {members}"
+            );
+        }
+        let store = open_packed(dir.path(), 16 << 10);
+        assert_reads_match(&store, &model, &mut rng);
+        drop(store);
+        // Without the rule the packed rows could not be read: refused, not silently partial.
+        let err = Embedded::open(&dir.path().join("db.redb")).unwrap_err();
+        assert!(err.to_string().contains("packed rows"), "{err}");
+    }
+
+    #[test]
+    fn packed_groups_survive_a_crash_before_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut model = BTreeMap::new();
+        {
+            let store = open_packed(dir.path(), 8 << 20);
+            for seq in 0..300u64 {
+                let mut b = WriteBatch::default();
+                let key = member((seq % 3) as u8, seq);
+                b.put(key.clone(), seq.to_le_bytes().to_vec());
+                model.insert(key, seq.to_le_bytes().to_vec());
+                store.commit(&b).unwrap();
+            }
+            // A crash: no checkpoint at close; only the log has these commits.
+            store.state().poisoned = true;
+        }
+        let store = open_packed(dir.path(), 8 << 20);
+        assert_reads_match(&store, &model, &mut 3);
+    }
+
+    #[test]
+    fn conformance_with_packed_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::conformance::run_all(&open_packed(dir.path(), 4 << 10));
     }
 }

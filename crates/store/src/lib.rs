@@ -18,11 +18,13 @@ pub mod key;
 pub mod log;
 mod memory;
 mod overlay;
+pub mod packed;
 
 use std::sync::Arc;
 
 pub use embedded::{Embedded, Limits, open_shards};
 pub use memory::Memory;
+pub use packed::GroupOf;
 
 /// What a key must hold for a commit to go ahead.
 #[derive(Clone, Debug, PartialEq, Eq)]
