@@ -8,7 +8,8 @@
 //!  checkpoint:     every CHECKPOINT_COMMITS commits, or once the overlay holds
 //!                  Limits::overlay_bytes, freeze the overlay and start a fresh one; a
 //!                  checkpoint thread writes the frozen one into redb in one durable
-//!                  transaction (one at a time: one that comes due while another runs
+//!                  transaction, packing members of groups into chunks (`packed`), (one
+//!                  at a time: one that comes due while another runs
 //!                  starts after it, and commits wait for it only once the overlay holds
 //!                  1.5 times the limit); then the log may drop segments that every
 //!                  store has made durable
