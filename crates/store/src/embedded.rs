@@ -394,12 +394,12 @@ impl Embedded {
         if let Some(found) = snapshot.kv.get(key).map_err(io)? {
             return Ok(f(Some(found.value())));
         }
-        match self.group_of.and_then(|g| g(key)) {
-            Some(group) if group <= key.len() => {
+        match packed::group(self.group_of, key) {
+            Some(group) => {
                 let found = packed::get(&snapshot.packed, key, group)?;
                 Ok(f(found.as_deref()))
             }
-            _ => Ok(f(None)),
+            None => Ok(f(None)),
         }
     }
 }
@@ -435,10 +435,7 @@ fn write_checkpoint(
         for (key, value) in overlay {
             bytes.clear();
             key.write_to(&mut bytes);
-            let group = group_of
-                .and_then(|g| g(&bytes))
-                .filter(|g| *g <= bytes.len());
-            match (value, group) {
+            match (value, packed::group(group_of, &bytes)) {
                 (Some(v), Some(group)) => packer.push(&mut packed, &mut table, &bytes, group, v)?,
                 (Some(v), None) => {
                     table
@@ -457,50 +454,55 @@ fn write_checkpoint(
     txn.commit().map_err(|e| e.to_string())
 }
 
+/// Merges two runs ordered by `cmp`; on equal items the one from `first` is kept and the
+/// other dropped.
+fn merge_by<T>(
+    first: impl Iterator<Item = T>,
+    second: impl Iterator<Item = T>,
+    cmp: impl Fn(&T, &T) -> std::cmp::Ordering,
+) -> impl Iterator<Item = T> {
+    use std::cmp::Ordering;
+    let (mut first, mut second) = (first.peekable(), second.peekable());
+    std::iter::from_fn(move || {
+        let order = match (first.peek(), second.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => Ordering::Less,
+            (None, Some(_)) => Ordering::Greater,
+            (Some(a), Some(b)) => cmp(a, b),
+        };
+        match order {
+            Ordering::Less => first.next(),
+            Ordering::Equal => {
+                second.next();
+                first.next()
+            }
+            Ordering::Greater => second.next(),
+        }
+    })
+}
+
 /// Merges two ordered runs of overlay entries; `newer` wins on equal keys.
 fn merge_overlays<'a>(
     newer: impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)>,
     older: impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)>,
 ) -> impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)> {
-    let (mut newer, mut older) = (newer.peekable(), older.peekable());
-    std::iter::from_fn(move || match (newer.peek(), older.peek()) {
-        (None, None) => None,
-        (Some(_), None) => newer.next(),
-        (None, Some(_)) => older.next(),
-        (Some((n, _)), Some((o, _))) => {
-            if n <= o {
-                if n == o {
-                    older.next();
-                }
-                newer.next()
-            } else {
-                older.next()
-            }
-        }
-    })
+    merge_by(newer, older, |n, o| n.0.cmp(o.0))
 }
 
-/// Merges two ordered runs of owned rows (plain rows and packed members); on an equal key,
-/// which a packed group's contract rules out, the plain row wins and the other is dropped.
+/// A row read from redb, owned.
+type Row = Result<(Vec<u8>, Vec<u8>), Error>;
+
+/// Merges plain rows with packed members, both ordered; an error comes out as soon as it is
+/// met. On an equal key, which a packed group's contract rules out, the plain row wins.
 fn merge_rows(
-    rows: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>>,
-    members: impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>>,
-) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), Error>> {
-    let (mut rows, mut members) = (rows.peekable(), members.peekable());
-    std::iter::from_fn(move || match (rows.peek(), members.peek()) {
-        (None, None) => None,
-        (Some(_), None) | (Some(Err(_)), _) => rows.next(),
-        (None, Some(_)) | (_, Some(Err(_))) => members.next(),
-        (Some(Ok((r, _))), Some(Ok((m, _)))) => {
-            if r <= m {
-                if r == m {
-                    members.next();
-                }
-                rows.next()
-            } else {
-                members.next()
-            }
-        }
+    rows: impl Iterator<Item = Row>,
+    members: impl Iterator<Item = Row>,
+) -> impl Iterator<Item = Row> {
+    use std::cmp::Ordering;
+    merge_by(rows, members, |r, m| match (r, m) {
+        (Ok(r), Ok(m)) => r.0.cmp(&m.0),
+        (Err(_), _) => Ordering::Less,
+        (_, Err(_)) => Ordering::Greater,
     })
 }
 
@@ -689,12 +691,10 @@ impl Embedded {
         if writes.is_empty() {
             return Ok(None);
         }
-        if let Some(group_of) = self.group_of
-            && let Some(key) = writes.iter().find_map(|w| match w {
-                Write::Delete(key) if group_of(key).is_some() => Some(key),
-                _ => None,
-            })
-        {
+        if let Some(key) = writes.iter().find_map(|w| match w {
+            Write::Delete(key) if packed::group(self.group_of, key).is_some() => Some(key),
+            _ => None,
+        }) {
             return Err(CommitError::NotCommitted(format!(
                 "key {key:?} is in a packed group, whose members are never deleted"
             )));

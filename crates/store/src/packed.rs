@@ -31,6 +31,12 @@ pub(crate) const PACKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("p
 /// Given a key, the length of its group prefix if the key is a member of a packed group.
 pub type GroupOf = fn(&[u8]) -> Option<usize>;
 
+/// The group prefix length of `key` under `rule`, if it is a member of a packed group. A rule
+/// that answers a length longer than the key is taken to say "not a member".
+pub(crate) fn group(rule: Option<GroupOf>, key: &[u8]) -> Option<usize> {
+    rule.and_then(|g| g(key)).filter(|g| *g <= key.len())
+}
+
 /// Most members in one chunk: a point read decodes at most this many.
 pub const MEMBERS_MAX: usize = 64;
 /// Most bytes of members in one chunk (a chunk closes once it holds this much).
@@ -136,8 +142,7 @@ impl<'t> Range<'t> {
         };
         let (row_key, chunk) = row.map_err(|e| Error::Io(e.to_string()))?;
         let (row_key, chunk) = (row_key.value(), chunk.value());
-        let group = (self.group_of)(row_key)
-            .filter(|g| *g <= row_key.len())
+        let group = group(Some(self.group_of), row_key)
             .ok_or_else(|| corrupt(row_key, "its key is not in a packed group"))?;
         let prefix = &row_key[..group];
         let mut out = Vec::new();
