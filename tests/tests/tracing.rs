@@ -130,6 +130,17 @@ async fn a_transfer_is_one_trace_from_client_to_store_commit() {
         !answered.contains(&client_span_id.to_string()),
         "the server's own span"
     );
+    // A call whose caller did not sample its trace: none of its spans is recorded, and the
+    // batch that commits it gets no span of its own.
+    let unsampled = "0af7651916cd43dd8448eb211c80319c";
+    let mut request = tonic::Request::new(usd_transfer("t-unsampled", &ids[0], &ids[1], 1));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{unsampled}-b7ad6b7169203331-00")
+            .parse()
+            .unwrap(),
+    );
+    raw.transfer(request).await.unwrap();
     drop(client_span); // ends the client span: exported
     server.stop().await;
     let provider = tokio::task::spawn_blocking(move || {
@@ -142,6 +153,23 @@ async fn a_transfer_is_one_trace_from_client_to_store_commit() {
 
     let client_spans = named(&spans, "client.transfers");
     assert_eq!(client_spans.len(), 1);
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.span_context.trace_id().to_string() != unsampled),
+        "nothing of the unsampled call is recorded"
+    );
+    let batches = named(&spans, "shard.batch");
+    assert!(!batches.is_empty());
+    for b in batches {
+        assert!(
+            !b.links.is_empty()
+                && b.links
+                    .iter()
+                    .all(|l| l.span_context.trace_id() == trace_id),
+            "a batch span exists only inside a sampled trace, and links to it: {b:?}"
+        );
+    }
     let requests: Vec<&SpanData> = spans
         .iter()
         .filter(|s| s.name == "/ledger.v1.LedgerService/Transfer")

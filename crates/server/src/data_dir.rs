@@ -137,6 +137,7 @@ fn open_embedded(
     let limits = ledger_store::Limits {
         cache_bytes: (config.store_cache_bytes / shards).max(4 << 20),
         overlay_bytes: (config.store_overlay_bytes / shards).max(1 << 20),
+        ..ledger_store::Limits::default()
     };
     // Entries (statement lines) are written once, in version order: checkpoints pack them.
     let stores = ledger_store::open_shards(

@@ -343,14 +343,27 @@ impl Runtime {
         metrics.term(engine.epoch());
         let renew_every = self.options.lease_ms / 3;
         let mut renewed_at = self.clock.now_ms();
+        // One timer for the whole term, re-armed only when it fires: a timer per wake-up cost
+        // a timer-wheel insert and removal for every batch.
+        let tick = tokio::time::sleep(Duration::from_millis(TICK_MS));
+        tokio::pin!(tick);
         loop {
             let first = tokio::select! {
                 command = self.rx.recv() => match command {
                     Some(command) => Some(command),
                     None => return Term::Stopped,
                 },
-                () = tokio::time::sleep(Duration::from_millis(TICK_MS)) => None,
+                () = &mut tick => None,
             };
+            if first.is_none() {
+                tick.as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_millis(TICK_MS));
+            } else {
+                // Woken by one command: let the calls that are ready to run queue theirs
+                // first, so one batch (and one commit) carries them all. Small calls otherwise
+                // made batches of about one command each (docs/benchmarks.md).
+                tokio::task::yield_now().await;
+            }
             let now = self.clock.now_ms();
             engine.begin(now);
             let mut stop = false;
@@ -394,6 +407,7 @@ impl Runtime {
                     }
                     Command::CreateTransfer(transfer, caller, tx) => {
                         if let Some(caller) = caller
+                            && caller.sampled
                             && links.len() < LINKS_PER_BATCH_MAX
                         {
                             links.push(caller);
@@ -410,6 +424,7 @@ impl Runtime {
                     }
                     Command::CreateTransfers(transfers, caller, tx) => {
                         if let Some(caller) = caller
+                            && caller.sampled
                             && links.len() < LINKS_PER_BATCH_MAX
                         {
                             links.push(caller);
@@ -465,8 +480,10 @@ impl Runtime {
                     .put(keys::lease(self.shard), encode_lease(&lease));
                 renewed_at = now;
             }
-            // Idle ticks (every TICK_MS per shard) get no span: only batches that carry work.
-            let span = if inputs > 0 || !output.writes.is_empty() {
+            // Only a batch inside a sampled trace gets a span (a command of a sampled call, or a
+            // phase span it began): any other would be a span nobody sees, paid for on every
+            // batch (docs/benchmarks.md).
+            let span = if !links.is_empty() || !output.links.is_empty() {
                 tracing::info_span!(
                     "shard.batch",
                     shard = self.shard.0,
@@ -493,8 +510,11 @@ impl Runtime {
                     .batch_writes
                     .record(output.writes.writes.len() as f64);
                 let started = stopwatch();
-                let commit_span =
-                    tracing::info_span!(parent: &span, "store.commit", shard = self.shard.0);
+                let commit_span = if span.is_none() {
+                    tracing::Span::none()
+                } else {
+                    tracing::info_span!(parent: &span, "store.commit", shard = self.shard.0)
+                };
                 let committed = self
                     .store
                     .commit_async(output.writes)

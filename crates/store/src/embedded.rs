@@ -5,7 +5,7 @@
 //!  commit(batch):  check preconditions against overlay, then redb
 //!                  log.append(tag, seq, writes): synced, with other stores' records  <- durable
 //!                  put the writes in the overlay (now visible)
-//!  checkpoint:     every CHECKPOINT_COMMITS commits, or once the overlay holds
+//!  checkpoint:     every Limits::checkpoint_commits commits, or once the overlay holds
 //!                  Limits::overlay_bytes, freeze the overlay and start a fresh one; a
 //!                  checkpoint thread writes the frozen one into redb in one durable
 //!                  transaction, packing members of groups into chunks (`packed`), (one
@@ -53,8 +53,12 @@ const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const APPLIED_SEQ: &str = "applied_seq";
 
-/// A durable redb commit (a checkpoint) at least every this many commits.
-pub const CHECKPOINT_COMMITS: u64 = 512;
+/// A durable redb commit (a checkpoint) at least every this many commits (unless
+/// [`Limits::checkpoint_commits`] says otherwise). Small calls make commits of one transfer
+/// each: at 512, 16 shards checkpointed many times a second, a redb transaction and a thread
+/// each, for a few hundred KiB (docs/benchmarks.md); the overlay's byte limit is what bounds
+/// memory and replay.
+pub const CHECKPOINT_COMMITS: u64 = 8192;
 /// ... or as soon as the overlay holds this many bytes of keys and values (per store, unless
 /// [`Limits::overlay_bytes`] says otherwise; a node splits its budget between its shards).
 /// Bigger overlays make checkpoints cheaper per write: a leaf is copied once per checkpoint
@@ -71,6 +75,8 @@ pub struct Limits {
     /// overlay holds 1.5 times this (backpressure). A store holds at most that plus the frozen
     /// overlay being written.
     pub overlay_bytes: usize,
+    /// Commits in the overlay before a checkpoint is due, however few bytes they hold.
+    pub checkpoint_commits: u64,
 }
 
 impl Default for Limits {
@@ -78,6 +84,7 @@ impl Default for Limits {
         Self {
             cache_bytes: Embedded::CACHE_BYTES_DEFAULT,
             overlay_bytes: OVERLAY_BYTES_DEFAULT,
+            checkpoint_commits: CHECKPOINT_COMMITS,
         }
     }
 }
@@ -190,15 +197,20 @@ impl Embedded {
     /// As [`Embedded::open`], with a page cache of at most `cache_bytes` (redb's own default is
     /// 1 GiB per file, too much with one file per shard).
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Self, Error> {
+        let limits = Limits {
+            cache_bytes,
+            ..Limits::default()
+        };
+        Self::open_with_limits(path, limits)
+    }
+
+    /// As [`Embedded::open`], with the given limits.
+    pub fn open_with_limits(path: &Path, limits: Limits) -> Result<Self, Error> {
         let log_dir = PathBuf::from(format!("{}.log", path.display()));
         let log = Log::open(&log_dir).map_err(|e| Error::Open {
             path: log_dir.display().to_string(),
             reason: e.to_string(),
         })?;
-        let limits = Limits {
-            cache_bytes,
-            ..Limits::default()
-        };
         Self::open_in_log(path, limits, Arc::new(log), 0, None)
     }
 
@@ -749,7 +761,7 @@ impl<'a> InFlight<'a> {
         }
         state.commits_since_checkpoint += 1;
         state.overlay_bytes += writes.into_overlay(&mut state.overlay);
-        let due = state.commits_since_checkpoint >= CHECKPOINT_COMMITS
+        let due = state.commits_since_checkpoint >= store.limits.checkpoint_commits
             || state.overlay_bytes >= store.limits.overlay_bytes;
         // A checkpoint still running is not waited for (that would stall this shard's commits)
         // until the overlay reaches its hard limit.
@@ -952,14 +964,25 @@ mod tests {
         assert_eq!(store.get(b"f").unwrap(), Some(b"x".to_vec()));
     }
 
+    /// Checkpoints every this many commits in the tests below (the default is far more).
+    const FEW_COMMITS: u64 = 200;
+
+    fn open_checkpointing_often(path: &Path) -> Embedded {
+        let limits = Limits {
+            checkpoint_commits: FEW_COMMITS,
+            ..Limits::default()
+        };
+        Embedded::open_with_limits(path, limits).unwrap()
+    }
+
     #[test]
     fn reads_during_and_after_background_checkpoints() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let store = Embedded::open(&path).unwrap();
+        let store = open_checkpointing_often(&path);
         let key = |i: u64| (i % 50).to_be_bytes().to_vec();
         // Keys are overwritten and deleted across several checkpoints.
-        let rounds = 3 * CHECKPOINT_COMMITS + 7;
+        let rounds = 3 * FEW_COMMITS + 7;
         for i in 0..rounds {
             let mut b = WriteBatch::default();
             if i % 7 == 3 {
@@ -993,7 +1016,7 @@ mod tests {
     #[test]
     fn the_reused_read_snapshot_never_hides_a_checkpointed_write() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Embedded::open(&dir.path().join("db.redb")).unwrap();
+        let store = open_checkpointing_often(&dir.path().join("db.redb"));
         let put = |k: &[u8], v: u64| {
             let mut b = WriteBatch::default();
             b.put(k.to_vec(), v.to_be_bytes().to_vec());
@@ -1009,7 +1032,7 @@ mod tests {
             let key = format!("k{round}");
             put(key.as_bytes(), round);
             // Fill until a checkpoint takes the overlay (the key is then in the frozen one).
-            for i in 0..CHECKPOINT_COMMITS {
+            for i in 0..FEW_COMMITS {
                 put(b"filler", i);
                 assert_eq!(
                     value(key.as_bytes()),
@@ -1034,8 +1057,8 @@ mod tests {
     fn checkpoints_keep_everything() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db.redb");
-        let store = Embedded::open(&path).unwrap();
-        for i in 0..(CHECKPOINT_COMMITS + 3) {
+        let store = open_checkpointing_often(&path);
+        for i in 0..(FEW_COMMITS + 3) {
             let mut b = WriteBatch::default();
             b.put(i.to_be_bytes().to_vec(), vec![1]);
             store.commit(&b).unwrap();
@@ -1043,7 +1066,7 @@ mod tests {
         drop(store);
         let store = Embedded::open(&path).unwrap();
         let all = store.scan(&[], &[0xFF; 9], usize::MAX).unwrap();
-        assert_eq!(all.len() as u64, CHECKPOINT_COMMITS + 3);
+        assert_eq!(all.len() as u64, FEW_COMMITS + 3);
     }
 
     #[test]
