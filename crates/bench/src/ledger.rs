@@ -255,8 +255,8 @@ fn generator_sample(committed: u64) -> bool {
 }
 
 /// gRPC ceiling: health Check calls (a no-op) at the same concurrency, same client process.
-pub async fn ceiling(channels: &[Channel], clients: usize, secs: u64) -> f64 {
-    let until = Instant::now() + Duration::from_secs(secs);
+pub async fn ceiling(channels: &[Channel], clients: usize, length: Duration) -> f64 {
+    let until = Instant::now() + length;
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
             let mut health = tonic_health::pb::health_client::HealthClient::new(
