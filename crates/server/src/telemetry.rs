@@ -3,8 +3,9 @@
 //! ```text
 //!  client ── traceparent ──► trace_fn: "grpc.request" span, parent = the caller's context
 //!                              └─ handler ─ router ─► shard queue (caller's span context)
-//!                                                      └─ "shard.batch" span, one link per
-//!                                                         caller ─ "store.commit" span
+//!                                                      └─ "shard.batch" span (sampled
+//!                                                         traces only), one link per
+//!                                                         sampled caller ─ "store.commit"
 //! ```
 //!
 //! With no OTLP endpoint the OpenTelemetry layer is not installed at all, so spans cost what a

@@ -59,7 +59,8 @@ const APPLIED_SEQ: &str = "applied_seq";
 /// each, for a few hundred KiB (docs/benchmarks.md); the overlay's byte limit is what bounds
 /// memory and replay.
 pub const CHECKPOINT_COMMITS: u64 = 8192;
-/// ... or as soon as the overlay holds this many bytes of keys and values (per store, unless
+/// ... or as soon as the overlay's entries take this many bytes (keys, values and each entry's
+/// headers, [`ENTRY_OVERHEAD_BYTES`]; per store, unless
 /// [`Limits::overlay_bytes`] says otherwise; a node splits its budget between its shards).
 /// Bigger overlays make checkpoints cheaper per write: a leaf is copied once per checkpoint
 /// however many of its keys change (docs/benchmarks.md).
@@ -70,10 +71,10 @@ pub const OVERLAY_BYTES_DEFAULT: usize = 8 << 20;
 pub struct Limits {
     /// redb's page cache.
     pub cache_bytes: usize,
-    /// Keys and values in the overlay before a checkpoint is due. A checkpoint that comes due
-    /// while the previous one still runs starts after it; commits wait for it only once the
-    /// overlay holds 1.5 times this (backpressure). A store holds at most that plus the frozen
-    /// overlay being written.
+    /// Bytes the overlay's entries take (keys, values, headers) before a checkpoint is due. A
+    /// checkpoint that comes due while the previous one still runs starts after it; commits
+    /// wait for it only once the overlay holds 1.5 times this (backpressure). A store holds at
+    /// most that plus the frozen overlay being written.
     pub overlay_bytes: usize,
     /// Commits in the overlay before a checkpoint is due, however few bytes they hold.
     pub checkpoint_commits: u64,
@@ -522,7 +523,15 @@ fn io(e: impl std::fmt::Display) -> Error {
     Error::Io(e.to_string())
 }
 
-/// Adds a commit's writes to an overlay; returns the bytes of keys and values added.
+/// What an overlay entry costs in memory besides its key's and value's bytes: the key's inline
+/// part and the value's header in the B-tree's node (the node's own slack comes on top). Counted
+/// so that the overlay's byte limit is close to the memory it takes: with small values the
+/// headers are about as big as the data (docs/benchmarks.md).
+const ENTRY_OVERHEAD_BYTES: usize =
+    std::mem::size_of::<OverlayKey>() + std::mem::size_of::<Option<Vec<u8>>>();
+
+/// Adds a commit's writes to an overlay; returns the bytes it takes (see
+/// [`ENTRY_OVERHEAD_BYTES`]).
 fn overlay_apply(overlay: &mut Overlay, writes: impl IntoIterator<Item = Write>) -> usize {
     let mut bytes = 0;
     for write in writes {
@@ -530,7 +539,7 @@ fn overlay_apply(overlay: &mut Overlay, writes: impl IntoIterator<Item = Write>)
             Write::Put(k, v) => (k, Some(v)),
             Write::Delete(k) => (k, None),
         };
-        bytes += key.len() + value.as_ref().map_or(0, Vec::len);
+        bytes += ENTRY_OVERHEAD_BYTES + key.len() + value.as_ref().map_or(0, Vec::len);
         overlay.insert(OverlayKey::new(&key), value);
     }
     bytes
@@ -973,6 +982,36 @@ mod tests {
             ..Limits::default()
         };
         Embedded::open_with_limits(path, limits).unwrap()
+    }
+
+    #[test]
+    fn the_overlay_limit_counts_what_entries_take_not_just_their_bytes() {
+        // 100 one-byte puts are 200 bytes of keys and values, but each entry's headers take
+        // far more memory: with a 4 KiB limit a checkpoint must come due before the last one.
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            overlay_bytes: 4 << 10,
+            checkpoint_commits: u64::MAX,
+            ..Limits::default()
+        };
+        let store = Embedded::open_with_limits(&dir.path().join("db.redb"), limits).unwrap();
+        let mut checkpointed_at = None;
+        for i in 0..100u8 {
+            let mut b = WriteBatch::default();
+            b.put(vec![i], vec![i]);
+            store.commit(&b).unwrap();
+            if checkpointed_at.is_none() && store.state().overlay.len() <= usize::from(i) {
+                checkpointed_at = Some(i);
+            }
+        }
+        let at = checkpointed_at.expect("a checkpoint took the overlay");
+        assert!(
+            usize::from(at) * ENTRY_OVERHEAD_BYTES <= 4 << 10,
+            "not before the limit: {at}"
+        );
+        for i in 0..100u8 {
+            assert_eq!(store.get(&[i]).unwrap(), Some(vec![i]));
+        }
     }
 
     #[test]
