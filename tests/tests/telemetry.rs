@@ -366,5 +366,26 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
     );
     assert!(value(&after, "ledger_process_resident_bytes", &[]) > 0.0);
     assert_eq!(value(&after, "ledger_commit_conflicts_total", &[]), 0.0);
+
+    // With no exporter a transfer still records its caller's trace id (from `traceparent`),
+    // and the answer carries no `traceparent` of its own: no span here has a trace context.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let mut raw = pb::ledger_service_client::LedgerServiceClient::connect(ledgerd.addr.clone())
+        .await
+        .unwrap();
+    let mut request = tonic::Request::new(usd_transfer("traced-unexported", &ids[1], &ids[2], 1));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-b7ad6b7169203331-01")
+            .parse()
+            .unwrap(),
+    );
+    let response = raw.transfer(request).await.unwrap();
+    assert!(response.metadata().get("traceparent").is_none());
+    let got = client
+        .get_transfers(vec!["traced-unexported".into()])
+        .await
+        .unwrap();
+    assert_eq!(got.transfers[0].trace_id, trace_id);
     ledgerd.terminate();
 }
