@@ -23,6 +23,16 @@ pub fn usd_transfer(id: &str, debit: &str, credit: &str, amount: u64) -> pb::Tra
     }
 }
 
+/// A gRPC request carrying `message` with a W3C `traceparent` header, as a traced caller sends it.
+pub fn traced<T>(message: T, traceparent: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "traceparent",
+        traceparent.parse().expect("a valid header value"),
+    );
+    request
+}
+
 /// Opens USD accounts `acct-0` .. `acct-{n-1}`, then pays 1 from `acct-0` to each other one in
 /// a call of its own (`t-1` ..). Returns the account ids and the committed transfers, in order;
 /// with several shards some of them cross shards.

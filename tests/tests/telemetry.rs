@@ -17,7 +17,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 
 use ledger_client::{Client, pb};
 use ledger_tests::process::{Ledgerd, test_config};
-use ledger_tests::wire::{pay_from_first, usd_account, usd_transfer};
+use ledger_tests::wire::{pay_from_first, traced, usd_account, usd_transfer};
 
 /// Spans the receiver keeps; a run here exports a few hundred.
 const RECEIVED_SPANS_MAX: usize = 100_000;
@@ -373,12 +373,10 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
     let mut raw = pb::ledger_service_client::LedgerServiceClient::connect(ledgerd.addr.clone())
         .await
         .unwrap();
-    let mut request = tonic::Request::new(usd_transfer("traced-unexported", &ids[1], &ids[2], 1));
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{trace_id}-b7ad6b7169203331-01")
-            .parse()
-            .unwrap(),
+    let traceparent = format!("00-{trace_id}-b7ad6b7169203331-01");
+    let request = traced(
+        usd_transfer("traced-unexported", &ids[1], &ids[2], 1),
+        &traceparent,
     );
     let response = raw.transfer(request).await.unwrap();
     assert!(response.metadata().get("traceparent").is_none());

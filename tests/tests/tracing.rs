@@ -15,7 +15,7 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use ledger_client::{Client, pb};
 use ledger_tests::process::{InProcess, test_config};
-use ledger_tests::wire::{pay_from_first, usd_transfer};
+use ledger_tests::wire::{pay_from_first, traced, usd_transfer};
 
 fn named<'a>(spans: &'a [SpanData], name: &str) -> Vec<&'a SpanData> {
     spans.iter().filter(|s| s.name == name).collect()
@@ -110,10 +110,7 @@ async fn a_transfer_is_one_trace_from_client_to_store_commit() {
     let mut raw = pb::ledger_service_client::LedgerServiceClient::connect(server.addr.clone())
         .await
         .unwrap();
-    let mut request = tonic::Request::new(usd_transfer("t-raw", &ids[0], &ids[1], 1));
-    request
-        .metadata_mut()
-        .insert("traceparent", traceparent.parse().unwrap());
+    let request = traced(usd_transfer("t-raw", &ids[0], &ids[1], 1), &traceparent);
     let response = raw.transfer(request).await.unwrap();
     let answered = response
         .metadata()
@@ -133,12 +130,10 @@ async fn a_transfer_is_one_trace_from_client_to_store_commit() {
     // A call whose caller did not sample its trace: none of its spans is recorded, and the
     // batch that commits it gets no span of its own.
     let unsampled = "0af7651916cd43dd8448eb211c80319c";
-    let mut request = tonic::Request::new(usd_transfer("t-unsampled", &ids[0], &ids[1], 1));
-    request.metadata_mut().insert(
-        "traceparent",
-        format!("00-{unsampled}-b7ad6b7169203331-00")
-            .parse()
-            .unwrap(),
+    let unsampled_parent = format!("00-{unsampled}-b7ad6b7169203331-00");
+    let request = traced(
+        usd_transfer("t-unsampled", &ids[0], &ids[1], 1),
+        &unsampled_parent,
     );
     raw.transfer(request).await.unwrap();
     drop(client_span); // ends the client span: exported
