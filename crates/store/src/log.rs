@@ -23,7 +23,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write as _};
+use std::io::Read;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex};
@@ -33,6 +34,16 @@ use crate::Write;
 
 /// A segment is closed and a new one started once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
+/// A segment file is extended with zeros this far ahead of its records (capped at
+/// [`SEGMENT_BYTES`]), so that most flushes overwrite bytes the file already has. An fsync
+/// after an append that grows the file must also commit the new size and blocks to the
+/// file system's journal; one that only overwrites syncs data alone. Measured on this
+/// machine's disk: 4 KiB write + fdatasync, 4 400-5 500/s appending, 7 800-8 800/s
+/// overwriting, with 30-40% less CPU each (docs/benchmarks.md). PostgreSQL zero-fills its
+/// WAL segments for the same reason. Zeros read as the end of a segment's records.
+pub const ZERO_AHEAD_BYTES: u64 = 8 << 20;
+/// The zeros written when a segment is extended, a slice of this at a time.
+static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
 const MAGIC: u32 = 0x4C45_4457; // "LEDW"
 /// Buffers up to this size are kept for reuse (the flush buffer and each committer's encoding
 /// scratch); bigger ones, from an unusually large batch, are freed after use.
@@ -76,7 +87,10 @@ struct State {
     /// The current segment (taken by the flusher while it writes).
     file: Option<File>,
     index: u64,
+    /// Bytes of records in the current segment (where the next flush writes).
     bytes: u64,
+    /// The current segment file's length: records, then zeros.
+    zeroed: u64,
     /// Per segment: the highest seq of each tag in it.
     segments: BTreeMap<u64, HashMap<u32, u64>>,
     /// Per tag: the highest seq its store has made durable on its own.
@@ -134,6 +148,7 @@ impl Log {
             file: Some(file),
             index,
             bytes: 0,
+            zeroed: 0,
             segments,
             durable: HashMap::new(),
             recovered,
@@ -305,10 +320,21 @@ impl Shared {
             let spare = std::mem::take(&mut state.spare);
             let mut buffer = std::mem::replace(&mut state.pending, spare);
             let tags = std::mem::take(&mut state.pending_tags);
-            let mut file = state.file.take().expect("the flusher owns the segment");
+            let file = state.file.take().expect("the flusher owns the segment");
+            let (at, zeroed) = (state.bytes, state.zeroed);
             drop(state);
-            let written = file.write_all(&buffer).and_then(|()| file.sync_data());
             let flushed_bytes = buffer.len() as u64;
+            let end = at + flushed_bytes;
+            // Zeros ahead of the records first (only when these would reach past them), in
+            // the same fsync as the records.
+            let extend_to = if end > zeroed {
+                (zeroed + ZERO_AHEAD_BYTES).min(SEGMENT_BYTES).max(end)
+            } else {
+                zeroed
+            };
+            let written = zero_fill(&file, end.max(zeroed), extend_to)
+                .and_then(|()| file.write_all_at(&buffer, at))
+                .and_then(|()| file.sync_data());
             buffer.clear();
             if buffer.capacity() > KEEP_BUFFER_BYTES {
                 buffer = Vec::new();
@@ -320,6 +346,7 @@ impl Shared {
                 Ok(()) => {
                     state.synced_group = group;
                     state.bytes += flushed_bytes;
+                    state.zeroed = extend_to;
                     let index = state.index;
                     let segment = state.segments.entry(index).or_default();
                     for (tag, seq) in tags {
@@ -355,6 +382,7 @@ impl Shared {
         state.file = Some(create_segment(&self.dir, index)?);
         state.index = index;
         state.bytes = 0;
+        state.zeroed = 0;
         state.segments.insert(index, HashMap::new());
         self.collect(state);
         Ok(())
@@ -381,10 +409,22 @@ impl Shared {
     }
 }
 
+/// Writes zeros to `file` from byte `from` up to `to` (nothing when `to <= from`).
+fn zero_fill(file: &File, from: u64, to: u64) -> std::io::Result<()> {
+    let mut at = from;
+    while at < to {
+        let n = usize::try_from(to - at).map_or(ZEROS.len(), |left| left.min(ZEROS.len()));
+        file.write_all_at(&ZEROS[..n], at)?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
 fn create_segment(dir: &Path, index: u64) -> std::io::Result<File> {
+    // Written at explicit offsets (records, and zeros ahead of them), not appended.
     let file = OpenOptions::new()
         .create_new(true)
-        .append(true)
+        .write(true)
         .open(segment_path(dir, index))?;
     // Make the new file's directory entry durable too.
     File::open(dir)?.sync_all()?;
@@ -493,6 +533,17 @@ fn decode(body: &[u8]) -> Option<(u32, u64, Vec<Write>)> {
     Some((tag, seq, writes))
 }
 
+/// For tests: tears a segment's last record as a crash mid-write would, by zeroing its last
+/// `n` bytes (the zeros ahead of the records start right after it). The record must end in a
+/// nonzero byte.
+#[cfg(test)]
+pub(crate) fn tear_last_record(path: &Path, n: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let end = bytes.iter().rposition(|&b| b != 0).expect("a record") + 1;
+    bytes[end - n..end].fill(0);
+    std::fs::write(path, &bytes).unwrap();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -510,14 +561,50 @@ mod tests {
             log.append(2, 1, &put(2)).unwrap();
             log.append(1, 2, &put(3)).unwrap();
         }
-        // Tear the last record.
-        let path = segment_path(dir.path(), 0);
-        let bytes = std::fs::read(&path).unwrap();
-        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        tear_last_record(&segment_path(dir.path(), 0), 3);
         let log = Log::open(dir.path()).unwrap();
         assert_eq!(log.take_recovered(1), vec![(1, put(1))]);
         assert_eq!(log.take_recovered(2), vec![(1, put(2))]);
         assert!(log.take_recovered(1).is_empty(), "handed out once");
+    }
+
+    /// The segment file is extended with zeros ahead of its records (so a flush overwrites
+    /// instead of growing the file), again once records reach past them, and never past the
+    /// segment size; the zeros read as the end of the records.
+    #[test]
+    fn segments_are_zero_filled_ahead_of_their_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = segment_path(dir.path(), 0);
+        let big = vec![Write::Put(vec![9], vec![7; ZERO_AHEAD_BYTES as usize])];
+        {
+            let log = Log::open(dir.path()).unwrap();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                0,
+                "nothing before a flush"
+            );
+            log.append(1, 1, &put(1)).unwrap();
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), ZERO_AHEAD_BYTES);
+            log.append(1, 2, &put(2)).unwrap();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                ZERO_AHEAD_BYTES,
+                "a flush inside the zeros does not grow the file"
+            );
+            // A record reaching past the zeros extends the file by another stretch of zeros.
+            log.append(1, 3, &big).unwrap();
+            assert_eq!(
+                std::fs::metadata(&path).unwrap().len(),
+                2 * ZERO_AHEAD_BYTES
+            );
+            log.append(1, 4, &put(4)).unwrap();
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let end = bytes.iter().rposition(|&b| b != 0).unwrap() + 1;
+        assert!(bytes.len() as u64 - end as u64 > ZERO_AHEAD_BYTES / 2);
+        let log = Log::open(dir.path()).unwrap();
+        let expected = vec![(1, put(1)), (2, put(2)), (3, big), (4, put(4))];
+        assert_eq!(log.take_recovered(1), expected);
     }
 
     #[test]
