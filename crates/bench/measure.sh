@@ -18,6 +18,13 @@ cpu_seconds() {
     awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"
 }
 
+# machine_busy_seconds: busy CPU time of the whole machine so far, all cores (user, nice,
+# system, irq, softirq from /proc/stat). Unlike a process's CPU it counts the kernel threads
+# that work for it, such as the file system's journal committing after an fsync.
+machine_busy_seconds() {
+    awk -v hz="$(getconf CLK_TCK)" '/^cpu / {print ($2 + $3 + $4 + $7 + $8) / hz}' /proc/stat
+}
+
 # bench_timed DIR [ledger-bench flags...]: runs the bench against PORT; its output goes to
 # DIR/bench.out and its CPU time (seconds) is printed.
 bench_timed() {
