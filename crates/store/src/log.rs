@@ -97,6 +97,9 @@ struct State {
     bytes: u64,
     /// The current segment file's length: records, then zeros.
     zeroed: u64,
+    /// Whether the current segment is still extended with zeros ahead of its records (not once
+    /// writing them failed).
+    zero_ahead: bool,
     /// Per segment: the highest seq of each tag in it.
     segments: BTreeMap<u64, HashMap<u32, u64>>,
     /// Per tag: the highest seq its store has made durable on its own.
@@ -155,6 +158,7 @@ impl Log {
             index,
             bytes: 0,
             zeroed: 0,
+            zero_ahead: true,
             segments,
             durable: HashMap::new(),
             recovered,
@@ -327,15 +331,23 @@ impl Shared {
             let mut buffer = std::mem::replace(&mut state.pending, spare);
             let tags = std::mem::take(&mut state.pending_tags);
             let file = state.file.take().expect("the flusher owns the segment");
-            let (at, zeroed) = (state.bytes, state.zeroed);
+            let (at, zeroed, zero_ahead) = (state.bytes, state.zeroed, state.zero_ahead);
             drop(state);
             let flushed_bytes = buffer.len() as u64;
             let end = at + flushed_bytes;
-            // Zeros ahead of the records first (if any are due), in the same fsync.
-            let extend_to = file_end_after(at, flushed_bytes, zeroed);
-            let written = zero_fill(&file, end.max(zeroed), extend_to)
-                .and_then(|()| file.write_all_at(&buffer, at))
-                .and_then(|()| file.sync_data());
+            let extend_to = if zero_ahead {
+                file_end_after(at, flushed_bytes, zeroed)
+            } else {
+                end.max(zeroed)
+            };
+            // The records, then the zeros ahead of them (if any are due), in one fsync. The
+            // zeros only make later fsyncs cheaper: if they cannot be written (a full disk, a
+            // file size limit), the records still are, and the segment grows by its records
+            // from then on.
+            let written = file.write_all_at(&buffer, at).and_then(|()| {
+                let zeros = zero_fill(&file, end.max(zeroed), extend_to);
+                file.sync_data().map(|()| zeros)
+            });
             buffer.clear();
             if buffer.capacity() > KEEP_BUFFER_BYTES {
                 buffer = Vec::new();
@@ -344,10 +356,17 @@ impl Shared {
             state.spare = buffer;
             state.file = Some(file);
             match written {
-                Ok(()) => {
+                Ok(zeros) => {
                     state.synced_group = group;
                     state.bytes += flushed_bytes;
-                    state.zeroed = extend_to;
+                    match zeros {
+                        Ok(()) => state.zeroed = extend_to,
+                        Err(e) => {
+                            state.zeroed = end.max(zeroed);
+                            state.zero_ahead = false;
+                            tracing::warn!(log = %self.dir.display(), error = %e, "cannot write zeros ahead of the log's records; this segment grows by its records instead");
+                        }
+                    }
                     let index = state.index;
                     let segment = state.segments.entry(index).or_default();
                     for (tag, seq) in tags {
@@ -384,6 +403,7 @@ impl Shared {
         state.index = index;
         state.bytes = 0;
         state.zeroed = 0;
+        state.zero_ahead = true;
         state.segments.insert(index, HashMap::new());
         self.collect(state);
         Ok(())
@@ -616,6 +636,46 @@ mod tests {
         let log = Log::open(dir.path()).unwrap();
         let expected = vec![(1, put(1)), (2, put(2)), (3, big), (4, put(4))];
         assert_eq!(log.take_recovered(1), expected);
+    }
+
+    /// A flush whose zeros ahead cannot be written (here a file size limit, refusing them as a
+    /// full disk would) still writes and syncs its records, and so do the flushes after it.
+    /// The appends run in a child process (this test binary again) started by `prlimit`, with
+    /// `SIGXFSZ` ignored so that a write past the limit fails instead of killing it.
+    #[test]
+    fn a_flush_goes_through_when_its_zeros_cannot_be_written() {
+        const CHILD: &str = "LEDGER_LOG_TEST_LIMITED_DIR";
+        if let Some(dir) = std::env::var_os(CHILD) {
+            let log = Log::open(Path::new(&dir)).unwrap();
+            for seq in 1..=3u64 {
+                log.append(1, seq, &put(u8::try_from(seq).unwrap()))
+                    .unwrap();
+            }
+            return;
+        }
+        let limit = ZERO_AHEAD_BYTES / 8;
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("sh")
+            .args([
+                "-c",
+                "trap '' XFSZ; exec prlimit --fsize=\"$1\" \"$2\" --exact \"$3\"",
+            ])
+            .args(["sh", &limit.to_string()])
+            .arg(std::env::current_exe().unwrap())
+            .arg("log::tests::a_flush_goes_through_when_its_zeros_cannot_be_written")
+            .env(CHILD, dir.path())
+            .status()
+            .unwrap();
+        assert!(status.success(), "the limited appends failed: {status}");
+        let path = segment_path(dir.path(), 0);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            limit,
+            "zeros up to the limit"
+        );
+        let log = Log::open(dir.path()).unwrap();
+        let seqs: Vec<u64> = log.take_recovered(1).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(seqs, vec![1, 2, 3]);
     }
 
     #[test]
