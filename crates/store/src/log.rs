@@ -45,8 +45,8 @@ pub const ZERO_AHEAD_BYTES: u64 = 8 << 20;
 /// A flush of at least this many bytes that reaches past the zeros grows the file by its own
 /// records, without zeros ahead. Its fsync writes that much data anyway, so committing a new
 /// size adds little, while zero-filling ahead of large flushes doubled what the disk wrote:
-/// workload (a), 8 000 transfers per call, ran 4-9% slower zero-filling every flush, and
-/// small calls (b) 16-31% faster (docs/benchmarks.md).
+/// workload (a), 8 000 transfers per call, ran 4-9% slower zero-filling every flush, while
+/// small calls (b), whose flushes are tens of KiB, gained up to 31% (docs/benchmarks.md).
 pub const ZERO_FILL_FLUSH_BYTES_MAX: u64 = 256 << 10;
 /// The zeros written when a segment is extended, a slice of this at a time.
 static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
@@ -95,7 +95,8 @@ struct State {
     index: u64,
     /// Bytes of records in the current segment (where the next flush writes).
     bytes: u64,
-    /// The current segment file's length: records, then zeros.
+    /// How far the current segment file is known to extend: records, then zeros. (After a
+    /// failed zero-fill the file may be longer; the extra is zeros too.)
     zeroed: u64,
     /// Whether the current segment is still extended with zeros ahead of its records (not once
     /// writing them failed).
@@ -575,9 +576,16 @@ fn decode(body: &[u8]) -> Option<(u32, u64, Vec<Write>)> {
 #[cfg(test)]
 pub(crate) fn tear_last_record(path: &Path, n: usize) {
     let mut bytes = std::fs::read(path).unwrap();
-    let end = bytes.iter().rposition(|&b| b != 0).expect("a record") + 1;
+    let end = records_end(&bytes);
     bytes[end - n..end].fill(0);
     std::fs::write(path, &bytes).unwrap();
+}
+
+/// For tests: where a segment's records end (its last nonzero byte, plus one), given records
+/// that end in a nonzero byte.
+#[cfg(test)]
+fn records_end(segment: &[u8]) -> usize {
+    segment.iter().rposition(|&b| b != 0).expect("a record") + 1
 }
 
 #[cfg(test)]
@@ -612,10 +620,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = segment_path(dir.path(), 0);
         let len = || std::fs::metadata(&path).unwrap().len();
-        let records_end = || {
-            let bytes = std::fs::read(&path).unwrap();
-            bytes.iter().rposition(|&b| b != 0).unwrap() as u64 + 1
-        };
+        let records_end = || records_end(&std::fs::read(&path).unwrap()) as u64;
         let big = vec![Write::Put(vec![9], vec![7; ZERO_AHEAD_BYTES as usize])];
         {
             let log = Log::open(dir.path()).unwrap();
