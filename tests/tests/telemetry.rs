@@ -14,6 +14,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{KeyValue, any_value};
 use opentelemetry_proto::tonic::trace::v1::Span;
+use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 use ledger_client::{Client, pb};
 use ledger_tests::process::{Ledgerd, test_config};
@@ -170,6 +171,9 @@ async fn a_real_ledgerd_exports_a_cross_shard_trace_over_otlp() {
             parent_span,
             "the server span is a child of the caller's span"
         );
+        // Recorded for the exporter only (the log layer does not format them on every call).
+        assert_eq!(request.kind, SpanKind::Server as i32, "a server span");
+        assert_eq!(attr(request, "rpc.system"), "grpc");
     }
     let batches: Vec<&Span> = spans
         .iter()

@@ -12,6 +12,8 @@
 //! `tracing` span with only the log layer costs. The trace id a transfer is recorded with then
 //! comes from the caller's `traceparent`, if any ([`trace_id_of`]).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
@@ -169,11 +171,13 @@ pub fn init(
             .with_filter(EnvFilter::new(OTEL_FILTER));
         (Some(layer), Some(provider))
     };
+    let exporting = otel.is_some();
     tracing_subscriber::registry()
         .with(logs)
         .with(otel)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
+    EXPORTING.store(exporting, Ordering::Relaxed);
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(Telemetry { provider })
 }
@@ -194,19 +198,38 @@ pub fn resource(service_name: &str, region: &str, node_id: &str) -> Resource {
 }
 
 /// The span of one gRPC call, a child of the caller's context when the request carries a W3C
-/// `traceparent`. Used as tonic's `trace_fn`. Its `trace_id` field puts the trace id on every
-/// log line written inside the call.
+/// `traceparent`. Used as tonic's `trace_fn`. Its `otel.name` (the method) and `trace_id`
+/// fields go on every log line written inside the call.
 pub fn request_span(request: &http::Request<()>) -> tracing::Span {
+    request_span_for(request, EXPORTING.load(Ordering::Relaxed))
+}
+
+/// Whether [`init`] installed the OpenTelemetry layer.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// [`request_span`], for a process that exports spans (`exporting`) or not.
+///
+/// `otel.kind` and `rpc.system` are for the exporter alone (the span's kind, an attribute), so
+/// they are recorded only when spans are exported: the log layer formats every field of every
+/// span when the span is made, and these two (the same on every call) were about 4 500 of the
+/// 66 000 instructions ledgerd spent per health check (`crates/bench/instructions.sh`,
+/// docs/benchmarks.md). Recorded before the span's context is first read, which is when the
+/// OpenTelemetry layer fixes its kind.
+fn request_span_for(request: &http::Request<()>, exporting: bool) -> tracing::Span {
     let parent = TraceContextPropagator::new()
         .extract(&opentelemetry_http::HeaderExtractor(request.headers()));
     let remote = parent.span().span_context().clone();
     let span = tracing::info_span!(
         "grpc.request",
-        otel.kind = "server",
+        otel.kind = tracing::field::Empty,
         otel.name = %request.uri().path(),
-        rpc.system = "grpc",
+        rpc.system = tracing::field::Empty,
         trace_id = tracing::field::Empty,
     );
+    if exporting {
+        span.record("otel.kind", "server");
+        span.record("rpc.system", "grpc");
+    }
     if remote.is_valid() {
         let _ = span.set_parent(parent);
     }
@@ -283,6 +306,48 @@ mod tests {
             "00-zzf7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
         ] {
             assert_eq!(parse_trace_id(bad), None, "{bad}");
+        }
+    }
+
+    /// Log lines written inside a call name the method, while the fields only the exporter
+    /// reads (`otel.kind`, `rpc.system`) are recorded, and so formatted, only when exporting.
+    #[test]
+    fn a_call_logs_its_method_and_the_exporter_fields_only_when_exporting() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let request = http::Request::builder()
+            .uri("/ledger.v1.LedgerService/Transfer")
+            .body(())
+            .unwrap();
+        for exporting in [false, true] {
+            let lines = Lines::default();
+            let writer = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                let span = request_span_for(&request, exporting);
+                span.in_scope(|| tracing::info!("inside the call"));
+            });
+            let logged = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+            assert!(logged.contains("inside the call"), "{logged}");
+            assert!(
+                logged.contains("otel.name=/ledger.v1.LedgerService/Transfer"),
+                "{logged}"
+            );
+            for field in ["otel.kind=\"server\"", "rpc.system=\"grpc\""] {
+                assert_eq!(logged.contains(field), exporting, "{field} in {logged}");
+            }
         }
     }
 
