@@ -99,7 +99,7 @@ impl LedgerService for Ledger {
         &self,
         request: Request<pb::CreateTransfersRequest>,
     ) -> Result<Response<pb::CreateTransfersResponse>, Status> {
-        let trace_id = telemetry::trace_id_of(&tracing::Span::current(), request.metadata());
+        let trace_id = telemetry::trace_id_of_call(request.metadata());
         let transfers = request.into_inner().transfers;
         self.router.check_batch("transfers", transfers.len())?;
         let transfers = transfers
@@ -122,7 +122,7 @@ impl LedgerService for Ledger {
         &self,
         request: Request<pb::Transfer>,
     ) -> Result<Response<pb::TransferResult>, Status> {
-        let trace_id = telemetry::trace_id_of(&tracing::Span::current(), request.metadata());
+        let trace_id = telemetry::trace_id_of_call(request.metadata());
         let mut transfer = wire::transfer(request.into_inner()).map_err(ApiError::from)?;
         transfer.validate().map_err(ApiError::from)?;
         transfer.trace_id = trace_id;

@@ -9,10 +9,9 @@
 //! ```
 //!
 //! With no OTLP endpoint the OpenTelemetry layer is not installed at all, so spans cost what a
-//! `tracing` span with only the log layer costs. The trace id a transfer is recorded with then
-//! comes from the caller's `traceparent`, if any ([`trace_id_of`]).
-
-use std::sync::atomic::{AtomicBool, Ordering};
+//! `tracing` span with only the log layer costs, and nothing looks up a span's trace context
+//! (there is none; [`ledger_shard::trace::set_exporting`]). The trace id a transfer is recorded
+//! with then comes from the caller's `traceparent`, if any ([`trace_id_of_call`]).
 
 use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator;
@@ -177,7 +176,7 @@ pub fn init(
         .with(otel)
         .try_init()
         .map_err(|e| format!("cannot install the log subscriber: {e}"))?;
-    EXPORTING.store(exporting, Ordering::Relaxed);
+    ledger_shard::trace::set_exporting(exporting);
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
     Ok(Telemetry { provider })
 }
@@ -201,11 +200,8 @@ pub fn resource(service_name: &str, region: &str, node_id: &str) -> Resource {
 /// `traceparent`. Used as tonic's `trace_fn`. Its `otel.name` (the method) and `trace_id`
 /// fields go on every log line written inside the call.
 pub fn request_span(request: &http::Request<()>) -> tracing::Span {
-    request_span_for(request, EXPORTING.load(Ordering::Relaxed))
+    request_span_for(request, ledger_shard::trace::exporting())
 }
-
-/// Whether [`init`] installed the OpenTelemetry layer.
-static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// [`request_span`], for a process that exports spans (`exporting`) or not.
 ///
@@ -214,7 +210,8 @@ static EXPORTING: AtomicBool = AtomicBool::new(false);
 /// span when the span is made, and these two (the same on every call) were about 4 500 of the
 /// 66 000 instructions ledgerd spent per health check (`crates/bench/instructions.sh`,
 /// docs/benchmarks.md). Recorded before the span's context is first read, which is when the
-/// OpenTelemetry layer fixes its kind.
+/// OpenTelemetry layer fixes its kind. Without an exporter the span has no context of its own,
+/// so only the caller's trace id is recorded.
 fn request_span_for(request: &http::Request<()>, exporting: bool) -> tracing::Span {
     let parent = TraceContextPropagator::new()
         .extract(&opentelemetry_http::HeaderExtractor(request.headers()));
@@ -229,14 +226,16 @@ fn request_span_for(request: &http::Request<()>, exporting: bool) -> tracing::Sp
     if exporting {
         span.record("otel.kind", "server");
         span.record("rpc.system", "grpc");
+        if remote.is_valid() {
+            let _ = span.set_parent(parent);
+        }
+        let own = span.context().span().span_context().clone();
+        if own.is_valid() {
+            span.record("trace_id", own.trace_id().to_string());
+            return span;
+        }
     }
     if remote.is_valid() {
-        let _ = span.set_parent(parent);
-    }
-    let own = span.context().span().span_context().clone();
-    if own.is_valid() {
-        span.record("trace_id", own.trace_id().to_string());
-    } else if remote.is_valid() {
         span.record("trace_id", remote.trace_id().to_string());
     }
     span
@@ -245,6 +244,9 @@ fn request_span_for(request: &http::Request<()>, exporting: bool) -> tracing::Sp
 /// Puts the server span's W3C `traceparent` on a response, so a caller that did not start a
 /// trace can still find the one its call made.
 pub fn set_response_traceparent<T>(response: &mut tonic::Response<T>) {
+    if !ledger_shard::trace::exporting() {
+        return; // no span has a trace context of its own
+    }
     let span = tracing::Span::current();
     let cx = span.context().span().span_context().clone();
     if let Some(parent) = ledger_shard::trace::TraceParent::of(&cx)
@@ -256,10 +258,9 @@ pub fn set_response_traceparent<T>(response: &mut tonic::Response<T>) {
 
 /// The trace id to record with a transfer: the current span's (when spans are exported), else
 /// the caller's `traceparent`, else empty.
-pub fn trace_id_of(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) -> String {
-    let own = span.context().span().span_context().clone();
-    if own.is_valid() {
-        return own.trace_id().to_string();
+pub fn trace_id_of_call(metadata: &tonic::metadata::MetadataMap) -> String {
+    if let Some(own) = ledger_shard::trace::TraceParent::current() {
+        return own.span_context().trace_id().to_string();
     }
     metadata
         .get("traceparent")

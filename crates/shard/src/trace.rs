@@ -11,11 +11,30 @@
 //! created for a sampled trace. With export off no caller has a valid context, so the cost is
 //! one `Option` check per step.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use serde::{Deserialize, Serialize};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use ledger_domain::ShardId;
+
+/// Whether this process may export spans. True unless the process said it installed no
+/// OpenTelemetry layer ([`set_exporting`]; `ledgerd` does at start-up), so code that installs its
+/// own layer (tests) needs nothing.
+static EXPORTING: AtomicBool = AtomicBool::new(true);
+
+/// Tells this module whether an OpenTelemetry layer is installed. Without one no span has a
+/// trace context, and the lookup that finds none cost about 800 instructions, several times per
+/// transfer call (`crates/bench/instructions.sh`); with `false` the answer is `None` at once.
+pub fn set_exporting(exporting: bool) {
+    EXPORTING.store(exporting, Ordering::Relaxed);
+}
+
+/// Whether spans may have an OpenTelemetry context (see [`set_exporting`]).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
 
 /// A W3C trace context: which trace, which span is the parent, and whether it is sampled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,11 +56,17 @@ impl TraceParent {
 
     /// The OpenTelemetry context of a `tracing` span (none unless spans are being exported).
     pub fn of_span(span: &tracing::Span) -> Option<Self> {
+        if !exporting() {
+            return None;
+        }
         Self::of(&span.context().span().span_context().clone())
     }
 
     /// The current span's context: what a caller hands to the shard with its command.
     pub fn current() -> Option<Self> {
+        if !exporting() {
+            return None; // before finding the current span, which costs as much as the lookup
+        }
         Self::of_span(&tracing::Span::current())
     }
 
@@ -121,6 +146,9 @@ pub(crate) fn phase(
 
 /// Links `span` to the current span (a recovery step to its term's `shard.recover` span).
 pub(crate) fn link_current(span: &tracing::Span) {
+    if !exporting() {
+        return;
+    }
     let current = tracing::Span::current()
         .context()
         .span()
