@@ -133,7 +133,7 @@ pub fn init(
         EnvFilter::try_new(log_filter).map_err(|e| format!("log filter `{log_filter}`: {e}"))?;
     let logs = match config.log_format {
         // Colours only on a terminal: a log file or journald would get escape codes, and
-        // styling each span's field names cost about 400 instructions per call.
+        // styling each span's field names cost about 1 400 instructions per call.
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -210,7 +210,7 @@ pub fn request_span(request: &http::Request<()>) -> tracing::Span {
 ///
 /// `otel.kind` and `rpc.system` are for the exporter alone (the span's kind, an attribute), so
 /// they are recorded only when spans are exported: the log layer formats every field of every
-/// span when the span is made, and these two (the same on every call) were about 4 500 of the
+/// span when the span is made, and these two (the same on every call) were about 4 300 of the
 /// 66 000 instructions ledgerd spent per health check (`crates/bench/instructions.sh`,
 /// docs/benchmarks.md). Recorded before the span's context is first read, which is when the
 /// OpenTelemetry layer fixes its kind. Without an exporter the span has no context of its own,
