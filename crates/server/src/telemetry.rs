@@ -103,10 +103,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Flushes and stops the exporter (blocking: call from a blocking thread).
     pub fn shutdown(self) {
         if let Some(provider) = self.provider
@@ -247,12 +243,7 @@ fn request_span_for(request: &http::Request<()>, exporting: bool) -> tracing::Sp
 /// Puts the server span's W3C `traceparent` on a response, so a caller that did not start a
 /// trace can still find the one its call made.
 pub fn set_response_traceparent<T>(response: &mut tonic::Response<T>) {
-    if !ledger_shard::trace::exporting() {
-        return; // no span has a trace context of its own
-    }
-    let span = tracing::Span::current();
-    let cx = span.context().span().span_context().clone();
-    if let Some(parent) = ledger_shard::trace::TraceParent::of(&cx)
+    if let Some(parent) = ledger_shard::trace::TraceParent::current()
         && let Ok(value) = parent.header().parse()
     {
         response.metadata_mut().insert("traceparent", value);
