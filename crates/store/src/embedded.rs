@@ -36,7 +36,6 @@
 //! overlay. [`Store::commit_async`] waits for the sync as a future, so a leader running as an
 //! async task never blocks its thread on an fsync.
 
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -44,7 +43,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::log::Log;
-use crate::overlay::OverlayKey;
+use crate::overlay::{Overlay, OverlayKey, Slot};
 use crate::packed::{self, GroupOf, PACKED, Packer};
 use crate::{CommitError, Error, Store, Write, WriteBatch};
 
@@ -143,8 +142,6 @@ impl Snapshot {
         })
     }
 }
-
-type Overlay = BTreeMap<OverlayKey, Option<Vec<u8>>>;
 
 struct Frozen {
     overlay: Arc<Overlay>,
@@ -273,7 +270,7 @@ impl Embedded {
                     "the log jumps from commit {seq} to {record_seq}; refusing to guess"
                 )));
             }
-            overlay_apply(&mut replayed, writes);
+            overlay_apply(&mut replayed, &writes);
             seq = record_seq;
         }
         write_checkpoint(&db, &replayed, seq, group_of).map_err(open_err)?;
@@ -283,7 +280,7 @@ impl Embedded {
             commits_since_checkpoint: 0,
             poisoned: false,
             in_flight: false,
-            overlay: BTreeMap::new(),
+            overlay: Overlay::new(),
             overlay_bytes: 0,
             frozen: None,
             snapshot: None,
@@ -366,7 +363,7 @@ impl Embedded {
         }
         write_checkpoint(&self.db, &state.overlay, state.seq, self.group_of)?;
         state.snapshot = None;
-        state.overlay.clear();
+        state.overlay = Overlay::new();
         state.overlay_bytes = 0;
         state.commits_since_checkpoint = 0;
         self.log.durable(self.tag, state.seq);
@@ -394,10 +391,10 @@ impl Embedded {
         if !state.overlay.is_empty() || state.frozen.is_some() {
             let probe = OverlayKey::new(key);
             if let Some(value) = state.overlay.get(&probe) {
-                return Ok(f(value.as_deref()));
+                return Ok(f(value));
             }
             if let Some(value) = state.frozen.as_ref().and_then(|f| f.overlay.get(&probe)) {
-                return Ok(f(value.as_deref()));
+                return Ok(f(value));
             }
         }
         let snapshot = match &state.snapshot {
@@ -445,14 +442,14 @@ fn write_checkpoint(
         let mut packed = txn.open_table(PACKED).map_err(|e| e.to_string())?;
         let mut packer = Packer::new();
         let mut bytes = Vec::new();
-        for (key, value) in overlay {
+        for (key, value) in overlay.iter() {
             bytes.clear();
             key.write_to(&mut bytes);
             match (value, packed::group(group_of, &bytes)) {
                 (Some(v), Some(group)) => packer.push(&mut packed, &mut table, &bytes, group, v)?,
                 (Some(v), None) => {
                     table
-                        .insert(bytes.as_slice(), v.as_slice())
+                        .insert(bytes.as_slice(), v)
                         .map_err(|e| e.to_string())?;
                 }
                 (None, _) => {
@@ -496,9 +493,9 @@ fn merge_by<T>(
 
 /// Merges two ordered runs of overlay entries; `newer` wins on equal keys.
 fn merge_overlays<'a>(
-    newer: impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)>,
-    older: impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)>,
-) -> impl Iterator<Item = (&'a OverlayKey, &'a Option<Vec<u8>>)> {
+    newer: impl Iterator<Item = (&'a OverlayKey, Option<&'a [u8]>)>,
+    older: impl Iterator<Item = (&'a OverlayKey, Option<&'a [u8]>)>,
+) -> impl Iterator<Item = (&'a OverlayKey, Option<&'a [u8]>)> {
     merge_by(newer, older, |n, o| n.0.cmp(o.0))
 }
 
@@ -528,24 +525,25 @@ fn io(e: impl std::fmt::Display) -> Error {
 /// so that the overlay's byte limit is close to the memory it takes: with small values the
 /// headers are about as big as the data (docs/benchmarks.md).
 const ENTRY_OVERHEAD_BYTES: usize =
-    std::mem::size_of::<OverlayKey>() + std::mem::size_of::<Option<Vec<u8>>>();
+    std::mem::size_of::<OverlayKey>() + std::mem::size_of::<Slot>();
 
-/// Adds a commit's writes to an overlay; returns the bytes it takes (see
-/// [`ENTRY_OVERHEAD_BYTES`]).
-fn overlay_apply(overlay: &mut Overlay, writes: impl IntoIterator<Item = Write>) -> usize {
+/// Adds a commit's writes to an overlay (copying their values into its arena); returns the
+/// bytes they take (see [`ENTRY_OVERHEAD_BYTES`]).
+fn overlay_apply(overlay: &mut Overlay, writes: &[Write]) -> usize {
     let mut bytes = 0;
     for write in writes {
         let (key, value) = match write {
-            Write::Put(k, v) => (k, Some(v)),
+            Write::Put(k, v) => (k, Some(v.as_slice())),
             Write::Delete(k) => (k, None),
         };
-        bytes += ENTRY_OVERHEAD_BYTES + key.len() + value.as_ref().map_or(0, Vec::len);
-        overlay.insert(OverlayKey::new(&key), value);
+        bytes += ENTRY_OVERHEAD_BYTES + key.len() + value.map_or(0, <[u8]>::len);
+        overlay.insert(key, value);
     }
     bytes
 }
 
-/// A commit's writes, lent or given (given ones move into the overlay without a copy).
+/// A commit's writes, lent or given (given ones are freed by the committing thread once they
+/// are in the overlay).
 enum Writes<'a> {
     Lent(&'a [Write]),
     Given(Vec<Write>),
@@ -559,12 +557,6 @@ impl Writes<'_> {
         }
     }
 
-    fn into_overlay(self, overlay: &mut Overlay) -> usize {
-        match self {
-            Writes::Lent(w) => overlay_apply(overlay, w.iter().cloned()),
-            Writes::Given(w) => overlay_apply(overlay, w),
-        }
-    }
 }
 
 impl Store for Embedded {
@@ -595,10 +587,10 @@ impl Store for Embedded {
         let range = || (Bound::Included(&from), Bound::Excluded(&to));
         let frozen = state.frozen.as_ref().map(|f| &*f.overlay);
         let mut over = merge_overlays(
-            state.overlay.range::<OverlayKey, _>(range()),
+            state.overlay.range(range()),
             frozen
                 .into_iter()
-                .flat_map(|f| f.range::<OverlayKey, _>(range())),
+                .flat_map(|f| f.range(range())),
         )
         .peekable();
         let mut out = Vec::new();
@@ -626,7 +618,7 @@ impl Store for Embedded {
                     base.next(); // shadowed by the overlay
                 }
                 if let Some(v) = v {
-                    out.push((k, v.clone()));
+                    out.push((k, v.to_vec()));
                 }
             } else {
                 out.push(base.next().expect("peeked")?);
@@ -769,7 +761,7 @@ impl<'a> InFlight<'a> {
             return Err(CommitError::Unknown(format!("log append: {e}")));
         }
         state.commits_since_checkpoint += 1;
-        state.overlay_bytes += writes.into_overlay(&mut state.overlay);
+        state.overlay_bytes += overlay_apply(&mut state.overlay, writes.as_slice());
         let due = state.commits_since_checkpoint >= store.limits.checkpoint_commits
             || state.overlay_bytes >= store.limits.overlay_bytes;
         // A checkpoint still running is not waited for (that would stall this shard's commits)
@@ -802,6 +794,7 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
     use crate::Expect;
 
     #[test]
