@@ -560,6 +560,50 @@ async fn unusable_data_directories_are_refused_clearly() {
     assert!(err.to_string().contains("not a directory"), "{err}");
 }
 
+/// The data format marker in `meta.redb`: written at init, refused when newer than this
+/// build reads (before any shard file is opened), and added to a directory from before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_in_a_newer_format_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    ledger_server::init(&test_config(dir.path(), 2)).unwrap();
+    let meta = dir.path().join("meta.redb");
+    let format = |meta: &std::path::Path| {
+        let store = ledger_store::Embedded::open(meta).unwrap();
+        store.get(b"format").unwrap()
+    };
+    let set_format = |meta: &std::path::Path, value: Option<u32>| {
+        let store = ledger_store::Embedded::open(meta).unwrap();
+        let mut batch = ledger_store::WriteBatch::default();
+        match value {
+            Some(v) => batch.put(b"format".to_vec(), v.to_be_bytes().to_vec()),
+            None => batch.delete(b"format".to_vec()),
+        }
+        store.commit(&batch).unwrap();
+    };
+    let current = ledger_server::DATA_FORMAT.to_be_bytes().to_vec();
+    assert_eq!(format(&meta), Some(current.clone()));
+
+    set_format(&meta, Some(ledger_server::DATA_FORMAT + 1));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = ledger_server::run(test_config(dir.path(), 2), listener, async {}, |_| {})
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("written by a newer ledgerd"), "{text}");
+    assert!(
+        text.contains(&format!("data format {}", ledger_server::DATA_FORMAT + 1)),
+        "{text}"
+    );
+
+    // A directory from before the marker opens, and gets it.
+    set_format(&meta, None);
+    let server = InProcess::start(test_config(dir.path(), 2)).await;
+    let client = Client::connect(&server.addr).await.unwrap();
+    create(&client, vec![account("a", false)]).await;
+    server.stop().await;
+    assert_eq!(format(&meta), Some(current));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_fixes_the_shard_count() {
     let dir = tempfile::tempdir().unwrap();

@@ -15,6 +15,18 @@ use crate::config::{Config, ConfigError, StoreKind};
 
 const META_KEY: &[u8] = b"cluster";
 const META_FILE: &str = "meta.redb";
+/// Key of the data format marker in `meta.redb`: a big-endian u32.
+const FORMAT_KEY: &[u8] = b"format";
+
+/// The on-disk format this build writes. Raise it whenever a build writes something an older
+/// build would misread (it then refuses the directory instead), and keep reading the formats
+/// from [`DATA_FORMAT_OLDEST`] up.
+///
+/// - 1: entries one row each (before 2026-12-01).
+/// - 2: entries packed in chunks (`ledger_store::packed`); an older build would not see them.
+pub const DATA_FORMAT: u32 = 2;
+/// The oldest format this build reads (and upgrades in place).
+pub const DATA_FORMAT_OLDEST: u32 = 1;
 
 /// Cluster metadata, written once at init.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,10 +133,12 @@ fn open_embedded(
             let mut batch = WriteBatch::default();
             batch.expect(META_KEY.to_vec(), Expect::Absent);
             batch.put(META_KEY.to_vec(), codec::encode(&meta));
+            batch.put(FORMAT_KEY.to_vec(), DATA_FORMAT.to_be_bytes().to_vec());
             meta_store.commit(&batch).map_err(|e| fail(e.to_string()))?;
             meta
         }
     };
+    check_format(&meta_store).map_err(fail)?;
     if !fresh && meta.shard_count != config.shards {
         tracing::warn!(
             configured = config.shards,
@@ -151,6 +165,39 @@ fn open_embedded(
     .map(|s| Arc::new(s) as Arc<dyn Store>)
     .collect();
     Ok((meta, stores))
+}
+
+/// Refuses a directory written in a format this build does not read, before any shard store
+/// is opened; marks an older readable one with [`DATA_FORMAT`], since this build's writes
+/// (packed entries) need a reader of that format from now on. A directory initialised before
+/// the marker existed has none and is format 1 or 2, both readable.
+fn check_format(meta_store: &Embedded) -> Result<(), String> {
+    let found = match meta_store.get(FORMAT_KEY).map_err(|e| e.to_string())? {
+        None => None,
+        Some(bytes) => Some(
+            <[u8; 4]>::try_from(bytes.as_slice())
+                .map(u32::from_be_bytes)
+                .map_err(|_| format!("{META_FILE} is damaged: its format marker is {bytes:?}"))?,
+        ),
+    };
+    match found {
+        Some(format) if format > DATA_FORMAT => Err(format!(
+            "was written by a newer ledgerd (data format {format}; this build reads formats \
+             {DATA_FORMAT_OLDEST} to {DATA_FORMAT}): run that version or a later one"
+        )),
+        Some(format) if format < DATA_FORMAT_OLDEST => Err(format!(
+            "is in data format {format}, which this build no longer reads (it reads \
+             {DATA_FORMAT_OLDEST} to {DATA_FORMAT})"
+        )),
+        Some(DATA_FORMAT) => Ok(()),
+        _ => {
+            let mut batch = WriteBatch::default();
+            batch.put(FORMAT_KEY.to_vec(), DATA_FORMAT.to_be_bytes().to_vec());
+            meta_store.commit(&batch).map_err(|e| e.to_string())?;
+            tracing::info!(format = DATA_FORMAT, previous = ?found, "data directory marked with this build's data format");
+            Ok(())
+        }
+    }
 }
 
 fn probe_writable(dir: &Path) -> std::io::Result<()> {

@@ -22,7 +22,7 @@ use ledger_shard::node::Node;
 use ledger_shard::{Clock, SystemClock};
 
 pub use config::{Config, ConfigError, StoreKind};
-pub use data_dir::{ClusterMeta, ShardInfo, StartError};
+pub use data_dir::{ClusterMeta, DATA_FORMAT, ShardInfo, StartError};
 
 /// What `run` reports once it is serving (for the start-up summary and tests).
 #[derive(Clone, Debug)]

@@ -524,8 +524,7 @@ fn io(e: impl std::fmt::Display) -> Error {
 /// part and the value's header in the B-tree's node (the node's own slack comes on top). Counted
 /// so that the overlay's byte limit is close to the memory it takes: with small values the
 /// headers are about as big as the data (docs/benchmarks.md).
-const ENTRY_OVERHEAD_BYTES: usize =
-    std::mem::size_of::<OverlayKey>() + std::mem::size_of::<Slot>();
+const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<OverlayKey>() + std::mem::size_of::<Slot>();
 
 /// Adds a commit's writes to an overlay (copying their values into its arena); returns the
 /// bytes they take (see [`ENTRY_OVERHEAD_BYTES`]).
@@ -556,7 +555,6 @@ impl Writes<'_> {
             Writes::Given(w) => w,
         }
     }
-
 }
 
 impl Store for Embedded {
@@ -588,9 +586,7 @@ impl Store for Embedded {
         let frozen = state.frozen.as_ref().map(|f| &*f.overlay);
         let mut over = merge_overlays(
             state.overlay.range(range()),
-            frozen
-                .into_iter()
-                .flat_map(|f| f.range(range())),
+            frozen.into_iter().flat_map(|f| f.range(range())),
         )
         .peekable();
         let mut out = Vec::new();
@@ -794,8 +790,8 @@ impl Drop for InFlight<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
     use crate::Expect;
+    use std::collections::BTreeMap;
 
     #[test]
     fn conformance() {

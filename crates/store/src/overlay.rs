@@ -292,7 +292,10 @@ mod tests {
         assert_eq!(all, model.clone().into_iter().collect::<Vec<_>>());
         let (from, to) = (OverlayKey::new(b"key-0100"), OverlayKey::new(b"key-0200"));
         let some: Vec<_> = overlay
-            .range((std::ops::Bound::Included(&from), std::ops::Bound::Excluded(&to)))
+            .range((
+                std::ops::Bound::Included(&from),
+                std::ops::Bound::Excluded(&to),
+            ))
             .map(|(k, _)| k.to_bytes())
             .collect();
         let expected: Vec<_> = model
