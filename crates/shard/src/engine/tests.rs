@@ -665,3 +665,125 @@ mod spans {
         );
     }
 }
+
+// ---- batches built while earlier ones sync (pipelined commits) --------------------------------
+
+fn transfer_input(sim: &mut Sim, t: Transfer) -> (u64, Input) {
+    let token = sim.token();
+    (
+        token,
+        Input::CreateTransfer {
+            token,
+            transfer: t,
+            trace: None,
+        },
+    )
+}
+
+/// A retry of an id whose batch is still syncing (not yet visible in the store) answers the
+/// recorded outcome and writes nothing: applied once.
+#[test]
+fn a_retry_while_its_batch_syncs_answers_the_recorded_outcome() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let (first, input) = transfer_input(&mut sim, transfer("t1", "a", "b", 7));
+    let syncing = sim.batch_syncing(S0, vec![input]);
+    assert!(
+        sim.stores[0]
+            .get(&keys::transfer(S0, "t1"))
+            .unwrap()
+            .is_none(),
+        "not in the store while it syncs"
+    );
+    let (retry, input) = transfer_input(&mut sim, transfer("t1", "a", "b", 7));
+    let next = sim.batch_syncing(S0, vec![input]);
+    assert_eq!(outcome(&sim, retry), Some(Ok(7)));
+    let record = |token| match &sim.replies[&token] {
+        Reply::Transfer(r) => r.record.clone(),
+        other => panic!("not a transfer reply: {other:?}"),
+    };
+    assert_eq!(record(retry), record(first), "the same result");
+    assert!(next.writes.is_empty(), "nothing applied again: {next:?}");
+    sim.stores[0].commit(&syncing.writes).unwrap();
+    assert_eq!(balance(&sim, "a"), (0, 7, 0, 0, 1));
+    assert_eq!(balance(&sim, "b"), (0, 0, 0, 7, 1));
+}
+
+/// A post of a hold created in a batch still syncing finds the hold; the later batch's
+/// preconditions expect the account versions the syncing batch writes.
+#[test]
+fn a_post_while_its_hold_syncs_finds_the_hold() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let hold = Transfer {
+        kind: TransferKind::Pending,
+        ..transfer("h1", "a", "b", 10)
+    };
+    let (_, input) = transfer_input(&mut sim, hold);
+    let first = sim.batch_syncing(S0, vec![input]);
+    let post = Transfer {
+        id: "p1".into(),
+        pending_id: "h1".into(),
+        kind: TransferKind::PostPending,
+        amount: 4,
+        ..Transfer::default()
+    };
+    let (token, input) = transfer_input(&mut sim, post);
+    let second = sim.batch_syncing(S0, vec![input]);
+    assert_eq!(outcome(&sim, token), Some(Ok(4)));
+    sim.stores[0].commit(&first.writes).unwrap();
+    sim.stores[0].commit(&second.writes).unwrap();
+    assert_eq!(balance(&sim, "a"), (0, 4, 0, 0, 2));
+    assert_eq!(
+        read::hold(&*sim.stores[0], S0, "h1")
+            .unwrap()
+            .unwrap()
+            .state,
+        HoldState::Posted
+    );
+}
+
+/// A participant whose decision is still syncing ignores a late duplicate `Prepare`: it
+/// neither locks the account again nor logs a second prepared record.
+#[test]
+fn a_late_prepare_while_its_decision_syncs_is_ignored() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    let token = submit(&mut sim, transfer("x1", "a", "s1-b", 9));
+    let prepare = sim.inbox.front().cloned().expect("a Prepare");
+    assert!(matches!(prepare, (S1, S0, Message::Prepare(_))));
+    sim.deliver_all(2); // Prepare -> Prepared -> Decide queued
+    let (to, from, decide) = sim.inbox.pop_front().expect("a Decide");
+    assert!(matches!(
+        (to, &decide),
+        (S1, Message::Decide { commit: true, .. })
+    ));
+    let decided = sim.batch_syncing(
+        S1,
+        vec![Input::Peer {
+            from,
+            message: decide,
+        }],
+    );
+    let (_, from, message) = prepare;
+    let late = sim.batch_syncing(S1, vec![Input::Peer { from, message }]);
+    assert!(
+        late.writes.is_empty(),
+        "no second prepared record: {late:?}"
+    );
+    assert!(
+        !late
+            .messages
+            .iter()
+            .any(|(_, m)| matches!(m, Message::Prepared { .. })),
+        "no second Prepared"
+    );
+    sim.stores[1].commit(&decided.writes).unwrap();
+    sim.deliver_all(10);
+    assert_eq!(outcome(&sim, token), Some(Ok(9)));
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1));
+    assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (0, 0));
+}
