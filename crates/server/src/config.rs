@@ -49,9 +49,6 @@ pub enum StoreKind {
 /// Limits that protect the node whatever the configuration says.
 pub const SHARDS_MAX: u32 = 1_024;
 pub const BATCH_SIZE_MAX_LIMIT: usize = 65_536;
-/// Most batches a leader may have syncing at once (`shard.commits_in_flight_max`): each one
-/// keeps its replies and what it recorded in memory until its fsync.
-pub const COMMITS_IN_FLIGHT_MAX_LIMIT: usize = 16;
 
 impl Default for Config {
     fn default() -> Self {
@@ -129,12 +126,6 @@ impl Config {
             return invalid(
                 "shard",
                 "batch_inputs_max, queue_capacity and lock_waiters_max must be > 0".into(),
-            );
-        }
-        if !(1..=COMMITS_IN_FLIGHT_MAX_LIMIT).contains(&s.commits_in_flight_max) {
-            return invalid(
-                "shard.commits_in_flight_max",
-                format!("must be 1 to {COMMITS_IN_FLIGHT_MAX_LIMIT}"),
             );
         }
         if s.lock_wait_ms_max >= s.prepare_timeout_ms {

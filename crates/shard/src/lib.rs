@@ -44,10 +44,6 @@ pub struct Options {
     pub coordinations_max: usize,
     /// The leader's lease; renewed at a third of it.
     pub lease_ms: u64,
-    /// Batches a leader has handed to the store whose commits have not yet resolved (their
-    /// fsync pending): with 2, it builds and logs batch N+1 while batch N syncs. Answers still
-    /// wait for their own batch's durability. 1 commits one batch at a time.
-    pub commits_in_flight_max: usize,
 }
 
 impl Default for Options {
@@ -62,7 +58,6 @@ impl Default for Options {
             retry_ms: 500,
             coordinations_max: 16_384,
             lease_ms: 10_000,
-            commits_in_flight_max: 2,
         }
     }
 }

@@ -18,7 +18,7 @@
 //! If a commit fails or the store cannot be read, the leader steps down: callers in flight get
 //! `Unavailable` (retrying the same transfer id is safe), and a new term reloads from the store.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -347,60 +347,23 @@ impl Runtime {
         // a timer-wheel insert and removal for every batch.
         let tick = tokio::time::sleep(Duration::from_millis(TICK_MS));
         tokio::pin!(tick);
-        // Batches whose commits are logged but not yet durable, oldest first (pipelining: the
-        // next batch is built and logged while these sync). Each resolves in turn; only then
-        // are its callers answered and its messages sent.
-        let store = Arc::clone(&self.store);
-        let in_flight_max = self.options.commits_in_flight_max.max(1);
-        let mut syncing: VecDeque<Syncing<'_>> = VecDeque::with_capacity(in_flight_max);
-        let mut stopping = false;
         loop {
-            if stopping && syncing.is_empty() {
-                return Term::Stopped;
+            let first = tokio::select! {
+                command = self.rx.recv() => match command {
+                    Some(command) => Some(command),
+                    None => return Term::Stopped,
+                },
+                () = &mut tick => None,
+            };
+            if first.is_none() {
+                tick.as_mut()
+                    .reset(tokio::time::Instant::now() + Duration::from_millis(TICK_MS));
+            } else {
+                // Woken by one command: let the calls that are ready to run queue theirs
+                // first, so one batch (and one commit) carries them all. Small calls otherwise
+                // made batches of about one command each (docs/benchmarks.md).
+                tokio::task::yield_now().await;
             }
-            // Room for another batch: wait for a command, the timer, or the oldest commit;
-            // without room, only for the oldest commit.
-            let room = syncing.len() < in_flight_max && !stopping;
-            let event = {
-                let oldest = syncing.front_mut().map(|s| &mut s.commit);
-                let has_oldest = oldest.is_some();
-                tokio::select! {
-                    biased;
-                    result = async {
-                        match oldest {
-                            Some(Some(commit)) => commit.await,
-                            _ => Ok(()),
-                        }
-                    }, if has_oldest => Event::Synced(result),
-                    command = self.rx.recv(), if room => Event::Command(command),
-                    () = &mut tick, if room => Event::Tick,
-                }
-            };
-            let first = match event {
-                Event::Synced(result) => {
-                    let batch = syncing.pop_front().expect("the oldest batch");
-                    if let Err(term) = self.complete(batch, result, &mut waiting, &mut metrics) {
-                        return term;
-                    }
-                    continue;
-                }
-                Event::Command(None) => {
-                    stopping = true;
-                    continue;
-                }
-                Event::Command(Some(command)) => {
-                    // Woken by one command: let the calls that are ready to run queue theirs
-                    // first, so one batch (and one commit) carries them all. Small calls
-                    // otherwise made batches of about one command each (docs/benchmarks.md).
-                    tokio::task::yield_now().await;
-                    Some(command)
-                }
-                Event::Tick => {
-                    tick.as_mut()
-                        .reset(tokio::time::Instant::now() + Duration::from_millis(TICK_MS));
-                    None
-                }
-            };
             let now = self.clock.now_ms();
             engine.begin(now);
             let mut stop = false;
@@ -490,9 +453,7 @@ impl Runtime {
                     }
                 };
                 if let Err(term) = result {
-                    return self
-                        .drain(&mut syncing, &mut waiting, &mut metrics, term)
-                        .await;
+                    return term;
                 }
                 tokio::task::coop::consume_budget().await;
                 inputs += 1;
@@ -501,10 +462,7 @@ impl Runtime {
                 }
             }
             if let Err(e) = engine.tick() {
-                let term = Term::SteppedDown(e.to_string());
-                return self
-                    .drain(&mut syncing, &mut waiting, &mut metrics, term)
-                    .await;
+                return Term::SteppedDown(e.to_string());
             }
             let mut output = engine.finish();
             if now.saturating_sub(renewed_at) >= renew_every {
@@ -547,143 +505,51 @@ impl Runtime {
             if inputs > 0 {
                 metrics.batch_inputs.record(inputs as f64);
             }
-            let commit = if output.writes.is_empty() {
-                None
-            } else {
+            if !output.writes.is_empty() {
                 metrics
                     .batch_writes
                     .record(output.writes.writes.len() as f64);
+                let started = stopwatch();
                 let commit_span = if span.is_none() {
                     tracing::Span::none()
                 } else {
                     tracing::info_span!(parent: &span, "store.commit", shard = self.shard.0)
                 };
-                // Checks the preconditions (against the batches still syncing too) and logs
-                // the batch now; the future resolves once it is durable and visible.
-                match store.commit_pipelined(output.writes) {
-                    Ok(commit) => {
-                        Some(Box::pin(commit.instrument(commit_span)) as PendingCommit<'_>)
+                let committed = self
+                    .store
+                    .commit_async(output.writes)
+                    .instrument(commit_span)
+                    .await;
+                metrics
+                    .commit_seconds
+                    .record(started.elapsed().as_secs_f64());
+                if let Err(e) = committed {
+                    if matches!(e, ledger_store::CommitError::Conflict { .. }) {
+                        metrics.commit_conflicts.increment(1);
+                    } else {
+                        metrics.commit_failures.increment(1);
                     }
-                    Err(e) => {
-                        // Fenced or failed: nothing of this batch is acknowledged (dropping the
-                        // reply senders tells its callers `Unavailable`); the batches before it
-                        // are logged and are answered once durable.
-                        count_failure(&mut metrics, &e);
-                        let term = Term::SteppedDown(format!("commit failed: {e}"));
-                        return self
-                            .drain(&mut syncing, &mut waiting, &mut metrics, term)
-                            .await;
-                    }
+                    // Fenced or failed: nothing of this batch is acknowledged. Dropping the
+                    // reply senders tells every waiting caller `Unavailable`.
+                    return Term::SteppedDown(format!("commit failed: {e}"));
                 }
-            };
-            let batch = Syncing {
-                commit,
-                started: stopwatch(),
-                replies: output.replies,
-                messages: output.messages,
-                ended: output.ended,
-            };
-            if batch.commit.is_none() && syncing.is_empty() {
-                // Nothing to wait for: nothing it answers depends on a commit still syncing.
-                if let Err(term) = self.complete(batch, Ok(()), &mut waiting, &mut metrics) {
-                    return term;
+            }
+            // Durable: the steps it completes end now.
+            drop(output.ended);
+            for (token, reply) in output.replies {
+                if let Reply::Transfer(r) = &reply {
+                    metrics.transfer(r.record.result.as_ref().map(|_| ()).map_err(|e| *e));
                 }
-            } else {
-                // A batch without writes still answers after the ones before it: it may
-                // answer from what they recorded (a retried id).
-                syncing.push_back(batch);
+                waiting.reply(token, reply);
+            }
+            metrics.flush();
+            for (to, message) in output.messages {
+                self.peers.send(to, self.shard, message);
             }
             if stop {
-                stopping = true;
+                return Term::Stopped;
             }
         }
-    }
-
-    /// A batch's commit has resolved: on success its callers get their replies and its
-    /// messages go out; on failure the leader steps down (dropping the reply senders tells the
-    /// callers `Unavailable`).
-    fn complete(
-        &self,
-        batch: Syncing<'_>,
-        result: Result<(), ledger_store::CommitError>,
-        waiting: &mut Waiting,
-        metrics: &mut RuntimeMetrics,
-    ) -> Result<(), Term> {
-        if batch.commit.is_some() {
-            metrics
-                .commit_seconds
-                .record(batch.started.elapsed().as_secs_f64());
-        }
-        if let Err(e) = result {
-            count_failure(metrics, &e);
-            return Err(Term::SteppedDown(format!("commit failed: {e}")));
-        }
-        // Durable: the steps it completes end now.
-        drop(batch.ended);
-        for (token, reply) in batch.replies {
-            if let Reply::Transfer(r) = &reply {
-                metrics.transfer(r.record.result.as_ref().map(|_| ()).map_err(|e| *e));
-            }
-            waiting.reply(token, reply);
-        }
-        metrics.flush();
-        for (to, message) in batch.messages {
-            self.peers.send(to, self.shard, message);
-        }
-        Ok(())
-    }
-
-    /// Ends a term with the batches still syncing seen through first: they are logged, so
-    /// they are answered once durable (abandoning one would leave the store refusing commits
-    /// until a restart). Returns `term`, or the first commit failure met.
-    async fn drain(
-        &self,
-        syncing: &mut VecDeque<Syncing<'_>>,
-        waiting: &mut Waiting,
-        metrics: &mut RuntimeMetrics,
-        term: Term,
-    ) -> Term {
-        while let Some(mut batch) = syncing.pop_front() {
-            let result = match batch.commit.as_mut() {
-                Some(commit) => commit.await,
-                None => Ok(()),
-            };
-            if let Err(failed) = self.complete(batch, result, waiting, metrics) {
-                return failed;
-            }
-        }
-        term
-    }
-}
-
-/// A batch's commit, logged and resolving once durable and visible.
-type PendingCommit<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<(), ledger_store::CommitError>> + Send + 'a>,
->;
-
-/// A batch handed to the store whose commit has not yet resolved, with what it answers.
-struct Syncing<'a> {
-    /// `None` for a batch without writes (it resolves with the ones before it).
-    commit: Option<PendingCommit<'a>>,
-    started: std::time::Instant,
-    replies: Vec<(Token, Reply)>,
-    messages: Vec<(ShardId, Message)>,
-    ended: Vec<tracing::Span>,
-}
-
-/// What wakes a leader (moved once, straight into its match).
-#[allow(clippy::large_enum_variant)]
-enum Event {
-    Synced(Result<(), ledger_store::CommitError>),
-    Command(Option<Command>),
-    Tick,
-}
-
-fn count_failure(metrics: &mut RuntimeMetrics, e: &ledger_store::CommitError) {
-    if matches!(e, ledger_store::CommitError::Conflict { .. }) {
-        metrics.commit_conflicts.increment(1);
-    } else {
-        metrics.commit_failures.increment(1);
     }
 }
 

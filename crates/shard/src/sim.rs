@@ -82,17 +82,6 @@ impl Sim {
     /// Runs one batch on `shard`: the inputs, a tick, the commit. Returns the output (already
     /// committed; replies recorded; messages queued).
     pub fn batch(&mut self, shard: ShardId, inputs: Vec<Input>) -> Output {
-        self.run_batch(shard, inputs, true)
-    }
-
-    /// As [`Sim::batch`], but the commit is left to the caller (`stores[shard].commit(&output
-    /// .writes)`, in order): a batch whose commit is still syncing while the leader builds the
-    /// next (pipelined commits). Replies and messages are recorded as `batch` records them.
-    pub fn batch_syncing(&mut self, shard: ShardId, inputs: Vec<Input>) -> Output {
-        self.run_batch(shard, inputs, false)
-    }
-
-    fn run_batch(&mut self, shard: ShardId, inputs: Vec<Input>, commit: bool) -> Output {
         let engine = &mut self.engines[shard.0 as usize];
         engine.begin(self.now_ms);
         for input in inputs {
@@ -100,7 +89,7 @@ impl Sim {
         }
         engine.tick().expect("tick");
         let output = engine.finish();
-        if commit && !output.writes.is_empty() {
+        if !output.writes.is_empty() {
             self.stores[shard.0 as usize]
                 .commit(&output.writes)
                 .expect("commit");

@@ -36,7 +36,6 @@
 //! overlay. [`Store::commit_async`] waits for the sync as a future, so a leader running as an
 //! async task never blocks its thread on an fsync.
 
-use std::collections::{HashMap, VecDeque};
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -112,13 +111,6 @@ pub struct Embedded {
 struct State {
     /// The last commit's sequence number (this store's numbering in the log).
     seq: u64,
-    /// The last commit whose writes are in the overlay (visible): `seq` less the pipelined
-    /// commits still syncing. A checkpoint records this one, never `seq`: a commit still in
-    /// `pending` is in no overlay, so a checkpoint claiming it would make a restart skip it.
-    applied_seq: u64,
-    /// Pipelined commits ([`Store::commit_pipelined`]) logged and not yet visible, in log order.
-    /// Their writes count for later commits' preconditions, never for readers.
-    pending: VecDeque<Pending>,
     commits_since_checkpoint: u64,
     poisoned: bool,
     /// A commit's record is in the log and its writes not yet in the overlay.
@@ -149,12 +141,6 @@ impl Snapshot {
             packed: txn.open_table(PACKED).map_err(io)?,
         })
     }
-}
-
-/// A pipelined commit that is logged but not yet visible.
-struct Pending {
-    seq: u64,
-    writes: Vec<Write>,
 }
 
 struct Frozen {
@@ -291,8 +277,6 @@ impl Embedded {
         log.durable(tag, seq);
         let state = State {
             seq,
-            applied_seq: seq,
-            pending: VecDeque::new(),
             commits_since_checkpoint: 0,
             poisoned: false,
             in_flight: false,
@@ -321,7 +305,7 @@ impl Embedded {
         let overlay = Arc::new(std::mem::take(&mut state.overlay));
         state.overlay_bytes = 0;
         state.commits_since_checkpoint = 0;
-        let seq = state.applied_seq;
+        let seq = state.seq;
         let (db, frozen, group_of) = (Arc::clone(&self.db), Arc::clone(&overlay), self.group_of);
         let thread = std::thread::Builder::new()
             .name(format!("checkpoint-{}", self.tag))
@@ -377,12 +361,12 @@ impl Embedded {
         if state.overlay.is_empty() {
             return Ok(());
         }
-        write_checkpoint(&self.db, &state.overlay, state.applied_seq, self.group_of)?;
+        write_checkpoint(&self.db, &state.overlay, state.seq, self.group_of)?;
         state.snapshot = None;
         state.overlay = Overlay::new();
         state.overlay_bytes = 0;
         state.commits_since_checkpoint = 0;
-        self.log.durable(self.tag, state.applied_seq);
+        self.log.durable(self.tag, state.seq);
         Ok(())
     }
 
@@ -658,21 +642,6 @@ impl Store for Embedded {
         })
     }
 
-    fn commit_pipelined(&self, batch: WriteBatch) -> Result<crate::CommitFuture<'_>, CommitError> {
-        let Some((seq, group)) = self.begin_pipelined(batch)? else {
-            return Ok(Box::pin(std::future::ready(Ok(()))));
-        };
-        let guard = Pipelined {
-            store: self,
-            seq,
-            finished: false,
-        };
-        Ok(Box::pin(async move {
-            let synced = self.log.synced(group).await;
-            guard.finish(synced)
-        }))
-    }
-
     fn kind(&self) -> &'static str {
         "embedded"
     }
@@ -701,27 +670,9 @@ impl Embedded {
         preconditions: &[(Vec<u8>, crate::Expect)],
         writes: &[Write],
     ) -> Result<Option<u64>, CommitError> {
+        let not_committed = |e: &dyn std::fmt::Display| CommitError::NotCommitted(e.to_string());
         // One commit at a time per store: its log order is its commit order. A shard has one
         // writer, so this waits only if a second writer shows up (a test, say).
-        let mut state = self.state();
-        while state.in_flight || !state.pending.is_empty() {
-            state = self
-                .idle
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-        }
-        let begun = self.begin_locked(&mut state, preconditions, writes)?;
-        if begun.is_some() {
-            state.in_flight = true;
-        }
-        Ok(begun.map(|(_, group)| group))
-    }
-
-    /// A pipelined commit's first half: as [`Embedded::begin_commit`], but it may begin while
-    /// earlier pipelined commits are still syncing. Its preconditions see their writes; its
-    /// own writes wait in `pending` until [`Pipelined::finish`]. Returns its sequence number
-    /// and log group, or `None` when there is nothing to write.
-    fn begin_pipelined(&self, batch: WriteBatch) -> Result<Option<(u64, u64)>, CommitError> {
         let mut state = self.state();
         while state.in_flight {
             state = self
@@ -729,25 +680,7 @@ impl Embedded {
                 .wait(state)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        let begun = self.begin_locked(&mut state, &batch.preconditions, &batch.writes)?;
-        if let Some((seq, _)) = begun {
-            state.pending.push_back(Pending {
-                seq,
-                writes: batch.writes,
-            });
-        }
-        Ok(begun)
-    }
-
-    /// Checks the preconditions (against pending pipelined commits first, then what is
-    /// visible) and hands the record to the log. Returns its sequence number and log group.
-    fn begin_locked(
-        &self,
-        state: &mut State,
-        preconditions: &[(Vec<u8>, crate::Expect)],
-        writes: &[Write],
-    ) -> Result<Option<(u64, u64)>, CommitError> {
-        if let Err(e) = self.settle(state, false) {
+        if let Err(e) = self.settle(&mut state, false) {
             tracing::error!(store = %self.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
         }
         if state.poisoned {
@@ -756,7 +689,14 @@ impl Embedded {
                 self.path
             )));
         }
-        self.check_preconditions(state, preconditions)?;
+        for (key, expect) in preconditions {
+            let holds = self
+                .read_with(&mut state, key, |current| expect.holds(current))
+                .map_err(|e| not_committed(&e))?;
+            if !holds {
+                return Err(CommitError::Conflict { key: key.clone() });
+            }
+        }
         if writes.is_empty() {
             return Ok(None);
         }
@@ -772,79 +712,13 @@ impl Embedded {
         match self.log.submit(self.tag, seq, writes) {
             Ok(group) => {
                 state.seq = seq;
-                Ok(Some((seq, group)))
+                state.in_flight = true;
+                Ok(Some(group))
             }
             Err(e) => {
                 // Part of the record may be on disk. Unknown, and no further commits here.
                 state.poisoned = true;
                 Err(CommitError::Unknown(format!("log append: {e}")))
-            }
-        }
-    }
-
-    /// Every precondition must hold against the newest value of its key: a pending pipelined
-    /// commit's write if one has the key (the newest of them), else the visible value.
-    fn check_preconditions(
-        &self,
-        state: &mut State,
-        preconditions: &[(Vec<u8>, crate::Expect)],
-    ) -> Result<(), CommitError> {
-        let not_committed = |e: &dyn std::fmt::Display| CommitError::NotCommitted(e.to_string());
-        // Verdicts from pending writes, where they have the key (one pass over their writes).
-        let mut verdicts: Vec<Option<bool>> = vec![None; preconditions.len()];
-        if !state.pending.is_empty() {
-            let wanted: HashMap<&[u8], ()> = preconditions
-                .iter()
-                .map(|(key, _)| (key.as_slice(), ()))
-                .collect();
-            let mut newest: HashMap<&[u8], Option<&[u8]>> = HashMap::new();
-            for pending in &state.pending {
-                for write in &pending.writes {
-                    let (key, value) = match write {
-                        Write::Put(k, v) => (k.as_slice(), Some(v.as_slice())),
-                        Write::Delete(k) => (k.as_slice(), None),
-                    };
-                    if wanted.contains_key(key) {
-                        newest.insert(key, value);
-                    }
-                }
-            }
-            for ((key, expect), verdict) in preconditions.iter().zip(&mut verdicts) {
-                if let Some(value) = newest.get(key.as_slice()) {
-                    *verdict = Some(expect.holds(*value));
-                }
-            }
-        }
-        for ((key, expect), verdict) in preconditions.iter().zip(verdicts) {
-            let holds = match verdict {
-                Some(holds) => holds,
-                None => self
-                    .read_with(state, key, |current| expect.holds(current))
-                    .map_err(|e| not_committed(&e))?,
-            };
-            if !holds {
-                return Err(CommitError::Conflict { key: key.clone() });
-            }
-        }
-        Ok(())
-    }
-
-    /// Makes a synced commit's writes visible (and may start a checkpoint).
-    fn make_visible(&self, state: &mut State, seq: u64, writes: &[Write]) {
-        state.applied_seq = seq;
-        state.commits_since_checkpoint += 1;
-        state.overlay_bytes += overlay_apply(&mut state.overlay, writes);
-        let due = state.commits_since_checkpoint >= self.limits.checkpoint_commits
-            || state.overlay_bytes >= self.limits.overlay_bytes;
-        // A checkpoint still running is not waited for (that would stall this shard's commits)
-        // until the overlay reaches its hard limit.
-        let running = state.frozen.is_some();
-        if due && (!running || state.overlay_bytes >= self.limits.overlay_bytes_hard()) {
-            // The commit is durable (logged) whatever happens here; a failed checkpoint leaves
-            // the log holding it, and the store refuses further commits until a restart.
-            if let Err(e) = self.start_checkpoint(state) {
-                state.poisoned = true;
-                tracing::error!(store = %self.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
             }
         }
     }
@@ -882,78 +756,22 @@ impl<'a> InFlight<'a> {
             state.poisoned = true;
             return Err(CommitError::Unknown(format!("log append: {e}")));
         }
-        let seq = state.seq;
-        store.make_visible(&mut state, seq, writes.as_slice());
+        state.commits_since_checkpoint += 1;
+        state.overlay_bytes += overlay_apply(&mut state.overlay, writes.as_slice());
+        let due = state.commits_since_checkpoint >= store.limits.checkpoint_commits
+            || state.overlay_bytes >= store.limits.overlay_bytes;
+        // A checkpoint still running is not waited for (that would stall this shard's commits)
+        // until the overlay reaches its hard limit.
+        let running = state.frozen.is_some();
+        if due && (!running || state.overlay_bytes >= store.limits.overlay_bytes_hard()) {
+            // The commit is durable (logged) whatever happens here; a failed checkpoint leaves
+            // the log holding it, and the store refuses further commits until a restart.
+            if let Err(e) = store.start_checkpoint(&mut state) {
+                state.poisoned = true;
+                tracing::error!(store = %store.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
+            }
+        }
         Ok(())
-    }
-}
-
-/// A pipelined commit whose record is in the log but not yet visible (see [`InFlight`]: one
-/// dropped before it finishes poisons the store). Finished in the order they were begun.
-struct Pipelined<'a> {
-    store: &'a Embedded,
-    seq: u64,
-    finished: bool,
-}
-
-impl Pipelined<'_> {
-    /// Once the log has answered: the oldest pending commit, which must be this one, becomes
-    /// visible. After an earlier one failed, the store is poisoned and this one fails too.
-    fn finish(mut self, synced: Result<(), String>) -> Result<(), CommitError> {
-        self.finished = true;
-        let store = self.store;
-        let mut state = store.state();
-        if let Err(e) = synced {
-            state.poisoned = true;
-            state.pending.clear();
-            store.idle.notify_all();
-            return Err(CommitError::Unknown(format!("log append: {e}")));
-        }
-        if state.poisoned {
-            state.pending.clear();
-            store.idle.notify_all();
-            return Err(CommitError::Unknown(format!(
-                "{}: an earlier commit failed after it was logged; restart to replay the log",
-                store.path
-            )));
-        }
-        let Some(pending) = state.pending.pop_front() else {
-            state.poisoned = true;
-            return Err(CommitError::Unknown(format!(
-                "{}: commit {} finished with none pending",
-                store.path, self.seq
-            )));
-        };
-        if pending.seq != self.seq {
-            // Finished out of order: a caller bug, and the overlay could no longer follow the
-            // log. Refuse everything until a restart replays the log in order.
-            state.poisoned = true;
-            state.pending.clear();
-            store.idle.notify_all();
-            return Err(CommitError::Unknown(format!(
-                "{}: commit {} finished before commit {}",
-                store.path, self.seq, pending.seq
-            )));
-        }
-        store.make_visible(&mut state, pending.seq, &pending.writes);
-        if state.pending.is_empty() {
-            store.idle.notify_all();
-        }
-        drop(state);
-        drop(pending);
-        Ok(())
-    }
-}
-
-impl Drop for Pipelined<'_> {
-    fn drop(&mut self) {
-        if !self.finished {
-            let mut state = self.store.state();
-            state.poisoned = true;
-            state.pending.clear();
-            self.store.idle.notify_all();
-            tracing::error!(store = %self.store.path, "a pipelined commit was abandoned while its log record was being synced; restart to replay the log");
-        }
     }
 }
 
@@ -1085,115 +903,6 @@ mod tests {
         drop(store);
         let store = Embedded::open(&crash.path().join("db.redb")).unwrap();
         assert_eq!(store.get(b"after").unwrap(), Some(b"x".to_vec()));
-    }
-
-    /// Pipelined commits: a later one's preconditions see an earlier one's writes while it
-    /// syncs, readers see neither until each resolves, and they resolve in order.
-    #[test]
-    fn pipelined_commits_check_against_each_other_and_show_only_when_synced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Embedded::open(&dir.path().join("db.redb")).unwrap();
-        let mut first = WriteBatch::default();
-        first.expect(b"k".to_vec(), Expect::Absent);
-        first.put(b"k".to_vec(), b"v1".to_vec());
-        let first = store.commit_pipelined(first).unwrap();
-        // Expecting the value the first commit writes holds before that commit is visible.
-        let mut second = WriteBatch::default();
-        second.expect(b"k".to_vec(), Expect::Equals(b"v1".to_vec()));
-        second.put(b"k".to_vec(), b"v2".to_vec());
-        let second = store.commit_pipelined(second).unwrap();
-        // ... and expecting what readers still see fails: the first commit's write counts.
-        let mut stale = WriteBatch::default();
-        stale.expect(b"k".to_vec(), Expect::Absent);
-        stale.put(b"k".to_vec(), b"v3".to_vec());
-        assert!(matches!(
-            store.commit_pipelined(stale),
-            Err(CommitError::Conflict { .. })
-        ));
-        assert_eq!(
-            store.get(b"k").unwrap(),
-            None,
-            "nothing visible before its sync"
-        );
-        futures::executor::block_on(first).unwrap();
-        assert_eq!(store.get(b"k").unwrap(), Some(b"v1".to_vec()));
-        futures::executor::block_on(second).unwrap();
-        assert_eq!(store.get(b"k").unwrap(), Some(b"v2".to_vec()));
-        // A blocking commit after them sees the last one.
-        let mut after = WriteBatch::default();
-        after.expect(b"k".to_vec(), Expect::Equals(b"v2".to_vec()));
-        after.delete(b"k".to_vec());
-        store.commit(&after).unwrap();
-        assert_eq!(store.get(b"k").unwrap(), None);
-    }
-
-    /// A checkpoint started while a later pipelined commit is still syncing records the last
-    /// visible commit, not the last logged one: after a crash the later one is replayed.
-    #[test]
-    fn a_checkpoint_during_a_pipelined_commit_leaves_it_to_the_replay() {
-        let dir = tempfile::tempdir().unwrap();
-        let crash = tempfile::tempdir().unwrap();
-        let path = dir.path().join("db.redb");
-        // Every commit makes a checkpoint due.
-        let limits = Limits {
-            overlay_bytes: 1,
-            ..Limits::default()
-        };
-        let store = Embedded::open_with_limits(&path, limits).unwrap();
-        let batch = |key: &[u8]| {
-            let mut b = WriteBatch::default();
-            b.put(key.to_vec(), b"v".to_vec());
-            b
-        };
-        let (seq1, _) = store.begin_pipelined(batch(b"one")).unwrap().unwrap();
-        let (seq2, group2) = store.begin_pipelined(batch(b"two")).unwrap().unwrap();
-        store.log.wait(group2).unwrap(); // both records are durable in the log
-        let finish = |seq| {
-            Pipelined {
-                store: &store,
-                seq,
-                finished: false,
-            }
-            .finish(Ok(()))
-        };
-        finish(seq1).unwrap(); // "one" visible; a checkpoint of it starts
-        store.settle(&mut store.state(), true).unwrap();
-        // Crash now: redb holds the checkpoint, "two" is only in the log.
-        std::fs::copy(&path, crash.path().join("db.redb")).unwrap();
-        let log = crash.path().join("db.redb.log");
-        std::fs::create_dir(&log).unwrap();
-        for entry in std::fs::read_dir(dir.path().join("db.redb.log")).unwrap() {
-            let entry = entry.unwrap();
-            std::fs::copy(entry.path(), log.join(entry.file_name())).unwrap();
-        }
-        finish(seq2).unwrap();
-        drop(store);
-        let store = Embedded::open(&crash.path().join("db.redb")).unwrap();
-        assert_eq!(store.get(b"one").unwrap(), Some(b"v".to_vec()));
-        assert_eq!(
-            store.get(b"two").unwrap(),
-            Some(b"v".to_vec()),
-            "the commit that was syncing during the checkpoint is replayed"
-        );
-    }
-
-    /// Finishing pipelined commits out of order is refused, and the store stops taking
-    /// commits (its overlay could no longer follow the log) until a restart.
-    #[test]
-    fn pipelined_commits_finished_out_of_order_poison_the_store() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Embedded::open(&dir.path().join("db.redb")).unwrap();
-        let batch = |key: &[u8]| {
-            let mut b = WriteBatch::default();
-            b.put(key.to_vec(), b"v".to_vec());
-            b
-        };
-        let first = store.commit_pipelined(batch(b"a")).unwrap();
-        let second = store.commit_pipelined(batch(b"b")).unwrap();
-        assert!(futures::executor::block_on(second).is_err());
-        assert!(futures::executor::block_on(first).is_err());
-        assert_eq!(store.get(b"a").unwrap(), None);
-        assert!(store.commit(&batch(b"c")).is_err());
     }
 
     #[test]

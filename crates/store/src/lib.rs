@@ -147,18 +147,6 @@ pub trait Store: Send + Sync + 'static {
         Box::pin(std::future::ready(self.commit_owned(batch)))
     }
 
-    /// Begins a commit that may overlap the commits begun before it (a leader logging batch
-    /// N+1 while batch N syncs): checks the preconditions against everything begun before,
-    /// durable or not, hands the writes to the backend, and returns a future that resolves once
-    /// the commit is durable and visible. Readers never see a commit before its future
-    /// resolves. The futures of one store must be awaited in the order their commits began;
-    /// dropping one before it resolves may leave the store refusing commits until a restart.
-    /// The default commits at once (a backend whose commits do not wait, such as memory).
-    fn commit_pipelined(&self, batch: WriteBatch) -> Result<CommitFuture<'_>, CommitError> {
-        self.commit_owned(batch)?;
-        Ok(Box::pin(std::future::ready(Ok(()))))
-    }
-
     /// A short name for logs ("embedded", "memory").
     fn kind(&self) -> &'static str;
 }

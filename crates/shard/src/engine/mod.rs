@@ -33,7 +33,7 @@ mod tests;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use foldhash::{HashMap, HashSet};
+use foldhash::HashMap;
 use serde::{Deserialize, Serialize};
 
 use ledger_domain::{
@@ -214,25 +214,10 @@ struct Batch {
     /// Transfer records written in this batch (read before the store): id -> its write.
     transfers: HashMap<String, usize>,
     holds: HashMap<String, HoldStatus>,
-    /// Participant attempts decided in this batch (their done markers are among its writes).
-    done: HashSet<String>,
     replies: Vec<(Token, Reply)>,
     messages: Vec<(ShardId, Message)>,
     ended: Vec<tracing::Span>,
     links: Vec<TraceParent>,
-}
-
-/// What a finished batch recorded, kept while its commit may still be syncing: the runtime
-/// builds the next batches meanwhile (pipelined commits), and the store shows no reader those
-/// writes until they are durable, so the engine must answer from here (a retried id must find
-/// its outcome, a post the hold it settles).
-#[derive(Default)]
-struct Retained {
-    /// Transfer id -> its encoded record.
-    transfers: HashMap<String, Vec<u8>>,
-    holds: HashMap<String, HoldStatus>,
-    /// Participant attempts decided (a late duplicate `Prepare` must not lock again).
-    done: HashSet<String>,
 }
 
 pub struct Engine {
@@ -256,10 +241,6 @@ pub struct Engine {
     /// Waiters released by a lock, run after the current input.
     rerun: VecDeque<Parked>,
     batch: Batch,
-    /// The last `commits_in_flight_max - 1` finished batches, newest last: every batch whose
-    /// commit may still be syncing while a new one is built (the runtime builds one only when
-    /// fewer than `commits_in_flight_max` are in flight, and they finish in order).
-    retained: VecDeque<Retained>,
     metrics: EngineMetrics,
 }
 
@@ -307,7 +288,6 @@ impl Engine {
             next_seq: 0,
             rerun: VecDeque::new(),
             batch: Batch::default(),
-            retained: VecDeque::new(),
             metrics: EngineMetrics::new(shard),
         };
         for (id, hold) in recovered.holds {
@@ -429,7 +409,6 @@ impl Engine {
         let mut batch = std::mem::take(&mut self.batch);
         #[cfg(debug_assertions)]
         self.check_invariants(&batch);
-        self.retain(&mut batch);
         let mut writes = std::mem::take(&mut batch.writes);
         let mut dirty: Vec<_> = batch.dirty.into_iter().collect();
         dirty.sort_unstable();
@@ -465,32 +444,6 @@ impl Engine {
             messages: batch.messages,
             ended: batch.ended,
             links: batch.links,
-        }
-    }
-
-    /// Keeps what `batch` recorded for the batches built while its commit syncs (see
-    /// [`Retained`]); nothing when commits are not pipelined.
-    fn retain(&mut self, batch: &mut Batch) {
-        let keep = self.options.commits_in_flight_max.saturating_sub(1);
-        if keep == 0 {
-            return;
-        }
-        let transfers = std::mem::take(&mut batch.transfers)
-            .into_iter()
-            .map(|(id, index)| {
-                let Write::Put(_, bytes) = &batch.writes.writes[index] else {
-                    unreachable!("a transfer record is a put")
-                };
-                (id, bytes.clone())
-            })
-            .collect();
-        self.retained.push_back(Retained {
-            transfers,
-            holds: std::mem::take(&mut batch.holds),
-            done: std::mem::take(&mut batch.done),
-        });
-        while self.retained.len() > keep {
-            self.retained.pop_front();
         }
     }
 
@@ -534,9 +487,6 @@ impl Engine {
             };
             return Ok(Some(codec::decode("transfer", bytes)?));
         }
-        if let Some(bytes) = self.retained.iter().rev().find_map(|r| r.transfers.get(id)) {
-            return Ok(Some(codec::decode("transfer", bytes)?));
-        }
         match self.store.get(&keys::transfer(self.shard, id))? {
             Some(bytes) => Ok(Some(codec::decode("transfer", &bytes)?)),
             None => Ok(None),
@@ -547,32 +497,10 @@ impl Engine {
         if let Some(hold) = self.batch.holds.get(pending_id) {
             return Ok(Some(hold.clone()));
         }
-        if let Some(hold) = self
-            .retained
-            .iter()
-            .rev()
-            .find_map(|r| r.holds.get(pending_id))
-        {
-            return Ok(Some(hold.clone()));
-        }
         match self.store.get(&keys::hold(self.shard, pending_id))? {
             Some(bytes) => Ok(Some(codec::decode("hold", &bytes)?)),
             None => Ok(None),
         }
-    }
-
-    /// Whether a participant attempt is decided and applied: in this batch, in one still
-    /// syncing, or in the store.
-    fn is_done(&self, attempt_key: &str) -> Result<bool, Fatal> {
-        if self.batch.done.contains(attempt_key)
-            || self.retained.iter().any(|r| r.done.contains(attempt_key))
-        {
-            return Ok(true);
-        }
-        Ok(self
-            .store
-            .get(&keys::done(self.shard, attempt_key))?
-            .is_some())
     }
 
     // ---- writes ------------------------------------------------------------------------------
