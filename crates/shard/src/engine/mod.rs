@@ -33,7 +33,7 @@ mod tests;
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use ledger_domain::{
@@ -214,6 +214,9 @@ struct Batch {
     /// Transfer records written in this batch (read before the store): id -> its write.
     transfers: HashMap<String, usize>,
     holds: HashMap<String, HoldStatus>,
+    /// Participant attempts decided in this batch: their done markers are among its writes,
+    /// not yet in the store.
+    done: HashSet<String>,
     replies: Vec<(Token, Reply)>,
     messages: Vec<(ShardId, Message)>,
     ended: Vec<tracing::Span>,
@@ -501,6 +504,17 @@ impl Engine {
             Some(bytes) => Ok(Some(codec::decode("hold", &bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// Whether a participant attempt is decided and applied: in this batch or in the store.
+    fn is_done(&self, attempt_key: &str) -> Result<bool, Fatal> {
+        if self.batch.done.contains(attempt_key) {
+            return Ok(true);
+        }
+        Ok(self
+            .store
+            .get(&keys::done(self.shard, attempt_key))?
+            .is_some())
     }
 
     // ---- writes ------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ impl Engine {
             );
             return Ok(());
         }
-        if self.store.get(&keys::done(self.shard, &key))?.is_some() {
+        if self.is_done(&key)? {
             return Ok(()); // A late duplicate: this attempt is already decided and applied.
         }
         let lock = lock_key_account(&leg.account_id);
@@ -198,6 +198,7 @@ impl Engine {
         self.batch
             .writes
             .put(keys::done(self.shard, key), codec::encode(&commit));
+        self.batch.done.insert(key.to_string());
         self.unlock(&lock_key_account(&leg.account_id), key);
         self.end_phase(span);
     }

@@ -665,3 +665,49 @@ mod spans {
         );
     }
 }
+
+/// A late duplicate `Prepare` in the same batch as its attempt's `Decide` is ignored: the
+/// decision's done marker is not yet in the store, and preparing again would lock the account
+/// under a prepared record that a resent `Decide` (after a lost `Acked`) would apply twice.
+#[test]
+fn a_late_prepare_in_the_batch_of_its_decision_is_ignored() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    let token = submit(&mut sim, transfer("x1", "a", "s1-b", 9));
+    let (_, from, prepare) = sim.inbox.front().cloned().expect("a Prepare");
+    assert!(matches!(prepare, Message::Prepare(_)));
+    sim.deliver_all(2); // Prepare -> Prepared -> Decide queued
+    let (to, _, decide) = sim.inbox.pop_front().expect("a Decide");
+    assert!(matches!(
+        (to, &decide),
+        (S1, Message::Decide { commit: true, .. })
+    ));
+    let out = sim.batch(
+        S1,
+        vec![
+            Input::Peer {
+                from,
+                message: decide,
+            },
+            Input::Peer {
+                from,
+                message: prepare,
+            },
+        ],
+    );
+    assert!(
+        !out.messages
+            .iter()
+            .any(|(_, m)| matches!(m, Message::Prepared { .. })),
+        "no second Prepared: {out:?}"
+    );
+    assert_eq!(
+        read::in_flight(&*sim.stores[1], S1).unwrap(),
+        (0, 0),
+        "no prepared record left behind"
+    );
+    sim.deliver_all(10);
+    assert_eq!(outcome(&sim, token), Some(Ok(9)));
+    assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1));
+}
