@@ -316,6 +316,16 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         Some(pb::transfer_result::Outcome::Rejection(_))
     ));
 
+    // A refused call (no id): counted under its status code, not as OK.
+    let refused = client
+        .transfer(usd_transfer("", &ids[1], &ids[0], 1))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, ledger_client::Error::Status(s) if s.code() == tonic::Code::InvalidArgument),
+        "{refused}"
+    );
+
     let after = scrape(&url);
     assert_eq!(
         value(
@@ -325,6 +335,40 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         ),
         15.0,
         "every committed transfer is counted once"
+    );
+    // Per-call series: 15 payments and one rejection answered OK, one call refused.
+    assert_eq!(
+        value(
+            &after,
+            "ledger_grpc_requests_total",
+            &[r#"method="Transfer""#, r#"code="OK""#]
+        ),
+        16.0,
+        "{after}"
+    );
+    assert_eq!(
+        value(
+            &after,
+            "ledger_grpc_requests_total",
+            &[r#"method="Transfer""#, r#"code="INVALID_ARGUMENT""#]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "ledger_grpc_requests_total",
+            &[r#"method="CreateAccounts""#, r#"code="OK""#]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &after,
+            "ledger_grpc_request_seconds_count",
+            &[r#"method="Transfer""#]
+        ),
+        17.0
     );
     assert_eq!(
         value(

@@ -2,6 +2,7 @@
 //! routing, and the gRPC services. The binary is a thin layer over [`run`], so tests start real
 //! servers on port 0.
 
+mod calls;
 pub mod config;
 mod data_dir;
 mod error;

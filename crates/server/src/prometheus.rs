@@ -110,12 +110,41 @@ async fn write(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Res
     stream.shutdown().await
 }
 
-/// `ledger_process_resident_bytes`: the process's resident memory, read at scrape time.
+/// `ledger_process_resident_bytes`: the process's resident memory, read at scrape time from
+/// `VmRSS` in `/proc/self/status` (in KiB whatever the page size, unlike `statm`'s pages).
 fn record_process_memory() {
-    let pages = std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok());
-    if let Some(pages) = pages {
-        metrics::gauge!("ledger_process_resident_bytes").set((pages * 4096) as f64);
+    let status = std::fs::read_to_string("/proc/self/status").ok();
+    if let Some(bytes) = status.as_deref().and_then(resident_bytes) {
+        metrics::gauge!("ledger_process_resident_bytes").set(bytes as f64);
+    }
+}
+
+/// The `VmRSS` line of a `/proc/PID/status` text, in bytes.
+fn resident_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut fields = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = fields.next()?.parse().ok()?;
+    (fields.next() == Some("kB")).then(|| value.checked_mul(1024))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resident_memory_is_read_from_the_status_text() {
+        let status = "Name:\tledgerd\nVmPeak:\t  900 kB\nVmRSS:\t  123456 kB\nThreads:\t9\n";
+        assert_eq!(resident_bytes(status), Some(123_456 * 1024));
+        assert_eq!(resident_bytes("Name:\tledgerd\n"), None);
+        assert_eq!(
+            resident_bytes("VmRSS:\t12 MB\n"),
+            None,
+            "an unknown unit is not guessed"
+        );
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        assert!(
+            resident_bytes(&own).unwrap() > 1 << 20,
+            "this test process uses over 1 MiB"
+        );
     }
 }

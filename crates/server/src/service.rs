@@ -8,17 +8,22 @@ use ledger_proto::pb::ledger_service_server::LedgerService;
 use ledger_proto::{self as wire, pb};
 use ledger_shard::engine::TransferReply;
 
+use crate::calls::{Calls, Method};
 use crate::error::ApiError;
 use crate::router::{PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Router};
 use crate::telemetry;
 
 pub struct Ledger {
     router: Router,
+    calls: Calls,
 }
 
 impl Ledger {
     pub fn new(router: Router) -> Self {
-        Self { router }
+        Self {
+            router,
+            calls: Calls::new(),
+        }
     }
 }
 
@@ -43,9 +48,9 @@ fn check_ids(router: &Router, field: &str, ids: &[String]) -> Result<(), ApiErro
     Ok(())
 }
 
-#[tonic::async_trait]
-impl LedgerService for Ledger {
-    async fn create_accounts(
+/// The calls' bodies; the trait methods below time and count them.
+impl Ledger {
+    async fn create_accounts_call(
         &self,
         request: Request<pb::CreateAccountsRequest>,
     ) -> Result<Response<pb::CreateAccountsResponse>, Status> {
@@ -79,7 +84,7 @@ impl LedgerService for Ledger {
         Ok(Response::new(pb::CreateAccountsResponse { results }))
     }
 
-    async fn get_accounts(
+    async fn get_accounts_call(
         &self,
         request: Request<pb::GetAccountsRequest>,
     ) -> Result<Response<pb::GetAccountsResponse>, Status> {
@@ -95,7 +100,7 @@ impl LedgerService for Ledger {
         Ok(Response::new(response))
     }
 
-    async fn create_transfers(
+    async fn create_transfers_call(
         &self,
         request: Request<pb::CreateTransfersRequest>,
     ) -> Result<Response<pb::CreateTransfersResponse>, Status> {
@@ -118,7 +123,7 @@ impl LedgerService for Ledger {
         Ok(response)
     }
 
-    async fn transfer(
+    async fn transfer_call(
         &self,
         request: Request<pb::Transfer>,
     ) -> Result<Response<pb::TransferResult>, Status> {
@@ -132,7 +137,7 @@ impl LedgerService for Ledger {
         Ok(response)
     }
 
-    async fn get_transfers(
+    async fn get_transfers_call(
         &self,
         request: Request<pb::GetTransfersRequest>,
     ) -> Result<Response<pb::GetTransfersResponse>, Status> {
@@ -153,7 +158,7 @@ impl LedgerService for Ledger {
         Ok(Response::new(response))
     }
 
-    async fn get_balance(
+    async fn get_balance_call(
         &self,
         request: Request<pb::GetBalanceRequest>,
     ) -> Result<Response<pb::Balance>, Status> {
@@ -165,7 +170,7 @@ impl LedgerService for Ledger {
         }
     }
 
-    async fn list_entries(
+    async fn list_entries_call(
         &self,
         request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
@@ -215,5 +220,64 @@ impl LedgerService for Ledger {
             entries,
             next_page_token,
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl LedgerService for Ledger {
+    async fn create_accounts(
+        &self,
+        request: Request<pb::CreateAccountsRequest>,
+    ) -> Result<Response<pb::CreateAccountsResponse>, Status> {
+        let call = self.calls.start(Method::CreateAccounts);
+        call.finish(self.create_accounts_call(request).await)
+    }
+
+    async fn get_accounts(
+        &self,
+        request: Request<pb::GetAccountsRequest>,
+    ) -> Result<Response<pb::GetAccountsResponse>, Status> {
+        let call = self.calls.start(Method::GetAccounts);
+        call.finish(self.get_accounts_call(request).await)
+    }
+
+    async fn create_transfers(
+        &self,
+        request: Request<pb::CreateTransfersRequest>,
+    ) -> Result<Response<pb::CreateTransfersResponse>, Status> {
+        let call = self.calls.start(Method::CreateTransfers);
+        call.finish(self.create_transfers_call(request).await)
+    }
+
+    async fn transfer(
+        &self,
+        request: Request<pb::Transfer>,
+    ) -> Result<Response<pb::TransferResult>, Status> {
+        let call = self.calls.start(Method::Transfer);
+        call.finish(self.transfer_call(request).await)
+    }
+
+    async fn get_transfers(
+        &self,
+        request: Request<pb::GetTransfersRequest>,
+    ) -> Result<Response<pb::GetTransfersResponse>, Status> {
+        let call = self.calls.start(Method::GetTransfers);
+        call.finish(self.get_transfers_call(request).await)
+    }
+
+    async fn get_balance(
+        &self,
+        request: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::Balance>, Status> {
+        let call = self.calls.start(Method::GetBalance);
+        call.finish(self.get_balance_call(request).await)
+    }
+
+    async fn list_entries(
+        &self,
+        request: Request<pb::ListEntriesRequest>,
+    ) -> Result<Response<pb::ListEntriesResponse>, Status> {
+        let call = self.calls.start(Method::ListEntries);
+        call.finish(self.list_entries_call(request).await)
     }
 }
