@@ -541,22 +541,6 @@ fn overlay_apply(overlay: &mut Overlay, writes: &[Write]) -> usize {
     bytes
 }
 
-/// A commit's writes, lent or given (given ones are freed by the committing thread once they
-/// are in the overlay).
-enum Writes<'a> {
-    Lent(&'a [Write]),
-    Given(Vec<Write>),
-}
-
-impl Writes<'_> {
-    fn as_slice(&self) -> &[Write] {
-        match self {
-            Writes::Lent(w) => w,
-            Writes::Given(w) => w,
-        }
-    }
-}
-
 impl Store for Embedded {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let mut state = self.state();
@@ -624,11 +608,7 @@ impl Store for Embedded {
     }
 
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError> {
-        self.commit_writes(&batch.preconditions, Writes::Lent(&batch.writes))
-    }
-
-    fn commit_owned(&self, batch: WriteBatch) -> Result<(), CommitError> {
-        self.commit_writes(&batch.preconditions, Writes::Given(batch.writes))
+        self.commit_writes(&batch.preconditions, &batch.writes)
     }
 
     fn commit_async(&self, batch: WriteBatch) -> crate::CommitFuture<'_> {
@@ -638,7 +618,9 @@ impl Store for Embedded {
             };
             let mut in_flight = InFlight::new(self);
             let synced = self.log.synced(group).await;
-            in_flight.finish(Writes::Given(batch.writes), synced)
+            // The overlay copies the values; the batch is freed here, after the store's lock
+            // is let go, by the thread that allocated it.
+            in_flight.finish(&batch.writes, synced)
         })
     }
 
@@ -652,9 +634,9 @@ impl Embedded {
     fn commit_writes(
         &self,
         preconditions: &[(Vec<u8>, crate::Expect)],
-        writes: Writes<'_>,
+        writes: &[Write],
     ) -> Result<(), CommitError> {
-        let Some(group) = self.begin_commit(preconditions, writes.as_slice())? else {
+        let Some(group) = self.begin_commit(preconditions, writes)? else {
             return Ok(());
         };
         let mut in_flight = InFlight::new(self);
@@ -742,11 +724,7 @@ impl<'a> InFlight<'a> {
 
     /// The second half of a commit, once the log has answered: a synced record's writes
     /// become visible (and may start a checkpoint).
-    fn finish(
-        &mut self,
-        writes: Writes<'_>,
-        synced: Result<(), String>,
-    ) -> Result<(), CommitError> {
+    fn finish(&mut self, writes: &[Write], synced: Result<(), String>) -> Result<(), CommitError> {
         self.finished = true;
         let store = self.store;
         let mut state = store.state();
@@ -757,7 +735,7 @@ impl<'a> InFlight<'a> {
             return Err(CommitError::Unknown(format!("log append: {e}")));
         }
         state.commits_since_checkpoint += 1;
-        state.overlay_bytes += overlay_apply(&mut state.overlay, writes.as_slice());
+        state.overlay_bytes += overlay_apply(&mut state.overlay, writes);
         let due = state.commits_since_checkpoint >= store.limits.checkpoint_commits
             || state.overlay_bytes >= store.limits.overlay_bytes;
         // A checkpoint still running is not waited for (that would stall this shard's commits)
