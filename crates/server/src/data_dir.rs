@@ -22,7 +22,9 @@ const FORMAT_KEY: &[u8] = b"format";
 /// build would misread (it then refuses the directory instead), and keep reading the formats
 /// from [`DATA_FORMAT_OLDEST`] up.
 ///
-/// - 1: entries one row each (before 2026-12-01).
+/// - 1: entries one row each (2026-11-24 to 2026-12-01; directories from before 2026-11-24
+///   hold transfer records without a trace id, which no later build decodes: see
+///   docs/ARCHITECTURE.md, Known gaps).
 /// - 2: entries packed in chunks (`ledger_store::packed`); an older build would not see them.
 pub const DATA_FORMAT: u32 = 2;
 /// The oldest format this build reads (and upgrades in place).
@@ -170,7 +172,7 @@ fn open_embedded(
 /// Refuses a directory written in a format this build does not read, before any shard store
 /// is opened; marks an older readable one with [`DATA_FORMAT`], since this build's writes
 /// (packed entries) need a reader of that format from now on. A directory initialised before
-/// the marker existed has none and is format 1 or 2, both readable.
+/// the marker existed (2026-12-02) has none and is format 1 or 2, both readable.
 fn check_format(meta_store: &Embedded) -> Result<(), String> {
     let found = match meta_store.get(FORMAT_KEY).map_err(|e| e.to_string())? {
         None => None,
