@@ -88,10 +88,13 @@ struct Harness {
     sim: Sim,
     reference: Reference,
     crash: Option<(ShardId, usize)>,
+    /// Deliver each shard's queued messages in one batch (`Sim::deliver_grouped`) instead of
+    /// one batch per message.
+    grouped: bool,
 }
 
 impl Harness {
-    fn new() -> Self {
+    fn new(grouped: bool) -> Self {
         // retry 0: every tick resends, so recovery needs no time to pass (time moves only at
         // Advance, identically for the model).
         let options = Options {
@@ -127,6 +130,16 @@ impl Harness {
             sim,
             reference,
             crash: None,
+            grouped,
+        }
+    }
+
+    /// Delivers what is queued (and what that sends), one way or the other.
+    fn deliver(&mut self) {
+        if self.grouped {
+            self.sim.deliver_grouped(1_000);
+        } else {
+            self.sim.deliver_all(10_000);
         }
     }
 
@@ -134,7 +147,7 @@ impl Harness {
     fn settle(&mut self) {
         for _ in 0..200 {
             self.sim.tick_all();
-            self.sim.deliver_all(10_000);
+            self.deliver();
             let quiet = self.sim.inbox.is_empty()
                 && (0..2).all(|i| {
                     read::in_flight(&*self.sim.stores[i], ShardId(i as u32)).unwrap() == (0, 0)
@@ -223,7 +236,7 @@ impl Harness {
                         break; // the waiter was lost with a crashed leader: retry
                     }
                 }
-                self.sim.deliver_all(10_000);
+                self.deliver();
             }
             self.settle();
         }
@@ -319,8 +332,11 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn engines_agree_with_the_reference_ledger(ops in prop::collection::vec(op(), 1..60)) {
-        let mut h = Harness::new();
+    fn engines_agree_with_the_reference_ledger(
+        ops in prop::collection::vec(op(), 1..60),
+        grouped in any::<bool>(),
+    ) {
+        let mut h = Harness::new(grouped);
         // Fund the no-overdraft accounts so debits from them can succeed.
         for (i, (id, _, _)) in ACCOUNTS.iter().enumerate().filter(|(_, a)| a.2) {
             let fund = Transfer {

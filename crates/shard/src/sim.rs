@@ -127,6 +127,32 @@ impl Sim {
         delivered
     }
 
+    /// Delivers every queued message, each shard's in one batch in queue order, round after
+    /// round, until none are left or `max_rounds` ran; returns how many were delivered. Unlike
+    /// [`Sim::deliver_all`], messages that reach a shard together (duplicates, a decision and
+    /// a late resend) meet in one batch, as they do when a leader drains a queue that filled
+    /// while it committed.
+    pub fn deliver_grouped(&mut self, max_rounds: usize) -> usize {
+        let mut delivered = 0;
+        for _ in 0..max_rounds {
+            if self.inbox.is_empty() {
+                break;
+            }
+            let mut by_shard: std::collections::BTreeMap<u32, Vec<Input>> = Default::default();
+            for (to, from, message) in self.inbox.drain(..) {
+                by_shard
+                    .entry(to.0)
+                    .or_default()
+                    .push(Input::Peer { from, message });
+                delivered += 1;
+            }
+            for (shard, inputs) in by_shard {
+                self.batch(ShardId(shard), inputs);
+            }
+        }
+        delivered
+    }
+
     /// Runs a tick on every shard.
     pub fn tick_all(&mut self) {
         for i in 0..self.engines.len() {
