@@ -91,10 +91,13 @@ struct Harness {
     /// Deliver each shard's queued messages in one batch (`Sim::deliver_grouped`) instead of
     /// one batch per message.
     grouped: bool,
+    /// Lose every this-many-th message (the protocol's resends must make up for it).
+    lose_every: Option<usize>,
+    sent: usize,
 }
 
 impl Harness {
-    fn new(grouped: bool) -> Self {
+    fn new(grouped: bool, lose_every: Option<usize>) -> Self {
         // retry 0: every tick resends, so recovery needs no time to pass (time moves only at
         // Advance, identically for the model).
         let options = Options {
@@ -131,15 +134,35 @@ impl Harness {
             reference,
             crash: None,
             grouped,
+            lose_every,
+            sent: 0,
         }
     }
 
     /// Delivers what is queued (and what that sends), one way or the other.
     fn deliver(&mut self) {
-        if self.grouped {
-            self.sim.deliver_grouped(1_000);
-        } else {
-            self.sim.deliver_all(10_000);
+        for _ in 0..1_000 {
+            if self.sim.inbox.is_empty() {
+                return;
+            }
+            if let Some(every) = self.lose_every {
+                let sent = &mut self.sent;
+                self.sim.inbox.retain(|_| {
+                    *sent += 1;
+                    // A scrambled counter: losses follow no period a resend could match.
+                    (*sent as u64)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+                        .rotate_left(17)
+                        % every as u64
+                        != 0
+                });
+            }
+            if self.grouped {
+                self.sim.deliver_grouped(1);
+            } else {
+                let queued = self.sim.inbox.len();
+                self.sim.deliver_all(queued);
+            }
         }
     }
 
@@ -335,8 +358,9 @@ proptest! {
     fn engines_agree_with_the_reference_ledger(
         ops in prop::collection::vec(op(), 1..60),
         grouped in any::<bool>(),
+        lose_every in prop::option::of(3usize..8),
     ) {
-        let mut h = Harness::new(grouped);
+        let mut h = Harness::new(grouped, lose_every);
         // Fund the no-overdraft accounts so debits from them can succeed.
         for (i, (id, _, _)) in ACCOUNTS.iter().enumerate().filter(|(_, a)| a.2) {
             let fund = Transfer {
