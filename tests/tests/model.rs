@@ -150,11 +150,10 @@ impl Harness {
                 self.sim.inbox.retain(|_| {
                     *sent += 1;
                     // A scrambled counter: losses follow no period a resend could match.
-                    (*sent as u64)
+                    !(*sent as u64)
                         .wrapping_mul(0x9E37_79B9_7F4A_7C15)
                         .rotate_left(17)
-                        % every as u64
-                        != 0
+                        .is_multiple_of(every as u64)
                 });
             }
             if self.grouped {
