@@ -595,6 +595,14 @@ async fn a_data_directory_in_a_newer_format_is_refused() {
         "{text}"
     );
 
+    // ... and so is one in a format this build no longer reads.
+    set_format(&meta, Some(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = ledger_server::run(test_config(dir.path(), 2), listener, async {}, |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no longer reads"), "{err}");
+
     // A directory from before the marker opens, and gets it.
     set_format(&meta, None);
     let server = InProcess::start(test_config(dir.path(), 2)).await;

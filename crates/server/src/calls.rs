@@ -91,46 +91,34 @@ impl Calls {
         Self { series }
     }
 
-    /// Starts timing a call of `method`.
-    pub fn start(&self, method: Method) -> Call<'_> {
-        Call {
-            // `ALL` lists the methods in declaration order.
-            series: &self.series[method as usize],
-            method,
-            started: stopwatch(),
+    /// Runs a call of `method`, recording its duration and its answer's code, and passes the
+    /// answer on.
+    pub async fn observe<T>(
+        &self,
+        method: Method,
+        call: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        // `ALL` lists the methods in declaration order.
+        let series = &self.series[method as usize];
+        let started = stopwatch();
+        let result = call.await;
+        series.seconds.record(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(_) => series.ok.increment(1),
+            Err(status) => metrics::counter!(
+                "ledger_grpc_requests_total",
+                "method" => method.name(),
+                "code" => code_name(status.code())
+            )
+            .increment(1),
         }
+        result
     }
 }
 
 impl Default for Calls {
     fn default() -> Self {
         Self::new()
-    }
-}
-
-/// One call being timed; [`Call::finish`] records it.
-pub struct Call<'a> {
-    series: &'a Series,
-    method: Method,
-    started: std::time::Instant,
-}
-
-impl Call<'_> {
-    /// Records the call's duration and answer, and passes the answer on.
-    pub fn finish<T>(self, result: Result<T, Status>) -> Result<T, Status> {
-        self.series
-            .seconds
-            .record(self.started.elapsed().as_secs_f64());
-        match &result {
-            Ok(_) => self.series.ok.increment(1),
-            Err(status) => metrics::counter!(
-                "ledger_grpc_requests_total",
-                "method" => self.method.name(),
-                "code" => code_name(status.code())
-            )
-            .increment(1),
-        }
-        result
     }
 }
 

@@ -229,55 +229,62 @@ impl LedgerService for Ledger {
         &self,
         request: Request<pb::CreateAccountsRequest>,
     ) -> Result<Response<pb::CreateAccountsResponse>, Status> {
-        let call = self.calls.start(Method::CreateAccounts);
-        call.finish(self.create_accounts_call(request).await)
+        self.calls
+            .observe(Method::CreateAccounts, self.create_accounts_call(request))
+            .await
     }
 
     async fn get_accounts(
         &self,
         request: Request<pb::GetAccountsRequest>,
     ) -> Result<Response<pb::GetAccountsResponse>, Status> {
-        let call = self.calls.start(Method::GetAccounts);
-        call.finish(self.get_accounts_call(request).await)
+        self.calls
+            .observe(Method::GetAccounts, self.get_accounts_call(request))
+            .await
     }
 
     async fn create_transfers(
         &self,
         request: Request<pb::CreateTransfersRequest>,
     ) -> Result<Response<pb::CreateTransfersResponse>, Status> {
-        let call = self.calls.start(Method::CreateTransfers);
-        call.finish(self.create_transfers_call(request).await)
+        self.calls
+            .observe(Method::CreateTransfers, self.create_transfers_call(request))
+            .await
     }
 
     async fn transfer(
         &self,
         request: Request<pb::Transfer>,
     ) -> Result<Response<pb::TransferResult>, Status> {
-        let call = self.calls.start(Method::Transfer);
-        call.finish(self.transfer_call(request).await)
+        self.calls
+            .observe(Method::Transfer, self.transfer_call(request))
+            .await
     }
 
     async fn get_transfers(
         &self,
         request: Request<pb::GetTransfersRequest>,
     ) -> Result<Response<pb::GetTransfersResponse>, Status> {
-        let call = self.calls.start(Method::GetTransfers);
-        call.finish(self.get_transfers_call(request).await)
+        self.calls
+            .observe(Method::GetTransfers, self.get_transfers_call(request))
+            .await
     }
 
     async fn get_balance(
         &self,
         request: Request<pb::GetBalanceRequest>,
     ) -> Result<Response<pb::Balance>, Status> {
-        let call = self.calls.start(Method::GetBalance);
-        call.finish(self.get_balance_call(request).await)
+        self.calls
+            .observe(Method::GetBalance, self.get_balance_call(request))
+            .await
     }
 
     async fn list_entries(
         &self,
         request: Request<pb::ListEntriesRequest>,
     ) -> Result<Response<pb::ListEntriesResponse>, Status> {
-        let call = self.calls.start(Method::ListEntries);
-        call.finish(self.list_entries_call(request).await)
+        self.calls
+            .observe(Method::ListEntries, self.list_entries_call(request))
+            .await
     }
 }

@@ -111,7 +111,7 @@ impl Slot {
 /// Why: an overlay lives for a checkpoint interval (seconds) and is then freed on another
 /// thread. With a value per allocation, every value the engine encoded stayed live that long,
 /// so each new allocation found its memory cold (one cache miss per allocation in mimalloc's
-/// free list, 6% of `ledgerd`'s CPU at workload (a)) and every free crossed threads. Copying
+/// free list, 6% of all the machine's samples at workload (a)) and every free crossed threads. Copying
 /// the values into the arena lets the committing thread free the batch's own buffers at once,
 /// and the next batch reuses them while they are still in cache (docs/benchmarks.md).
 #[derive(Debug, Default)]

@@ -506,7 +506,8 @@ impl Engine {
         }
     }
 
-    /// Whether a participant attempt is decided and applied: in this batch or in the store.
+    /// Whether a participant attempt is decided (applied or released): in this batch or in the
+    /// store.
     fn is_done(&self, attempt_key: &str) -> Result<bool, Fatal> {
         if self.batch.done.contains(attempt_key) {
             return Ok(true);
