@@ -43,7 +43,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::log::Log;
-use crate::overlay::{Overlay, OverlayKey, Slot};
+use crate::overlay::{ENTRY_OVERHEAD_BYTES, Overlay, OverlayKey};
 use crate::packed::{self, GroupOf, PACKED, Packer};
 use crate::{CommitError, Error, Store, Write, WriteBatch};
 
@@ -519,12 +519,6 @@ fn merge_rows(
 fn io(e: impl std::fmt::Display) -> Error {
     Error::Io(e.to_string())
 }
-
-/// What an overlay entry costs in memory besides its key's and value's bytes: the key's inline
-/// part and the value's header in the B-tree's node (the node's own slack comes on top). Counted
-/// so that the overlay's byte limit is close to the memory it takes: with small values the
-/// headers are about as big as the data (docs/benchmarks.md).
-const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<OverlayKey>() + std::mem::size_of::<Slot>();
 
 /// Adds a commit's writes to an overlay (copying their values into its arena); returns the
 /// bytes they take (see [`ENTRY_OVERHEAD_BYTES`]).

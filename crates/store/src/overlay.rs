@@ -1,19 +1,24 @@
-//! The key of the embedded store's in-memory overlay: ordered exactly as its bytes, but
-//! compared without following a pointer in the common case.
+//! The embedded store's in-memory overlay ([`Overlay`]) and its key ([`OverlayKey`]): ordered
+//! exactly as its bytes, but compared and hashed without following a pointer in the common
+//! case.
 //!
-//! Why: the overlay is an ordered map of tens of thousands of keys per shard, and a B-tree node
-//! search compares the probe with up to eleven keys per level. With `Vec<u8>` keys each
+//! Why such a key: sorting the overlay for ordered reads and checkpoints compares keys many
+//! times, and every lookup compares the probe with the key it finds. With `Vec<u8>` keys each
 //! comparison reads a separate heap allocation (a likely cache miss), and the keys of a shard
 //! share their first bytes (`S`, the shard, the record kind, `acct-`), so the compare runs
-//! through them every time. Inserting into the overlay was 12% of `ledgerd`'s CPU at workload
-//! (a), nearly all of it in those comparisons (docs/benchmarks.md). Here the first
-//! [`HEAD_BYTES`] bytes are kept inline and compared as two big-endian integers: two integer
-//! compares decide almost every comparison, and only the rare key longer than the head has
-//! bytes on the heap at all (so most keys cost no allocation either).
+//! through them every time. When the overlay was a B-tree, inserting into it was 12% of
+//! `ledgerd`'s CPU at workload (a), nearly all of it in those comparisons (docs/benchmarks.md).
+//! Here the first [`HEAD_BYTES`] bytes are kept inline and compared as two big-endian integers:
+//! two integer compares decide almost every comparison, and only the rare key longer than the
+//! head has bytes on the heap at all (so most keys cost no allocation either).
 
+use foldhash::fast::RandomState;
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
-use std::ops::RangeBounds;
+use std::hash::BuildHasher as _;
+use std::ops::{Bound, RangeBounds};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use hashbrown::hash_table::{Entry, HashTable};
 
 /// Bytes of a key kept inline. Covers the shard prefix (6 bytes), an account id of up to 17
 /// bytes with its terminator and an entry's version (8 bytes), or a transfer id of up to 25.
@@ -82,6 +87,20 @@ impl Ord for OverlayKey {
     }
 }
 
+impl std::hash::Hash for OverlayKey {
+    /// The head as two integers and the length, then the tail if there is one: what `Eq`
+    /// compares, in as few steps of the hasher as that takes.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        let (high, low) = self.words();
+        state.write_u128(high);
+        state.write_u128(low);
+        state.write_u32(self.len);
+        if !self.tail.is_empty() {
+            state.write(&self.tail);
+        }
+    }
+}
+
 impl PartialOrd for OverlayKey {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
@@ -104,34 +123,86 @@ impl Slot {
     const DELETED: u32 = u32::MAX;
 }
 
-/// The embedded store's in-memory overlay: an ordered map from keys to values or deletes, whose
-/// values are copied into a few large arena chunks instead of each living in an allocation
-/// of its own.
+/// What an overlay entry costs in memory besides its key's and value's bytes: the key's inline
+/// part and its value's handle, its slot in the hash index (an index and a control byte), and
+/// its place in the sorted runs. Counted so that the overlay's byte limit is close to the memory
+/// it takes: with small values the headers are about as big as the data (docs/benchmarks.md).
+pub const ENTRY_OVERHEAD_BYTES: usize = std::mem::size_of::<(OverlayKey, Slot)>() + 9;
+
+/// The embedded store's in-memory overlay: a map from keys to values or deletes, read by key
+/// through a hash index and in key order through sorted runs built only when an ordered read
+/// asks for them. Its values are copied into a few large arena chunks instead of each living in
+/// an allocation of its own.
 ///
-/// Why: an overlay lives for a checkpoint interval (seconds) and is then freed on another
-/// thread. With a value per allocation, every value the engine encoded stayed live that long,
-/// so each new allocation found its memory cold (one cache miss per allocation in mimalloc's
-/// free list, 6% of all the machine's samples at workload (a)) and every free crossed threads. Copying
-/// the values into the arena lets the committing thread free the batch's own buffers at once,
-/// and the next batch reuses them while they are still in cache (docs/benchmarks.md).
-#[derive(Debug, Default)]
+/// Why a hash index: every commit inserts each of its writes (five for a transfer) and reads
+/// the accounts it touches. In a B-tree of tens of thousands of keys each insert followed
+/// four or five nodes, a cache miss each: 11% of `ledgerd`'s CPU at workload (b). A hash
+/// probe touches one or two cache lines. Ordered reads (a scan such as an account's entries,
+/// and the checkpoint writing the overlay into redb) are rare next to the commits, so their
+/// order is built when they come: the keys written since the last ordered read are sorted
+/// into a new run, and runs are merged as a binary counter merges digits, so there are at most
+/// about log2(n) of them and each key is moved O(log n) times in all (docs/benchmarks.md).
+///
+/// Why an arena: an overlay lives for a checkpoint interval (seconds) and is then freed on
+/// another thread. With a value per allocation, every value the engine encoded stayed live that
+/// long, so each new allocation found its memory cold (one cache miss per allocation in
+/// mimalloc's free list, 6% of all the machine's samples at workload (a)) and every free
+/// crossed threads. Copying the values into the arena lets the committing thread free the
+/// batch's own buffers at once, and the next batch reuses them while they are still in cache.
 pub struct Overlay {
-    map: BTreeMap<OverlayKey, Slot>,
+    /// Every key once, in the order it was first written, with where its latest value lies.
+    entries: Vec<(OverlayKey, Slot)>,
+    /// Indices into `entries`, by the key's hash.
+    index: HashTable<u32>,
+    /// Keyed per overlay: ids are chosen by clients, so their hashes must not be predictable.
+    hasher: RandomState,
     arena: Vec<Vec<u8>>,
+    /// The key order, for ordered reads. A frozen overlay is shared with the checkpoint thread
+    /// and read by scans at once, hence the lock; commits never take it.
+    order: Mutex<Order>,
+}
+
+/// Sorted runs of indices into [`Overlay::entries`], covering `entries[..covered]`; each key is
+/// in exactly one run. Each run is at most half as long as the one before it.
+#[derive(Default)]
+struct Order {
+    runs: Vec<Vec<u32>>,
+    covered: usize,
+}
+
+impl std::fmt::Debug for Overlay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Overlay")
+            .field("entries", &self.entries.len())
+            .field("chunks", &self.arena.len())
+            .finish()
+    }
+}
+
+impl Default for Overlay {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Overlay {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            entries: Vec::new(),
+            index: HashTable::new(),
+            hasher: RandomState::default(),
+            arena: Vec::new(),
+            order: Mutex::new(Order::default()),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.entries.is_empty()
     }
 
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.entries.len()
     }
 
     /// Sets `key` to `value` (`None`: deleted). A replaced value's bytes stay in the arena
@@ -145,7 +216,21 @@ impl Overlay {
             },
             Some(value) => self.store(value),
         };
-        self.map.insert(OverlayKey::new(key), slot);
+        let key = OverlayKey::new(key);
+        let hash = self.hasher.hash_one(&key);
+        let (entries, hasher) = (&mut self.entries, &self.hasher);
+        match self.index.entry(
+            hash,
+            |&i| entries[i as usize].0 == key,
+            |&i| hasher.hash_one(&entries[i as usize].0),
+        ) {
+            Entry::Occupied(found) => entries[*found.get() as usize].1 = slot,
+            Entry::Vacant(vacant) => {
+                let i = u32::try_from(entries.len()).expect("fewer than 4 billion keys");
+                entries.push((key, slot));
+                vacant.insert(i);
+            }
+        }
     }
 
     fn store(&mut self, value: &[u8]) -> Slot {
@@ -179,9 +264,62 @@ impl Overlay {
         })
     }
 
+    fn key(&self, i: u32) -> &OverlayKey {
+        &self.entries[i as usize].0
+    }
+
+    fn item(&self, i: u32) -> (&OverlayKey, Option<&[u8]>) {
+        let (key, slot) = &self.entries[i as usize];
+        (key, self.value(*slot))
+    }
+
     /// `Some(value)` if the overlay has `key` (`Some(None)`: deleted here), else `None`.
     pub fn get(&self, key: &OverlayKey) -> Option<Option<&[u8]>> {
-        self.map.get(key).map(|slot| self.value(*slot))
+        let hash = self.hasher.hash_one(key);
+        self.index
+            .find(hash, |&i| self.key(i) == key)
+            .map(|&i| self.value(self.entries[i as usize].1))
+    }
+
+    /// The order, brought up to date: the keys written since the last ordered read become a
+    /// sorted run, and the newest runs are merged while the newest is at least half as long as
+    /// the one before it.
+    fn order(&self) -> MutexGuard<'_, Order> {
+        let mut order = self.order.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = self.entries.len();
+        if order.covered < n {
+            let from = u32::try_from(order.covered).expect("fewer than 4 billion keys");
+            let to = u32::try_from(n).expect("fewer than 4 billion keys");
+            let mut run: Vec<u32> = (from..to).collect();
+            run.sort_unstable_by(|&a, &b| self.key(a).cmp(self.key(b)));
+            order.runs.push(run);
+            order.covered = n;
+            while let [.., older, newer] = order.runs.as_slice()
+                && newer.len() * 2 >= older.len()
+            {
+                let newer = order.runs.pop().expect("two runs");
+                let older = order.runs.pop().expect("two runs");
+                order.runs.push(self.merge(&older, &newer));
+            }
+        }
+        order
+    }
+
+    fn merge(&self, a: &[u32], b: &[u32]) -> Vec<u32> {
+        let mut out = Vec::with_capacity(a.len() + b.len());
+        let (mut i, mut j) = (0, 0);
+        while i < a.len() && j < b.len() {
+            if self.key(a[i]) < self.key(b[j]) {
+                out.push(a[i]);
+                i += 1;
+            } else {
+                out.push(b[j]);
+                j += 1;
+            }
+        }
+        out.extend_from_slice(&a[i..]);
+        out.extend_from_slice(&b[j..]);
+        out
     }
 
     /// The entries in `range`, in key order.
@@ -189,19 +327,47 @@ impl Overlay {
         &'a self,
         range: impl RangeBounds<OverlayKey>,
     ) -> impl Iterator<Item = (&'a OverlayKey, Option<&'a [u8]>)> + 'a {
-        self.map
-            .range(range)
-            .map(move |(key, slot)| (key, self.value(*slot)))
+        let mut hits = Vec::new();
+        {
+            let order = self.order();
+            for run in &order.runs {
+                let first = match range.start_bound() {
+                    Bound::Included(from) => run.partition_point(|&i| self.key(i) < from),
+                    Bound::Excluded(from) => run.partition_point(|&i| self.key(i) <= from),
+                    Bound::Unbounded => 0,
+                };
+                let before_end = |i: &&u32| match range.end_bound() {
+                    Bound::Included(to) => self.key(**i) <= to,
+                    Bound::Excluded(to) => self.key(**i) < to,
+                    Bound::Unbounded => true,
+                };
+                hits.extend(run[first..].iter().take_while(before_end));
+            }
+        }
+        // Each run's hits are in order already; the runs are few.
+        hits.sort_unstable_by(|&a, &b| self.key(a).cmp(self.key(b)));
+        hits.into_iter().map(move |i| self.item(i))
     }
 
     /// Every entry, in key order.
     pub fn iter(&self) -> impl Iterator<Item = (&OverlayKey, Option<&[u8]>)> {
-        self.map.iter().map(|(key, slot)| (key, self.value(*slot)))
+        let all = {
+            let mut order = self.order();
+            while order.runs.len() > 1 {
+                let newer = order.runs.pop().expect("two runs");
+                let older = order.runs.pop().expect("two runs");
+                order.runs.push(self.merge(&older, &newer));
+            }
+            order.runs.first().cloned().unwrap_or_default()
+        };
+        all.into_iter().map(move |i| self.item(i))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
 
     /// Every pair of a set of keys chosen to stress the padding (zero bytes, prefixes of each
@@ -304,6 +470,63 @@ mod tests {
             .collect();
         assert!(!expected.is_empty());
         assert_eq!(some, expected);
+    }
+
+    /// Ordered reads between writes (each sorting the keys written since the last into a run
+    /// and merging runs) see every key once, in order, with its latest value, whether the key
+    /// was last written before or after the run that holds it was built; and the runs stay few.
+    #[test]
+    fn ordered_reads_between_writes_see_each_key_once_with_its_latest_value() {
+        let mut overlay = Overlay::new();
+        let mut model: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let mut reads = 0;
+        for i in 0..20_000u64 {
+            // Keys longer than the inline head too, so ties on the head go to the tails.
+            let key = match next() % 4 {
+                0 => format!("{:0>40}", next() % 3_000).into_bytes(),
+                _ => format!("k{:05}", next() % 3_000).into_bytes(),
+            };
+            let value = (next() % 8 != 0).then(|| i.to_be_bytes().to_vec());
+            overlay.insert(&key, value.as_deref());
+            model.insert(key, value);
+            // Reads after 1, 2, 3, ... writes and then every few hundred: runs of every size.
+            if i < 64 || next() % 300 == 0 {
+                reads += 1;
+                let lo = format!("k{:05}", next() % 3_000).into_bytes();
+                let hi = format!("k{:05}", next() % 3_000).into_bytes();
+                let (lo, hi) = if lo <= hi { (lo, hi) } else { (hi, lo) };
+                let got: Vec<_> = overlay
+                    .range(OverlayKey::new(&lo)..OverlayKey::new(&hi))
+                    .map(|(k, v)| (k.to_bytes(), v.map(<[u8]>::to_vec)))
+                    .collect();
+                let expected: Vec<_> = model
+                    .range(lo.clone()..hi.clone())
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                assert_eq!(got, expected, "range {lo:?}..{hi:?} after {i} writes");
+                let runs = overlay.order.lock().unwrap().runs.len();
+                let bound = usize::BITS - model.len().leading_zeros() + 1;
+                assert!(
+                    runs <= bound as usize,
+                    "{runs} runs for {} keys",
+                    model.len()
+                );
+            }
+        }
+        assert!(reads > 100, "{reads} ordered reads");
+        let all: Vec<_> = overlay
+            .iter()
+            .map(|(k, v)| (k.to_bytes(), v.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+        assert_eq!(overlay.order.lock().unwrap().runs.len(), 1);
     }
 
     #[test]
