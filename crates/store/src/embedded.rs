@@ -302,7 +302,8 @@ impl Embedded {
     /// at a time: a second one waits for the first (backpressure, and a bound on memory).
     fn start_checkpoint(&self, state: &mut State) -> Result<(), String> {
         self.settle(state, true)?;
-        let overlay = Arc::new(std::mem::take(&mut state.overlay));
+        let next = Overlay::with_capacity(state.overlay.len());
+        let overlay = Arc::new(std::mem::replace(&mut state.overlay, next));
         state.overlay_bytes = 0;
         state.commits_since_checkpoint = 0;
         let seq = state.seq;

@@ -200,7 +200,17 @@ impl Overlay {
         self.entries.is_empty()
     }
 
-    #[cfg(test)]
+    /// An overlay with room for `keys` keys before its index or entries grow. A store sizes
+    /// each new overlay like the one it froze: growing them by doubling rehashed and copied
+    /// every key several times, 2-3% of the machine at workload (a) (docs/benchmarks.md).
+    pub fn with_capacity(keys: usize) -> Self {
+        let mut overlay = Self::new();
+        overlay.entries.reserve_exact(keys);
+        overlay.index.reserve(keys, |_| 0);
+        overlay
+    }
+
+    /// Keys held (each once, whether its value is a value or a delete).
     pub fn len(&self) -> usize {
         self.entries.len()
     }
