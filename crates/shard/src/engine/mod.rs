@@ -413,7 +413,7 @@ impl Engine {
         #[cfg(debug_assertions)]
         self.check_invariants(&batch);
         let mut writes = std::mem::take(&mut batch.writes);
-        let mut dirty: Vec<_> = batch.dirty.into_iter().collect();
+        let mut dirty: Vec<_> = batch.dirty.drain().collect();
         dirty.sort_unstable();
         if !writes.writes.is_empty() || !dirty.is_empty() {
             writes.expect(
@@ -441,6 +441,15 @@ impl Engine {
             .preconditions
             .reserve(writes.preconditions.len());
         self.batch.replies.reserve(batch.replies.len());
+        // The next batch reuses this one's maps, emptied: fresh ones grew by rehashing, about
+        // three times per one-transfer call at (b). Bounded as the batch is.
+        batch.transfers.clear();
+        batch.holds.clear();
+        batch.done.clear();
+        self.batch.dirty = batch.dirty;
+        self.batch.transfers = batch.transfers;
+        self.batch.holds = batch.holds;
+        self.batch.done = batch.done;
         Output {
             writes,
             replies: batch.replies,
