@@ -214,6 +214,7 @@ impl Overlay {
     pub fn with_capacity(keys: usize) -> Self {
         let mut overlay = Self::new();
         overlay.entries.reserve_exact(keys);
+        // The table is empty, so nothing is rehashed: the hasher is never called.
         overlay.index.reserve(keys, |_| 0);
         overlay
     }
