@@ -12,12 +12,12 @@
 //! two integer compares decide almost every comparison, and only the rare key longer than the
 //! head has bytes on the heap at all (so most keys cost no allocation either).
 
-use foldhash::fast::RandomState;
 use std::cmp::Ordering;
 use std::hash::BuildHasher as _;
 use std::ops::{Bound, RangeBounds};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
+use foldhash::fast::RandomState;
 use hashbrown::hash_table::{Entry, HashTable};
 
 /// Bytes of a key kept inline. Covers the shard prefix (6 bytes), an account id of up to 17
@@ -245,9 +245,8 @@ impl Overlay {
         ) {
             Entry::Occupied(found) => entries[*found.get() as usize].1 = slot,
             Entry::Vacant(vacant) => {
-                let i = u32::try_from(entries.len()).expect("fewer than 4 billion keys");
+                vacant.insert(index(entries.len()));
                 entries.push((key, slot));
-                vacant.insert(i);
             }
         }
     }
@@ -297,7 +296,7 @@ impl Overlay {
         let hash = self.hasher.hash_one(key);
         self.index
             .find(hash, |&i| self.key(i) == key)
-            .map(|&i| self.value(self.entries[i as usize].1))
+            .map(|&i| self.item(i).1)
     }
 
     /// The order, brought up to date as far as one ordered read may take it: up to
@@ -311,7 +310,7 @@ impl Overlay {
         if order.covered < n {
             let to = n.min(order.covered + RUN_KEYS_MAX);
             let mut run: Vec<u32> = (order.covered..to).map(index).collect();
-            run.sort_unstable_by(|&a, &b| self.key(a).cmp(self.key(b)));
+            self.by_key(&mut run);
             order.runs.push(run);
             order.covered = to;
             while let [.., older, newer] = order.runs.as_slice()
@@ -407,6 +406,16 @@ mod tests {
 
     use super::*;
 
+    /// A repeatable stream of pseudo-random numbers (xorshift64) from a nonzero seed.
+    fn xorshift(mut state: u64) -> impl FnMut() -> u64 {
+        move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        }
+    }
+
     /// Every pair of a set of keys chosen to stress the padding (zero bytes, prefixes of each
     /// other, keys ending at and around the head's length) compares as its bytes do.
     #[test]
@@ -460,13 +469,7 @@ mod tests {
     fn the_overlay_reads_back_what_a_plain_map_holds() {
         let mut overlay = Overlay::new();
         let mut model: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x9E37_79B9_7F4A_7C15);
         for i in 0..3_000u64 {
             let key = format!("key-{:04}", next() % 700).into_bytes();
             let value = match next() % 10 {
@@ -517,13 +520,7 @@ mod tests {
     fn ordered_reads_between_writes_see_each_key_once_with_its_latest_value() {
         let mut overlay = Overlay::new();
         let mut model: BTreeMap<Vec<u8>, Option<Vec<u8>>> = BTreeMap::new();
-        let mut rng = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = move || {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng
-        };
+        let mut next = xorshift(0x2545_F491_4F6C_DD1D);
         let mut reads = 0;
         let mut left_out = false;
         for i in 0..20_000u64 {
@@ -532,13 +529,13 @@ mod tests {
                 0 => format!("{:0>40}", next() % 3_000).into_bytes(),
                 _ => format!("k{:05}", next() % 3_000).into_bytes(),
             };
-            let value = (next() % 8 != 0).then(|| i.to_be_bytes().to_vec());
+            let value = (!next().is_multiple_of(8)).then(|| i.to_be_bytes().to_vec());
             overlay.insert(&key, value.as_deref());
             model.insert(key, value);
             // Reads after 1, 2, 3, ... writes, then none for a long stretch (more new keys
             // than one read sorts into a run), then every hundred writes or so: runs of every
             // size, and keys left out of runs.
-            if i < 64 || (i > 12_000 && next() % 100 == 0) {
+            if i < 64 || (i > 12_000 && next().is_multiple_of(100)) {
                 reads += 1;
                 let lo = format!("k{:05}", next() % 3_000).into_bytes();
                 let hi = format!("k{:05}", next() % 3_000).into_bytes();
