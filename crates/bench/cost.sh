@@ -4,15 +4,17 @@
 # When the machine is saturated their ratio is the share of the ceiling that (b) can reach, and
 # unlike that share it does not move with how fast the shared machine is that minute.
 #
-# Usage: crates/bench/cost.sh [LEDGERD] [CLIENTS]   (default target/release/ledgerd, 256)
+# Usage: crates/bench/cost.sh [LEDGERD] [CLIENTS] [LEDGERD FLAGS...]
+#        (default target/release/ledgerd, 256; flags such as `--store memory` go to ledgerd)
 set -euo pipefail
 # shellcheck source=measure.sh
 . "$(dirname "$0")/measure.sh"
 bin=${1:-target/release/ledgerd}
 clients=${2:-256}
+shift $(($# < 2 ? $# : 2))
 for mode in health transfer; do
     dir=$(mktemp -d)
-    ledgerd_start "$bin" "$dir"
+    ledgerd_start "$bin" "$dir" "$@"
     before=$(cpu_seconds "$PID")
     if [ "$mode" = health ]; then
         # 8 s before and 8 s after an empty run: calls = mean rate x 16 s.
