@@ -120,11 +120,6 @@ pub fn acquire_lease(
 pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
     let scan = |(s, e): (Vec<u8>, Vec<u8>)| store.scan(&s, &e, usize::MAX);
     let accounts = crate::read::all_accounts(store, shard)?;
-    let mut forwards = Vec::new();
-    for (k, v) in scan(keys::forwards(shard))? {
-        let (_, id) = key_tail_str(&k)?;
-        forwards.push((id, codec::decode::<String>("forward", &v)?));
-    }
     let mut holds = Vec::new();
     for (k, v) in scan(keys::holds(shard))? {
         let (_, id) = key_tail_str(&k)?;
@@ -140,7 +135,6 @@ pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
         .collect::<Result<_, _>>()?;
     Ok(Recovered {
         accounts,
-        forwards,
         holds,
         coordinations,
         prepared,

@@ -178,7 +178,6 @@ pub enum Fatal {
 #[derive(Debug, Default)]
 pub struct Recovered {
     pub accounts: Vec<Account>,
-    pub forwards: Vec<(String, String)>,
     pub holds: Vec<(String, HoldStatus)>,
     pub coordinations: Vec<CoordRecord>,
     pub prepared: Vec<PreparedRecord>,
@@ -214,6 +213,8 @@ struct Batch {
     /// Transfer records written in this batch (read before the store): id -> its write.
     transfers: HashMap<String, usize>,
     holds: HashMap<String, HoldStatus>,
+    /// Directory records written in this batch: id -> placement key.
+    forwards: HashMap<String, String>,
     /// Participant attempts decided in this batch: their done markers are among its writes,
     /// not yet in the store.
     done: HashSet<String>,
@@ -231,8 +232,6 @@ pub struct Engine {
     locate: Locate,
     now_ms: u64,
     accounts: HashMap<String, Account>,
-    /// Directory records this shard holds: account id -> its placement key.
-    forwards: HashMap<String, String>,
     /// Pending holds with a timeout, by expiry.
     expiries: BTreeSet<(u64, String)>,
     locks: HashMap<String, Lock>,
@@ -283,7 +282,6 @@ impl Engine {
                 .into_iter()
                 .map(|a| (a.spec.id.clone(), a))
                 .collect(),
-            forwards: recovered.forwards.into_iter().collect(),
             expiries: BTreeSet::new(),
             locks: HashMap::default(),
             coordinations: HashMap::default(),
@@ -364,15 +362,13 @@ impl Engine {
 
     fn dispatch(&mut self, input: Input) -> Result<(), Fatal> {
         match input {
-            Input::CreateAccount { token, account } => self.create_account(token, account),
+            Input::CreateAccount { token, account } => self.create_account(token, account)?,
             Input::ReserveForward {
                 token,
                 id,
                 placement_key,
                 home,
-            } => {
-                self.reserve_forward(token, id, placement_key, home);
-            }
+            } => self.reserve_forward(token, id, placement_key, home)?,
             Input::CreateTransfer {
                 token,
                 transfer,
@@ -445,10 +441,12 @@ impl Engine {
         // three times per one-transfer call at (b). Bounded as the batch is.
         batch.transfers.clear();
         batch.holds.clear();
+        batch.forwards.clear();
         batch.done.clear();
         self.batch.dirty = batch.dirty;
         self.batch.transfers = batch.transfers;
         self.batch.holds = batch.holds;
+        self.batch.forwards = batch.forwards;
         self.batch.done = batch.done;
         Output {
             writes,
@@ -511,6 +509,20 @@ impl Engine {
         }
         match self.store.get(&keys::hold(self.shard, pending_id))? {
             Some(bytes) => Ok(Some(codec::decode("hold", &bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The placement key of the directory record this shard holds for account `id`, if any: in
+    /// this batch or in the store. Read from the store, not kept in memory: only creating an
+    /// account asks, and a node with a million accounts placed by key held about 100 MiB of
+    /// them (docs/benchmarks.md).
+    fn forward(&self, id: &str) -> Result<Option<String>, Fatal> {
+        if let Some(key) = self.batch.forwards.get(id) {
+            return Ok(Some(key.clone()));
+        }
+        match self.store.get(&keys::forward(self.shard, id))? {
+            Some(bytes) => Ok(Some(codec::decode("forward", &bytes)?)),
             None => Ok(None),
         }
     }
@@ -809,7 +821,7 @@ impl Engine {
 
     // ---- accounts ----------------------------------------------------------------------------
 
-    fn create_account(&mut self, token: Token, spec: NewAccount) {
+    fn create_account(&mut self, token: Token, spec: NewAccount) -> Result<(), Fatal> {
         if let Some(existing) = self.accounts.get(&spec.id) {
             let reply = if existing.spec == spec {
                 Ok(existing.clone())
@@ -817,18 +829,17 @@ impl Engine {
                 Err(Rejection::ExistsWithDifferentFields)
             };
             self.reply(token, Reply::Account(reply));
-            return;
+            return Ok(());
         }
         if self
-            .forwards
-            .get(&spec.id)
-            .is_some_and(|key| *key != spec.placement_key)
+            .forward(&spec.id)?
+            .is_some_and(|key| key != spec.placement_key)
         {
             self.reply(
                 token,
                 Reply::Account(Err(Rejection::ExistsWithDifferentFields)),
             );
-            return;
+            return Ok(());
         }
         let account = Account {
             spec,
@@ -840,31 +851,34 @@ impl Engine {
         self.accounts
             .insert(account.spec.id.clone(), account.clone());
         self.reply(token, Reply::Account(Ok(account)));
+        Ok(())
     }
 
-    fn reserve_forward(&mut self, token: Token, id: String, placement_key: String, home: ShardId) {
+    fn reserve_forward(
+        &mut self,
+        token: Token,
+        id: String,
+        placement_key: String,
+        home: ShardId,
+    ) -> Result<(), Fatal> {
         debug_assert_ne!(home, self.shard, "a forward points elsewhere");
-        let same = |key: &String| *key == placement_key;
-        let reply = if let Some(account) = self.accounts.get(&id) {
-            if same(&account.spec.placement_key) {
+        let taken_by = match self.accounts.get(&id) {
+            Some(account) => Some(account.spec.placement_key.clone()),
+            None => self.forward(&id)?,
+        };
+        let reply = match taken_by {
+            Some(key) if key == placement_key => Ok(()),
+            Some(_) => Err(Rejection::ExistsWithDifferentFields),
+            None => {
+                let key = keys::forward(self.shard, &id);
+                self.batch.writes.expect(key.clone(), Expect::Absent);
+                self.batch.writes.put(key, codec::encode(&placement_key));
+                self.batch.forwards.insert(id, placement_key);
                 Ok(())
-            } else {
-                Err(Rejection::ExistsWithDifferentFields)
             }
-        } else if let Some(key) = self.forwards.get(&id) {
-            if same(key) {
-                Ok(())
-            } else {
-                Err(Rejection::ExistsWithDifferentFields)
-            }
-        } else {
-            let key = keys::forward(self.shard, &id);
-            self.batch.writes.expect(key.clone(), Expect::Absent);
-            self.batch.writes.put(key, codec::encode(&placement_key));
-            self.forwards.insert(id, placement_key);
-            Ok(())
         };
         self.reply(token, Reply::Forward(reply));
+        Ok(())
     }
 
     // ---- transfers ---------------------------------------------------------------------------

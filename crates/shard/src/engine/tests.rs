@@ -711,3 +711,84 @@ fn a_late_prepare_in_the_batch_of_its_decision_is_ignored() {
     assert_eq!(outcome(&sim, token), Some(Ok(9)));
     assert_eq!(balance(&sim, "s1-b"), (0, 0, 0, 9, 1));
 }
+
+/// A directory record (forward) reserves its id for one placement key: in the batch that
+/// wrote it, in later batches (read from the store: the engine keeps none in memory) and after
+/// the shard restarts. The same key is accepted again; another key, or an account of that id
+/// on the directory shard itself, is refused.
+#[test]
+fn a_forward_reserves_its_id_in_its_batch_later_and_after_a_restart() {
+    let mut sim = sim();
+    let reserve = |sim: &mut Sim, id: &str, key: &str| {
+        let token = sim.token();
+        let input = Input::ReserveForward {
+            token,
+            id: id.into(),
+            placement_key: key.into(),
+            home: S1,
+        };
+        (token, input)
+    };
+    let create = |sim: &mut Sim, id: &str| {
+        let token = sim.token();
+        let account = NewAccount {
+            id: id.into(),
+            ledger: "USD".into(),
+            placement_key: id.into(),
+            ..Default::default()
+        };
+        (token, Input::CreateAccount { token, account })
+    };
+    let forward = |sim: &Sim, token| match &sim.replies[&token] {
+        Reply::Forward(r) => *r,
+        other => panic!("not a forward reply: {other:?}"),
+    };
+    let account = |sim: &Sim, token| match &sim.replies[&token] {
+        Reply::Account(r) => r.as_ref().map(|_| ()).map_err(|r| *r),
+        other => panic!("not an account reply: {other:?}"),
+    };
+    // One batch: the reservation, then the same id with another key, the same key again, and
+    // an account of that id placed on the directory shard.
+    let (first, a) = reserve(&mut sim, "m1", "g1");
+    let (other_key, b) = reserve(&mut sim, "m1", "g2");
+    let (same_key, c) = reserve(&mut sim, "m1", "g1");
+    let (here, d) = create(&mut sim, "m1");
+    let out = sim.batch(S0, vec![a, b, c, d]);
+    assert_eq!(out.writes.writes.len(), 1, "one directory record");
+    assert_eq!(forward(&sim, first), Ok(()));
+    assert_eq!(
+        forward(&sim, other_key),
+        Err(Rejection::ExistsWithDifferentFields)
+    );
+    assert_eq!(forward(&sim, same_key), Ok(()));
+    assert_eq!(
+        account(&sim, here),
+        Err(Rejection::ExistsWithDifferentFields)
+    );
+    // Later batches read the record from the store; so does a new leader after a restart.
+    for restart in [false, true] {
+        if restart {
+            sim.crash(S0);
+        }
+        let (other_key, b) = reserve(&mut sim, "m1", "g3");
+        let (same_key, c) = reserve(&mut sim, "m1", "g1");
+        let (here, d) = create(&mut sim, "m1");
+        let out = sim.batch(S0, vec![b, c, d]);
+        assert!(out.writes.writes.is_empty(), "nothing new to write");
+        assert_eq!(
+            forward(&sim, other_key),
+            Err(Rejection::ExistsWithDifferentFields),
+            "restart: {restart}"
+        );
+        assert_eq!(forward(&sim, same_key), Ok(()), "restart: {restart}");
+        assert_eq!(
+            account(&sim, here),
+            Err(Rejection::ExistsWithDifferentFields),
+            "restart: {restart}"
+        );
+    }
+    // An id with no record is free.
+    let (free, e) = create(&mut sim, "m2");
+    sim.batch(S0, vec![e]);
+    assert_eq!(account(&sim, free), Ok(()));
+}
