@@ -25,6 +25,7 @@
 // allocation per transfer for no gain.
 #![allow(clippy::large_enum_variant, clippy::result_large_err)]
 
+mod accounts;
 mod coordinator;
 mod participant;
 #[cfg(test)]
@@ -46,6 +47,7 @@ use crate::codec::{self, DecodeError};
 use crate::metrics::EngineMetrics;
 use crate::trace::{self, Role, TraceParent};
 use crate::{Options, keys};
+use accounts::Accounts;
 
 pub use coordinator::CoordRecord;
 pub use participant::PreparedRecord;
@@ -231,7 +233,7 @@ pub struct Engine {
     store: Arc<dyn Store>,
     locate: Locate,
     now_ms: u64,
-    accounts: HashMap<String, Account>,
+    accounts: Accounts,
     /// Pending holds with a timeout, by expiry.
     expiries: BTreeSet<(u64, String)>,
     locks: HashMap<String, Lock>,
@@ -277,11 +279,7 @@ impl Engine {
             store,
             locate,
             now_ms: 0,
-            accounts: recovered
-                .accounts
-                .into_iter()
-                .map(|a| (a.spec.id.clone(), a))
-                .collect(),
+            accounts: recovered.accounts.into_iter().collect(),
             expiries: BTreeSet::new(),
             locks: HashMap::default(),
             coordinations: HashMap::default(),
@@ -848,8 +846,7 @@ impl Engine {
             created_at_ms: self.now_ms,
         };
         self.batch.dirty.insert(account.spec.id.clone(), None);
-        self.accounts
-            .insert(account.spec.id.clone(), account.clone());
+        self.accounts.insert(account.clone());
         self.reply(token, Reply::Account(Ok(account)));
         Ok(())
     }
