@@ -2,9 +2,9 @@
 //!
 //! A `HashMap<String, Account>` held each id twice, the key (24 bytes in the table, which is a
 //! power of two long and at most 7/8 full, and a heap copy of the id) and the account's own:
-//! 45-98 MiB at peak with a million accounts (docs/benchmarks.md). The accounts stay in the table:
-//! a table of positions into a vector of accounts took 100 MiB more off, but a lookup then
-//! missed the cache once more, and (e) ran 3-9% slower. Accounts are never removed.
+//! 45-98 MiB at peak with a million accounts (docs/benchmarks.md). The accounts stay in the
+//! table: a table of positions into a vector of accounts took 100 MiB more off, but a lookup
+//! then missed the cache once more, and (e) ran 3-9% slower. Accounts are never removed.
 
 use std::hash::BuildHasher;
 use std::ops::Index;
