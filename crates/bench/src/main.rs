@@ -237,7 +237,7 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
         "check".into(),
         checked.clone().unwrap_or_else(|e| format!("FAILED: {e}")),
     ));
-    report::print("ledger", &tally, elapsed, &extra);
+    report::print("ledger", &mut tally, elapsed, &extra);
     checked.map(|_| rate)
 }
 
@@ -287,7 +287,7 @@ async fn bench_postgres(args: &Args) -> Result<f64, String> {
     ));
     report::print(
         "postgresql (row locks in account order, fsync on)",
-        &tally,
+        &mut tally,
         elapsed,
         &extra,
     );
