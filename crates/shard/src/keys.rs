@@ -87,6 +87,10 @@ pub fn accounts(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
     range(shard, ACCOUNT)
 }
 
+pub fn transfers(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    range(shard, TRANSFER)
+}
+
 pub fn holds(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
     range(shard, HOLD)
 }

@@ -33,6 +33,7 @@ use ledger_store::{Expect, Store, WriteBatch};
 
 use crate::engine::{
     CoordRecord, Engine, Fatal, Input, Locate, Message, PreparedRecord, Recovered, Reply, Token,
+    id_filter,
 };
 use crate::metrics::RuntimeMetrics;
 use crate::trace::TraceParent;
@@ -311,6 +312,7 @@ impl Runtime {
                 }
             };
             tracing::info!(shard = %self.shard, epoch = engine.epoch(), "leading");
+            self.fill_id_filter(&engine);
             match self.lead(engine).await {
                 Term::Stopped => return,
                 Term::SteppedDown(reason) => {
@@ -318,6 +320,33 @@ impl Runtime {
                 }
             }
         }
+    }
+
+    /// Starts filling the term's filter of recorded transfer ids from the store, on the
+    /// blocking pool: the engine trusts the filter once the scan is done, and reads the store
+    /// for every id until then. The task stops by itself once the term has ended.
+    fn fill_id_filter(&self, engine: &Engine) {
+        let Some(filter) = engine.id_filter() else {
+            return;
+        };
+        let (store, shard) = (Arc::clone(&self.store), self.shard);
+        drop(tokio::task::spawn_blocking(move || {
+            let started = stopwatch();
+            match id_filter::fill(&*store, shard, &filter) {
+                Ok(Some(ids)) => tracing::debug!(
+                    shard = %shard,
+                    ids,
+                    ms = started.elapsed().as_millis() as u64,
+                    "transfer-id filter filled"
+                ),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(
+                    shard = %shard,
+                    error = %e,
+                    "cannot fill the transfer-id filter; this term looks every id up in the store"
+                ),
+            }
+        }));
     }
 
     fn term_start(&self) -> TermStart {

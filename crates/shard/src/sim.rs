@@ -10,7 +10,7 @@ use ledger_domain::ShardId;
 use ledger_store::{Memory, Store};
 
 use crate::Options;
-use crate::engine::{Engine, Input, Locate, Message, Output, Reply, Token};
+use crate::engine::{Engine, Input, Locate, Message, Output, Reply, Token, id_filter};
 use crate::runtime::{acquire_lease, load};
 
 pub struct Sim {
@@ -59,14 +59,19 @@ impl Sim {
         let lease = acquire_lease(&*store, shard, "sim", self.now_ms, self.options.lease_ms)
             .expect("lease");
         let recovered = load(&*store, shard).expect("load");
-        Engine::new(
+        let engine = Engine::new(
             shard,
             lease.epoch,
             self.options.clone(),
-            store,
+            Arc::clone(&store),
             self.locate.clone(),
             recovered,
-        )
+        );
+        // As a leader's runtime does, but at once: every test runs with the filter complete.
+        if let Some(ids) = engine.id_filter() {
+            id_filter::fill(&*store, shard, &ids).expect("fill the transfer-id filter");
+        }
+        engine
     }
 
     /// Loses the shard's memory and rebuilds it from its store under a new epoch.

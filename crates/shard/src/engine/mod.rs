@@ -27,6 +27,7 @@
 
 mod accounts;
 mod coordinator;
+pub mod id_filter;
 mod participant;
 #[cfg(test)]
 mod tests;
@@ -246,6 +247,9 @@ pub struct Engine {
     rerun: VecDeque<Parked>,
     batch: Batch,
     metrics: EngineMetrics,
+    /// The transfer ids this shard has recorded (`None`: no filter configured). Shared with
+    /// the task that fills it from the store when the term begins.
+    ids: Option<Arc<id_filter::IdFilter>>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -272,6 +276,7 @@ impl Engine {
         locate: Locate,
         recovered: Recovered,
     ) -> Self {
+        let ids = id_filter::IdFilter::new(options.transfer_filter_bytes).map(Arc::new);
         let mut engine = Self {
             shard,
             epoch,
@@ -288,6 +293,7 @@ impl Engine {
             rerun: VecDeque::new(),
             batch: Batch::default(),
             metrics: EngineMetrics::new(shard),
+            ids,
         };
         for (id, hold) in recovered.holds {
             if let (HoldState::Pending, Some(at)) = (hold.state, hold.expires_at_ms) {
@@ -309,6 +315,12 @@ impl Engine {
 
     pub fn epoch(&self) -> u64 {
         self.epoch
+    }
+
+    /// The filter of recorded transfer ids, for [`id_filter::fill`] to fill from the store;
+    /// until it has, the engine looks every id up in the store.
+    pub fn id_filter(&self) -> Option<Arc<id_filter::IdFilter>> {
+        self.ids.clone()
     }
 
     /// Starts a batch at time `now_ms`.
@@ -495,6 +507,10 @@ impl Engine {
             };
             return Ok(Some(codec::decode("transfer", bytes)?));
         }
+        // Not in this batch; a complete filter rules most new ids out without the store.
+        if self.ids.as_ref().is_some_and(|f| f.certainly_absent(id)) {
+            return Ok(None);
+        }
         match self.store.get(&keys::transfer(self.shard, id))? {
             Some(bytes) => Ok(Some(codec::decode("transfer", &bytes)?)),
             None => Ok(None),
@@ -576,6 +592,10 @@ impl Engine {
             .writes
             .put(keys::transfer(self.shard, id), codec::encode(record));
         self.batch.transfers.insert(id.clone(), index);
+        // Before the commit: if it fails, the term ends and its filter with it.
+        if let Some(ids) = &self.ids {
+            ids.insert(id);
+        }
     }
 
     fn put_hold(&mut self, pending_id: &str, hold: HoldStatus) {

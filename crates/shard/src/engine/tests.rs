@@ -131,6 +131,40 @@ fn replay_returns_the_original_and_different_fields_are_rejected() {
     assert_eq!(balance(&sim, "a").1, 7, "applied once");
 }
 
+/// After a restart the leader's filter of recorded ids is filled from the store: retries of
+/// ids recorded before the restart (applied or refused) must still find their outcomes, not be
+/// taken for new ids and applied; new ids are applied.
+#[test]
+fn ids_recorded_before_a_restart_are_found_through_the_filled_filter() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    open(&mut sim, "poor", true);
+    let ids: Vec<String> = (0..50).map(|i| format!("t{i}")).collect();
+    for id in &ids {
+        submit(&mut sim, transfer(id, "a", "b", 2));
+    }
+    let refused = submit(&mut sim, transfer("refused", "poor", "b", 5));
+    let reason = outcome(&sim, refused).unwrap().unwrap_err();
+    sim.crash(S0);
+    let filter = sim.engines[0].id_filter().expect("a filter by default");
+    assert!(filter.is_complete());
+    for id in &ids {
+        let retry = submit(&mut sim, transfer(id, "a", "b", 2));
+        assert_eq!(outcome(&sim, retry), Some(Ok(2)), "{id}");
+    }
+    let retry = submit(&mut sim, transfer("refused", "poor", "b", 5));
+    assert_eq!(outcome(&sim, retry), Some(Err(reason)));
+    assert_eq!(balance(&sim, "a").1, 100, "each applied once");
+    let new = submit(&mut sim, transfer("t-new", "a", "b", 1));
+    assert_eq!(outcome(&sim, new), Some(Ok(1)));
+    assert_eq!(balance(&sim, "a").1, 101);
+    // Recorded by this term, so in the filter: a retry in a later batch finds it too.
+    let again = submit(&mut sim, transfer("t-new", "a", "b", 1));
+    assert_eq!(outcome(&sim, again), Some(Ok(1)));
+    assert_eq!(balance(&sim, "a").1, 101);
+}
+
 #[test]
 fn a_retry_under_another_trace_is_the_same_request_and_keeps_the_first_trace_id() {
     let mut sim = sim();
