@@ -412,6 +412,11 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         0.0,
         "nothing is left in flight"
     );
+    // Each recorded id (15 payments, one final rejection) went into its shard's filter.
+    assert!(
+        value(&after, "ledger_transfer_filter_ids", &[]) >= 16.0,
+        "{after}"
+    );
     assert!(value(&after, "ledger_process_resident_bytes", &[]) > 0.0);
     assert_eq!(value(&after, "ledger_commit_conflicts_total", &[]), 0.0);
 

@@ -19,6 +19,8 @@
 //! | `ledger_2pc_in_flight{role}` | gauge | coordinations (`coordinator`) and prepared legs (`participant`) open |
 //! | `ledger_2pc_phase_seconds{phase}` | histogram | coordinator's `prepare` (Prepare sent to answer) and `decide` (decision to ack) |
 //! | `ledger_2pc_aborts_total{reason}` | counter | coordinations aborted before the commit point, by reason |
+//! | `ledger_transfer_filter_ids` | gauge | ids inserted into the leader's transfer-id filter (about: some twice) |
+//! | `ledger_transfer_filter_skips_total` | counter | idempotency lookups the filter answered without the store |
 //!
 //! Handles are registered once per engine or leader term; recording is an atomic operation.
 
@@ -42,6 +44,8 @@ pub(crate) struct EngineMetrics {
     prepared: Gauge,
     pub phase_prepare: Histogram,
     pub phase_decide: Histogram,
+    pub filter_ids: Gauge,
+    pub filter_skips: Counter,
 }
 
 impl EngineMetrics {
@@ -62,6 +66,8 @@ impl EngineMetrics {
                 "ledger_2pc_phase_seconds",
                 "shard" => label.clone(), "phase" => "decide"
             ),
+            filter_ids: gauge!("ledger_transfer_filter_ids", "shard" => label.clone()),
+            filter_skips: counter!("ledger_transfer_filter_skips_total", "shard" => label.clone()),
             shard: label,
         }
     }

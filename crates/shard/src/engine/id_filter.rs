@@ -48,6 +48,8 @@ pub struct IdFilter {
     /// all land in one block.
     hasher: foldhash::quality::RandomState,
     complete: AtomicBool,
+    /// Inserts so far (an id the scan and the engine both insert counts twice).
+    inserted: AtomicU64,
 }
 
 impl std::fmt::Debug for IdFilter {
@@ -73,14 +75,15 @@ impl IdFilter {
             blocks,
             hasher: foldhash::quality::RandomState::default(),
             complete: AtomicBool::new(false),
+            inserted: AtomicU64::new(0),
         })
     }
 
     /// The block and the bits (word, mask) of `id`.
     fn bits(&self, id: &str) -> (&Block, [(usize, u64); BITS_PER_ID]) {
         let hash = self.hasher.hash_one(id);
-        // The high half picks the block (multiply-shift: no division, no bias worth the name).
-        let block = ((hash >> 32) * self.blocks.len() as u64) >> 32;
+        // The hash picks the block (multiply-shift: no division, no bias worth the name).
+        let block = ((u128::from(hash) * self.blocks.len() as u128) >> 64) as usize;
         // The low half seeds the bits: 9 bits each (word 0-7, bit 0-63) from a SplitMix64
         // sequence, so the bits of one id are independent of which block it is in.
         let mut state = hash;
@@ -92,7 +95,7 @@ impl IdFilter {
             z ^= z >> 31;
             ((z >> 61) as usize, 1u64 << ((z >> 55) & 63))
         });
-        (&self.blocks[block as usize], bits)
+        (&self.blocks[block], bits)
     }
 
     pub fn insert(&self, id: &str) {
@@ -100,6 +103,18 @@ impl IdFilter {
         for (word, mask) in bits {
             block.0[word].fetch_or(mask, Ordering::Relaxed);
         }
+        self.inserted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ids inserted so far (about: the scan and the engine may both insert one).
+    pub fn inserted(&self) -> u64 {
+        self.inserted.load(Ordering::Relaxed)
+    }
+
+    /// Ids it holds with about 1% false positives at most; past that, more and more new ids
+    /// need the store.
+    pub fn design_capacity(&self) -> u64 {
+        (self.blocks.len() * 512 / BITS_PER_ID_DESIGN) as u64
     }
 
     /// Whether `id` may have been inserted (false: it certainly was not).
@@ -198,6 +213,19 @@ mod tests {
             .count();
         assert!(maybe < probes * 3 / 100, "{maybe} of {probes}");
         assert!(maybe > 0, "a filter this full has some false positives");
+    }
+
+    #[test]
+    fn it_counts_its_inserts_against_its_design_capacity() {
+        let filter = IdFilter::new(6 * 64).unwrap();
+        assert_eq!(
+            filter.design_capacity(),
+            6 * 512 / BITS_PER_ID_DESIGN as u64
+        );
+        for i in 0..10 {
+            filter.insert(&format!("t{i}"));
+        }
+        assert_eq!(filter.inserted(), 10);
     }
 
     #[test]

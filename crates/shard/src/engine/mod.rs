@@ -250,6 +250,8 @@ pub struct Engine {
     /// The transfer ids this shard has recorded (`None`: no filter configured). Shared with
     /// the task that fills it from the store when the term begins.
     ids: Option<Arc<id_filter::IdFilter>>,
+    /// Whether this term has warned that its filter is past its design capacity.
+    filter_full_logged: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -294,6 +296,7 @@ impl Engine {
             batch: Batch::default(),
             metrics: EngineMetrics::new(shard),
             ids,
+            filter_full_logged: false,
         };
         for (id, hold) in recovered.holds {
             if let (HoldState::Pending, Some(at)) = (hold.state, hold.expires_at_ms) {
@@ -439,6 +442,19 @@ impl Engine {
         }
         self.metrics
             .in_flight(self.coordinations.len(), self.prepared.len());
+        if let Some(ids) = &self.ids {
+            let inserted = ids.inserted();
+            self.metrics.filter_ids.set(inserted as f64);
+            if inserted > ids.design_capacity() && !self.filter_full_logged {
+                self.filter_full_logged = true;
+                tracing::warn!(
+                    shard = %self.shard,
+                    ids = inserted,
+                    capacity = ids.design_capacity(),
+                    "the transfer-id filter holds more ids than it was sized for: more new ids will be looked up in the store; raise shard.transfer_filter_bytes (12 bits per id)"
+                );
+            }
+        }
         // The next batch starts sized like this one, instead of growing by doubling (a copy
         // of every element each time). Bounded as the batch is: `batch_inputs_max` inputs per batch.
         self.batch.writes.writes.reserve(writes.writes.len());
@@ -509,6 +525,7 @@ impl Engine {
         }
         // Not in this batch; a complete filter rules most new ids out without the store.
         if self.ids.as_ref().is_some_and(|f| f.certainly_absent(id)) {
+            self.metrics.filter_skips.increment(1);
             return Ok(None);
         }
         match self.store.get(&keys::transfer(self.shard, id))? {
