@@ -44,10 +44,14 @@ pub struct Options {
     pub coordinations_max: usize,
     /// The leader's lease; renewed at a third of it.
     pub lease_ms: u64,
-    /// Bytes of each shard's filter of recorded transfer ids (`engine::id_filter`), which
-    /// spares a new id's idempotency check a search of the store; fixed, whatever the number
-    /// of ids (past about one id per 12 bits it helps less and less). 0: no filter.
+    /// Most bytes of each shard's filter of recorded transfer ids (`engine::id_filter`), which
+    /// spares a new id's idempotency check a search of the store. It starts at
+    /// `transfer_filter_initial_bytes` and is rebuilt bigger (about 24 bits per id) whenever it
+    /// holds more than one id per 12 bits, up to this; past that it helps less and less. 0: no
+    /// filter.
     pub transfer_filter_bytes: usize,
+    /// The filter's first size.
+    pub transfer_filter_initial_bytes: usize,
 }
 
 impl Default for Options {
@@ -62,7 +66,8 @@ impl Default for Options {
             retry_ms: 500,
             coordinations_max: 16_384,
             lease_ms: 10_000,
-            transfer_filter_bytes: 2 << 20,
+            transfer_filter_bytes: 8 << 20,
+            transfer_filter_initial_bytes: 256 << 10,
         }
     }
 }

@@ -312,7 +312,9 @@ impl Runtime {
                 }
             };
             tracing::info!(shard = %self.shard, epoch = engine.epoch(), "leading");
-            self.fill_id_filter(&engine);
+            if let Some(ids) = engine.id_filter() {
+                self.fill_id_filter(ids);
+            }
             match self.lead(engine).await {
                 Term::Stopped => return,
                 Term::SteppedDown(reason) => {
@@ -322,13 +324,11 @@ impl Runtime {
         }
     }
 
-    /// Starts filling the term's filter of recorded transfer ids from the store, on the
-    /// blocking pool: the engine trusts the filter once the scan is done, and reads the store
-    /// for every id until then. The task stops by itself once the term has ended.
-    fn fill_id_filter(&self, engine: &Engine) {
-        let Some(filter) = engine.id_filter() else {
-            return;
-        };
+    /// Starts filling a filter of recorded transfer ids from the store, on the blocking pool:
+    /// the term's first, or a bigger one the engine made. The engine uses a filter once its
+    /// scan is done (until then, the store or the filter it replaces). The task stops by itself
+    /// once the term has ended.
+    fn fill_id_filter(&self, filter: Arc<id_filter::IdFilter>) {
         let (store, shard) = (Arc::clone(&self.store), self.shard);
         drop(tokio::task::spawn_blocking(move || {
             let started = stopwatch();
@@ -337,6 +337,7 @@ impl Runtime {
                     shard = %shard,
                     ids,
                     ms = started.elapsed().as_millis() as u64,
+                    bytes = filter.bytes(),
                     "transfer-id filter filled"
                 ),
                 Ok(None) => {}
@@ -566,6 +567,10 @@ impl Runtime {
                 waiting.reply(token, reply);
             }
             metrics.flush();
+            // After the commit: the scan must find the records of the batch that made it.
+            if let Some(bigger) = engine.take_id_filter_to_fill() {
+                self.fill_id_filter(bigger);
+            }
             for (to, message) in output.messages {
                 self.peers.send(to, self.shard, message);
             }

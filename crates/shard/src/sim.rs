@@ -10,7 +10,8 @@ use ledger_domain::ShardId;
 use ledger_store::{Memory, Store};
 
 use crate::Options;
-use crate::engine::{Engine, Input, Locate, Message, Output, Reply, Token, id_filter};
+use crate::engine::id_filter::{self, IdFilter};
+use crate::engine::{Engine, Input, Locate, Message, Output, Reply, Token};
 use crate::runtime::{acquire_lease, load};
 
 pub struct Sim {
@@ -23,6 +24,11 @@ pub struct Sim {
     pub inbox: VecDeque<(ShardId, ShardId, Message)>,
     pub replies: HashMap<Token, Reply>,
     next_token: Token,
+    /// Bigger transfer-id filters the engines made, not yet filled: with `fill_later` set they
+    /// wait here for [`Sim::fill_filters`] (a runtime's fill takes a while), else they are
+    /// filled as soon as their batch has committed.
+    pub unfilled: Vec<(ShardId, Arc<IdFilter>)>,
+    pub fill_later: bool,
 }
 
 impl std::fmt::Debug for Sim {
@@ -46,6 +52,8 @@ impl Sim {
             inbox: VecDeque::new(),
             replies: HashMap::new(),
             next_token: 0,
+            unfilled: Vec::new(),
+            fill_later: false,
         };
         for i in 0..shards {
             let engine = sim.boot(ShardId(i));
@@ -79,6 +87,14 @@ impl Sim {
         self.engines[shard.0 as usize] = self.boot(shard);
     }
 
+    /// Fills the bigger transfer-id filters waiting in `unfilled` from their stores.
+    pub fn fill_filters(&mut self) {
+        for (shard, filter) in std::mem::take(&mut self.unfilled) {
+            id_filter::fill(&*self.stores[shard.0 as usize], shard, &filter)
+                .expect("fill a bigger transfer-id filter");
+        }
+    }
+
     pub fn token(&mut self) -> Token {
         self.next_token += 1;
         self.next_token
@@ -98,6 +114,13 @@ impl Sim {
             self.stores[shard.0 as usize]
                 .commit(&output.writes)
                 .expect("commit");
+        }
+        // As a leader's runtime does once the batch has committed (at once, unless told not to).
+        if let Some(bigger) = engine.take_id_filter_to_fill() {
+            self.unfilled.push((shard, bigger));
+            if !self.fill_later {
+                self.fill_filters();
+            }
         }
         for (token, reply) in &output.replies {
             self.replies.insert(*token, reply.clone());

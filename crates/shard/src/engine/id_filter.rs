@@ -9,15 +9,19 @@
 //! What it is: a blocked Bloom filter. Each id sets [`BITS_PER_ID`] bits in one 64-byte block,
 //! so a lookup reads one cache line. It has no false negatives: an id whose bits are not all
 //! set was never inserted. It has false positives (an id not recorded, but whose bits are set),
-//! which only cost the store lookup the filter exists to skip; about 1% of lookups while it
-//! holds at most one id per [`BITS_PER_ID_DESIGN`] bits, more as it fills past that (it never
-//! grows, so its memory is fixed: [`crate::Options::transfer_filter_bytes`] per shard). Full,
-//! it answers "maybe" for nearly every id and the engine reads the store, as without it.
+//! which only cost the store lookup the filter exists to skip; under 1% of lookups while it
+//! holds at most one id per [`BITS_PER_ID_DESIGN`] bits, more as it fills past that. A filter
+//! cannot grow in place: past that load the engine builds a bigger one ([`bytes_for`]), filled
+//! the same way as the first (below) while the old one goes on answering, and swaps it in once
+//! complete; up to [`crate::Options::transfer_filter_bytes`] per shard. Past that too, it
+//! answers "maybe" for more and more ids and the engine reads the store, as without it.
 //!
-//! When it may be trusted: only once it holds every id the shard's store held when the leader
-//! term began. The engine inserts each id it records from its first batch on; a task started
-//! with the term ([`fill`]) scans the store's transfer records and inserts those; until that
-//! scan has finished ([`IdFilter::is_complete`]) the engine ignores the filter's answers.
+//! When it may be trusted: only once it holds every id the shard's store held when it was
+//! made. The engine inserts each id it records from then on (a bigger filter also gets the ids
+//! of the batch that made it); a task on the blocking pool ([`fill`], started with the term,
+//! or once the batch that made a bigger filter has committed) scans the store's transfer
+//! records and inserts those; until that scan has finished ([`IdFilter::is_complete`]) the
+//! engine does not use the filter's answers.
 //! Both write the filter at once: its bits are atomics, and the scan's last insert happens
 //! before its completion is published (release, read with acquire).
 
@@ -106,6 +110,10 @@ impl IdFilter {
         self.inserted.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub fn bytes(&self) -> usize {
+        self.blocks.len() * 64
+    }
+
     /// Ids inserted so far (about: the scan and the engine may both insert one).
     pub fn inserted(&self) -> u64 {
         self.inserted.load(Ordering::Relaxed)
@@ -137,6 +145,15 @@ impl IdFilter {
     pub fn certainly_absent(&self, id: &str) -> bool {
         self.is_complete() && !self.may_contain(id)
     }
+}
+
+/// The size a filter rebuilt for `ids` ids gets: room for twice as many at the design load, so
+/// that it is rebuilt again only after the shard has recorded as many ids again.
+pub fn bytes_for(ids: u64) -> usize {
+    let ids = usize::try_from(ids).unwrap_or(usize::MAX / 64);
+    (ids.saturating_mul(2 * BITS_PER_ID_DESIGN) / 8)
+        .max(64)
+        .next_power_of_two()
 }
 
 /// Inserts every transfer id recorded in `shard`'s store into `filter`, then marks it
@@ -213,6 +230,16 @@ mod tests {
             .count();
         assert!(maybe < probes * 3 / 100, "{maybe} of {probes}");
         assert!(maybe > 0, "a filter this full has some false positives");
+    }
+
+    #[test]
+    fn a_rebuilt_filter_has_room_for_twice_the_ids() {
+        assert_eq!(bytes_for(0), 64);
+        for ids in [1_000u64, 43_690, 1_000_000] {
+            let filter = IdFilter::new(bytes_for(ids)).unwrap();
+            assert!(filter.design_capacity() >= 2 * ids, "{ids}");
+            assert!(filter.design_capacity() < 4 * ids + 64, "{ids}");
+        }
     }
 
     #[test]

@@ -250,7 +250,12 @@ pub struct Engine {
     /// The transfer ids this shard has recorded (`None`: no filter configured). Shared with
     /// the task that fills it from the store when the term begins.
     ids: Option<Arc<id_filter::IdFilter>>,
-    /// Whether this term has warned that its filter is past its design capacity.
+    /// A bigger filter being filled to replace `ids`, which is past its design load; ids
+    /// recorded meanwhile go into both. Swapped in once complete.
+    next_ids: Option<Arc<id_filter::IdFilter>>,
+    /// `next_ids`, for the runtime to fill once the batch that made it has committed.
+    ids_to_fill: Option<Arc<id_filter::IdFilter>>,
+    /// Whether this term has warned that its filter is full at its largest size.
     filter_full_logged: bool,
 }
 
@@ -278,7 +283,12 @@ impl Engine {
         locate: Locate,
         recovered: Recovered,
     ) -> Self {
-        let ids = id_filter::IdFilter::new(options.transfer_filter_bytes).map(Arc::new);
+        let ids = id_filter::IdFilter::new(
+            options
+                .transfer_filter_initial_bytes
+                .min(options.transfer_filter_bytes),
+        )
+        .map(Arc::new);
         let mut engine = Self {
             shard,
             epoch,
@@ -296,6 +306,8 @@ impl Engine {
             batch: Batch::default(),
             metrics: EngineMetrics::new(shard),
             ids,
+            next_ids: None,
+            ids_to_fill: None,
             filter_full_logged: false,
         };
         for (id, hold) in recovered.holds {
@@ -320,10 +332,17 @@ impl Engine {
         self.epoch
     }
 
-    /// The filter of recorded transfer ids, for [`id_filter::fill`] to fill from the store;
-    /// until it has, the engine looks every id up in the store.
+    /// The filter of recorded transfer ids in use, for [`id_filter::fill`] to fill from the
+    /// store when the term begins; until it has, the engine looks every id up in the store.
     pub fn id_filter(&self) -> Option<Arc<id_filter::IdFilter>> {
         self.ids.clone()
+    }
+
+    /// A bigger filter of recorded transfer ids made by the batch just finished, to be filled
+    /// by [`id_filter::fill`] once that batch has committed (not before: the scan must find
+    /// its records). The engine uses it once it is complete.
+    pub fn take_id_filter_to_fill(&mut self) -> Option<Arc<id_filter::IdFilter>> {
+        self.ids_to_fill.take()
     }
 
     /// Starts a batch at time `now_ms`.
@@ -335,6 +354,13 @@ impl Engine {
         );
         // Time never goes backwards inside the engine, even if the wall clock does.
         self.now_ms = self.now_ms.max(now_ms);
+        if self
+            .next_ids
+            .as_ref()
+            .is_some_and(|next| next.is_complete())
+        {
+            self.ids = self.next_ids.take();
+        }
     }
 
     /// Makes room for `transfers` more transfers in the open batch (a request's group arrives
@@ -442,19 +468,7 @@ impl Engine {
         }
         self.metrics
             .in_flight(self.coordinations.len(), self.prepared.len());
-        if let Some(ids) = &self.ids {
-            let inserted = ids.inserted();
-            self.metrics.filter_ids.set(inserted as f64);
-            if inserted > ids.design_capacity() && !self.filter_full_logged {
-                self.filter_full_logged = true;
-                tracing::warn!(
-                    shard = %self.shard,
-                    ids = inserted,
-                    capacity = ids.design_capacity(),
-                    "the transfer-id filter holds more ids than it was sized for: more new ids will be looked up in the store; raise shard.transfer_filter_bytes (12 bits per id)"
-                );
-            }
-        }
+        self.grow_id_filter(&batch);
         // The next batch starts sized like this one, instead of growing by doubling (a copy
         // of every element each time). Bounded as the batch is: `batch_inputs_max` inputs per batch.
         self.batch.writes.writes.reserve(writes.writes.len());
@@ -481,6 +495,45 @@ impl Engine {
             ended: batch.ended,
             links: batch.links,
         }
+    }
+
+    /// Past its design load, starts a bigger filter of recorded ids (up to the configured
+    /// most), with this batch's ids in it; the runtime fills it with the store's once this
+    /// batch has committed.
+    fn grow_id_filter(&mut self, batch: &Batch) {
+        let Some(ids) = &self.ids else {
+            return;
+        };
+        let inserted = ids.inserted();
+        self.metrics.filter_ids.set(inserted as f64);
+        if self.next_ids.is_some() || !ids.is_complete() || inserted <= ids.design_capacity() {
+            return;
+        }
+        let most = self.options.transfer_filter_bytes;
+        if ids.bytes() >= most {
+            if !self.filter_full_logged {
+                self.filter_full_logged = true;
+                tracing::warn!(
+                    shard = %self.shard,
+                    ids = inserted,
+                    capacity = ids.design_capacity(),
+                    "the transfer-id filter is full at its largest size: more and more new ids will be looked up in the store; raise shard.transfer_filter_bytes (12 bits per id)"
+                );
+            }
+            return;
+        }
+        let bytes = id_filter::bytes_for(inserted)
+            .max(ids.bytes() * 2)
+            .min(most);
+        let Some(next) = id_filter::IdFilter::new(bytes).map(Arc::new) else {
+            return;
+        };
+        for id in batch.transfers.keys() {
+            next.insert(id);
+        }
+        tracing::debug!(shard = %self.shard, ids = inserted, bytes, "rebuilding the transfer-id filter bigger");
+        self.next_ids = Some(Arc::clone(&next));
+        self.ids_to_fill = Some(next);
     }
 
     #[cfg(debug_assertions)]
@@ -609,8 +662,8 @@ impl Engine {
             .writes
             .put(keys::transfer(self.shard, id), codec::encode(record));
         self.batch.transfers.insert(id.clone(), index);
-        // Before the commit: if it fails, the term ends and its filter with it.
-        if let Some(ids) = &self.ids {
+        // Before the commit: if it fails, the term ends and its filters with it.
+        for ids in [&self.ids, &self.next_ids].into_iter().flatten() {
             ids.insert(id);
         }
     }

@@ -165,6 +165,110 @@ fn ids_recorded_before_a_restart_are_found_through_the_filled_filter() {
     assert_eq!(balance(&sim, "a").1, 101);
 }
 
+/// A filter past its design load is rebuilt bigger, filled from the store, and swapped in:
+/// through every step, and after a restart that starts small again, retries of recorded ids
+/// find their outcomes and nothing is applied twice.
+#[test]
+fn the_filter_grows_past_its_design_load_without_losing_an_id() {
+    let options = Options {
+        transfer_filter_initial_bytes: 64, // one block: 42 ids at the design load
+        transfer_filter_bytes: 512,
+        ..Options::default()
+    };
+    let mut sim = Sim::new(
+        2,
+        Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }),
+        options,
+    );
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let mut sizes = Vec::new();
+    for i in 0..400 {
+        let token = submit(&mut sim, transfer(&format!("t{i}"), "a", "b", 1));
+        assert_eq!(outcome(&sim, token), Some(Ok(1)));
+        // Every id so far, retried, keeps its outcome while filters are made and swapped.
+        if i % 7 == 0 {
+            for j in (0..=i).step_by(13) {
+                let retry = submit(&mut sim, transfer(&format!("t{j}"), "a", "b", 1));
+                assert_eq!(outcome(&sim, retry), Some(Ok(1)), "t{j} after t{i}");
+            }
+        }
+        sizes.push(sim.engines[0].id_filter().unwrap().bytes());
+    }
+    assert_eq!(balance(&sim, "a").1, 400, "each applied once");
+    sizes.dedup();
+    // 64 -> 256 (room for twice 43 ids) -> 512 (the most; 341 ids at the design load, then full).
+    assert_eq!(sizes, [64, 256, 512]);
+    sim.crash(S0);
+    assert_eq!(
+        sim.engines[0].id_filter().unwrap().bytes(),
+        64,
+        "a new term starts small"
+    );
+    for i in 0..400 {
+        let retry = submit(&mut sim, transfer(&format!("t{i}"), "a", "b", 1));
+        assert_eq!(outcome(&sim, retry), Some(Ok(1)));
+    }
+    assert_eq!(
+        balance(&sim, "a").1,
+        400,
+        "each applied once, after the restart too"
+    );
+    assert!(sim.engines[0].id_filter().unwrap().bytes() > 64);
+}
+
+/// While a bigger filter is being filled the old one goes on answering, ids recorded
+/// meanwhile go into both, and the bigger one is used only once complete.
+#[test]
+fn a_bigger_filter_is_used_only_once_filled() {
+    let options = Options {
+        transfer_filter_initial_bytes: 64,
+        transfer_filter_bytes: 1 << 20,
+        ..Options::default()
+    };
+    let mut sim = Sim::new(
+        2,
+        Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }),
+        options,
+    );
+    sim.fill_later = true;
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let mut i = 0;
+    while sim.unfilled.is_empty() {
+        let token = submit(&mut sim, transfer(&format!("t{i}"), "a", "b", 1));
+        assert_eq!(outcome(&sim, token), Some(Ok(1)));
+        i += 1;
+    }
+    let bigger = Arc::clone(&sim.unfilled[0].1);
+    assert!(!bigger.is_complete());
+    // Recorded while the bigger one waits for its scan: both filters get them.
+    for j in i..i + 20 {
+        submit(&mut sim, transfer(&format!("t{j}"), "a", "b", 1));
+    }
+    assert_eq!(
+        sim.engines[0].id_filter().unwrap().bytes(),
+        64,
+        "not swapped unfilled"
+    );
+    for j in (0..i + 20).step_by(3) {
+        let retry = submit(&mut sim, transfer(&format!("t{j}"), "a", "b", 1));
+        assert_eq!(outcome(&sim, retry), Some(Ok(1)), "t{j}");
+    }
+    assert!((i..i + 20).all(|j| bigger.may_contain(&format!("t{j}"))));
+    sim.fill_filters();
+    submit(&mut sim, transfer("after", "a", "b", 1));
+    assert!(
+        sim.engines[0].id_filter().unwrap().bytes() > 64,
+        "swapped once filled"
+    );
+    for j in 0..i + 20 {
+        let retry = submit(&mut sim, transfer(&format!("t{j}"), "a", "b", 1));
+        assert_eq!(outcome(&sim, retry), Some(Ok(1)), "t{j}");
+    }
+    assert_eq!(balance(&sim, "a").1, i + 21, "each applied once");
+}
+
 #[test]
 fn a_retry_under_another_trace_is_the_same_request_and_keeps_the_first_trace_id() {
     let mut sim = sim();
