@@ -344,7 +344,7 @@ impl Runtime {
                 Err(e) => tracing::warn!(
                     shard = %shard,
                     error = %e,
-                    "cannot fill the transfer-id filter; this term looks every id up in the store"
+                    "cannot fill a transfer-id filter; this term goes on without it (looking ids up in the store, or in the smaller filter it was to replace)"
                 ),
             }
         }));
