@@ -243,15 +243,7 @@ fn count(tally: &mut Tally, op: &Op, r: pb::TransferResult) {
     tally.transfers += 1;
     match r.outcome {
         Some(pb::transfer_result::Outcome::Transfer(_)) => {
-            tally.committed += 1;
-            match op {
-                Op::Posted { amount, .. } => tally.posted_sum += amount,
-                Op::Hold { amount, .. } => tally.pending_sum += amount,
-                Op::Post { amount, .. } => {
-                    tally.posted_sum += amount;
-                    tally.pending_sum -= amount;
-                }
-            }
+            tally.committed(op);
             if tally.sample_ids.len() < 100 && generator_sample(tally.committed) {
                 tally.sample_ids.push(op.id().to_string());
             }

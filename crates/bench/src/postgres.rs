@@ -418,15 +418,7 @@ pub async fn client_loop(
                         *tally.rejections.entry("not_applied".into()).or_default() += 1;
                         continue;
                     }
-                    tally.committed += 1;
-                    match op {
-                        Op::Posted { amount, .. } => tally.posted_sum += amount,
-                        Op::Hold { amount, .. } => tally.pending_sum += amount,
-                        Op::Post { amount, .. } => {
-                            tally.posted_sum += amount;
-                            tally.pending_sum -= amount;
-                        }
-                    }
+                    tally.committed(op);
                 }
             }
             Err(e) => {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use hdrhistogram::Histogram;
 
+use crate::workload::Op;
+
 /// Latencies a client keeps before adding them to its histogram, all at once. A histogram
 /// with three significant digits up to ten minutes is about 170 KiB; 256 clients' histograms
 /// did not stay in cache, so adding one latency at a time cost a cache miss per request
@@ -61,6 +63,20 @@ impl Tally {
         self.posted_sum += other.posted_sum;
         self.pending_sum += other.pending_sum;
         self.sample_ids.extend(other.sample_ids);
+    }
+
+    /// Counts a committed operation: what it adds to the posted and pending totals the audit
+    /// compares with the ledger's.
+    pub fn committed(&mut self, op: &Op) {
+        self.committed += 1;
+        match op {
+            Op::Posted { amount, .. } => self.posted_sum += amount,
+            Op::Hold { amount, .. } => self.pending_sum += amount,
+            Op::Post { amount, .. } => {
+                self.posted_sum += amount;
+                self.pending_sum -= amount;
+            }
+        }
     }
 
     pub fn record(&mut self, elapsed: Duration) {

@@ -16,11 +16,11 @@ const S1: ShardId = ShardId(1);
 
 /// Accounts whose id starts with `s1` live on shard 1, the rest on shard 0.
 fn sim() -> Sim {
-    Sim::new(
-        2,
-        Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }),
-        Options::default(),
-    )
+    sim_with(Options::default())
+}
+
+fn sim_with(options: Options) -> Sim {
+    Sim::new(2, Arc::new(shard_of), options)
 }
 
 fn shard_of(id: &str) -> ShardId {
@@ -175,11 +175,7 @@ fn the_filter_grows_past_its_design_load_without_losing_an_id() {
         transfer_filter_bytes: 512,
         ..Options::default()
     };
-    let mut sim = Sim::new(
-        2,
-        Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }),
-        options,
-    );
+    let mut sim = sim_with(options);
     open(&mut sim, "a", false);
     open(&mut sim, "b", false);
     let mut sizes = Vec::new();
@@ -226,11 +222,7 @@ fn a_bigger_filter_is_used_only_once_filled() {
         transfer_filter_bytes: 1 << 20,
         ..Options::default()
     };
-    let mut sim = Sim::new(
-        2,
-        Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 }),
-        options,
-    );
+    let mut sim = sim_with(options);
     sim.fill_later = true;
     open(&mut sim, "a", false);
     open(&mut sim, "b", false);
