@@ -5,6 +5,7 @@
 //! only committed (durable) state.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::Arc;
 
 use futures::future::join_all;
@@ -170,9 +171,14 @@ impl Router {
         Ok(TransferReply { record, hold: None })
     }
 
-    pub async fn create_transfer(&self, transfer: Transfer) -> Result<TransferReply, ApiError> {
+    /// Not an `async fn`: one would hold the transfer and the instrumented body that holds it
+    /// again, and a small call's futures are moved into a box per request.
+    pub fn create_transfer(
+        &self,
+        transfer: Transfer,
+    ) -> impl Future<Output = Result<TransferReply, ApiError>> + Send + '_ {
         let span = route_span(1);
-        async {
+        async move {
             let Some(shard) = self.home_of_transfer(&transfer)? else {
                 return self.hold_missing(transfer);
             };
@@ -183,7 +189,6 @@ impl Router {
             }
         }
         .instrument(span)
-        .await
     }
 
     /// The shard that coordinates a transfer: its debit account's. A post or void that leaves

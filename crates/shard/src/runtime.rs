@@ -19,6 +19,7 @@
 //! `Unavailable` (retrying the same transfer id is safe), and a new term reloads from the store.
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -237,10 +238,21 @@ impl ShardHandle {
         .await
     }
 
-    pub async fn create_transfer(&self, transfer: Transfer) -> Result<Reply, ShardError> {
-        let caller = TraceParent::current();
-        self.call(|tx| Command::CreateTransfer(transfer, caller, tx))
-            .await
+    /// Not an `async fn`, and queued through a reserved slot: the command is built once and
+    /// held once while the caller waits, not also as an argument and inside the send (a small
+    /// call's futures are moved into a box per request).
+    pub fn create_transfer(
+        &self,
+        transfer: Transfer,
+    ) -> impl Future<Output = Result<Reply, ShardError>> + Send + '_ {
+        let (tx, rx) = oneshot::channel();
+        let command = Command::CreateTransfer(transfer, TraceParent::current(), tx);
+        async move {
+            let unavailable = ShardError::Unavailable(self.shard);
+            let permit = self.tx.reserve().await.map_err(|_| unavailable.clone())?;
+            permit.send(command);
+            rx.await.map_err(|_| unavailable)
+        }
     }
 
     pub async fn create_transfers(
