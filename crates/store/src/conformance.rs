@@ -9,6 +9,7 @@ pub fn run_all(store: &dyn Store) {
     preconditions_gate_the_whole_commit(store);
     stale_epoch_is_fenced(store);
     owned_commits_behave_as_lent_ones(store);
+    for_each_key_visits_every_key_in_range(store);
 }
 
 fn clear(store: &dyn Store, prefix: &[u8]) {
@@ -158,6 +159,51 @@ pub fn owned_commits_behave_as_lent_ones(store: &dyn Store) {
     assert_eq!(store.get(b"c6/v").unwrap(), Some(b"\x00\x02two".to_vec()));
     assert_eq!(store.get(b"c6/gone").unwrap(), None);
     assert_eq!(store.scan(b"c6/", b"c6/\xff", 10).unwrap().len(), 1);
+}
+
+/// Every key holding a value in the range is visited, nothing outside it; a deleted key may be,
+/// and a key may be more than once (the contract allows both); returning `false` stops.
+pub fn for_each_key_visits_every_key_in_range(store: &dyn Store) {
+    clear(store, b"c9/");
+    let mut b = WriteBatch::default();
+    for k in ["a", "b", "c", "d", "e"] {
+        b.put(format!("c9/{k}").into_bytes(), k.as_bytes().to_vec());
+    }
+    b.put(b"c9".to_vec(), b"before".to_vec());
+    b.put(b"c9/z".to_vec(), b"after".to_vec());
+    store.commit(&b).unwrap();
+    let mut b = WriteBatch::default();
+    b.delete(b"c9/b".to_vec());
+    b.put(b"c9/c".to_vec(), b"again".to_vec());
+    store.commit(&b).unwrap();
+
+    let mut seen = std::collections::BTreeSet::new();
+    store
+        .for_each_key(b"c9/a", b"c9/e", &mut |key| {
+            seen.insert(key.to_vec());
+            true
+        })
+        .unwrap();
+    seen.remove(b"c9/b".as_slice());
+    let want: std::collections::BTreeSet<Vec<u8>> = ["c9/a", "c9/c", "c9/d"]
+        .iter()
+        .map(|k| k.as_bytes().to_vec())
+        .collect();
+    assert_eq!(seen, want);
+
+    let mut calls = 0;
+    store
+        .for_each_key(b"c9/", b"c9/\xff", &mut |_| {
+            calls += 1;
+            false
+        })
+        .unwrap();
+    assert_eq!(calls, 1);
+    store
+        .for_each_key(b"c9/e", b"c9/a", &mut |key| {
+            panic!("empty range visited {key:?}")
+        })
+        .unwrap();
 }
 
 #[cfg(test)]

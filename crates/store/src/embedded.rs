@@ -602,6 +602,59 @@ impl Store for Embedded {
         Ok(out)
     }
 
+    /// One cut, taken under the store's lock: the keys of the overlay and of the checkpoint
+    /// being written are copied out, and a read snapshot of redb opened, before the lock is let
+    /// go (a checkpoint drops its overlay only under that lock, after its redb commit, so
+    /// every key that holds a value is in one of the three; a key in two of them is passed
+    /// twice). redb's keys are then read from the snapshot while commits go on. Nothing is
+    /// sorted and no value is copied.
+    fn for_each_key(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<(), Error> {
+        if start >= end {
+            return Ok(());
+        }
+        let (from, to) = (OverlayKey::new(start), OverlayKey::new(end));
+        let mut held = Vec::new();
+        let mut ends = Vec::new();
+        let snapshot = {
+            let state = self.state();
+            let frozen = state.frozen.as_ref().map(|f| &*f.overlay);
+            for overlay in std::iter::once(&state.overlay).chain(frozen) {
+                for key in overlay.keys_between(&from, &to) {
+                    key.write_to(&mut held);
+                    ends.push(held.len());
+                }
+            }
+            Snapshot::open(&self.db)?
+        };
+        let mut at = 0;
+        for end in ends {
+            if !f(&held[at..end]) {
+                return Ok(());
+            }
+            at = end;
+        }
+        drop(held);
+        for row in snapshot.kv.range(start..end).map_err(io)? {
+            let (key, _) = row.map_err(io)?;
+            if !f(key.value()) {
+                return Ok(());
+            }
+        }
+        if let Some(group_of) = self.group_of {
+            for member in packed::Range::new(&snapshot.packed, group_of, start, end)? {
+                if !f(&member?.0) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError> {
         self.commit_writes(&batch.preconditions, &batch.writes)
     }
@@ -985,6 +1038,7 @@ mod tests {
         let key = |i: u64| (i % 50).to_be_bytes().to_vec();
         // Keys are overwritten and deleted across several checkpoints.
         let rounds = 3 * FEW_COMMITS + 7;
+        let mut live = std::collections::BTreeSet::new();
         for i in 0..rounds {
             let mut b = WriteBatch::default();
             if i % 7 == 3 {
@@ -993,8 +1047,28 @@ mod tests {
                 b.put(key(i), i.to_be_bytes().to_vec());
             }
             store.commit(&b).unwrap();
+            if i % 7 == 3 {
+                live.remove(&key(i));
+            } else {
+                live.insert(key(i));
+            }
             if i % 97 == 0 {
                 assert_eq!(store.get(&key(i)).unwrap().is_some(), i % 7 != 3);
+            }
+            if i % 13 == 0 {
+                // Checkpoints run in the background meanwhile: keys are in the overlay, the
+                // one being checkpointed, or redb.
+                let mut seen = std::collections::BTreeSet::new();
+                store
+                    .for_each_key(&[], &[0xFF; 9], &mut |k| {
+                        seen.insert(k.to_vec());
+                        true
+                    })
+                    .unwrap();
+                assert!(
+                    live.is_subset(&seen),
+                    "for_each_key missed a key at commit {i}"
+                );
             }
         }
         let expected: BTreeMap<Vec<u8>, Vec<u8>> = {
@@ -1132,6 +1206,7 @@ mod tests {
         };
         let all: Vec<_> = model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         assert_eq!(store.scan(&[], &[0xFF], usize::MAX).unwrap(), all);
+        assert_keys_cover(store, model, &[], &[0xFF]);
         for (k, v) in model {
             assert_eq!(store.get(k).unwrap().as_ref(), Some(v), "get {k:?}");
         }
@@ -1156,6 +1231,34 @@ mod tests {
                 want,
                 "scan {start:?}..{end:?} limit {limit}"
             );
+            assert_keys_cover(store, model, &start, &end);
+        }
+    }
+
+    /// `for_each_key` over `start..end` visits every key `model` holds there, and no key
+    /// outside it; the only others it may visit are deleted plain keys (`h...`).
+    fn assert_keys_cover(
+        store: &Embedded,
+        model: &BTreeMap<Vec<u8>, Vec<u8>>,
+        start: &[u8],
+        end: &[u8],
+    ) {
+        let mut seen = std::collections::BTreeSet::new();
+        store
+            .for_each_key(start, end, &mut |key| {
+                assert!(
+                    start <= key && key < end,
+                    "{key:?} outside {start:?}..{end:?}"
+                );
+                seen.insert(key.to_vec());
+                true
+            })
+            .unwrap();
+        for key in model.range(start.to_vec()..end.to_vec()).map(|(k, _)| k) {
+            assert!(seen.contains(key), "for_each_key missed {key:?}");
+        }
+        for key in &seen {
+            assert!(model.contains_key(key) || key[0] == b'h', "visited {key:?}");
         }
     }
 

@@ -130,6 +130,37 @@ pub trait Store: Send + Sync + 'static {
     /// Up to `limit` pairs with `start <= key < end`, ascending.
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, Error>;
 
+    /// Calls `f` with keys in `start <= key < end`, in no particular order, until it returns
+    /// `false`: at least every key that holds a value both when the call begins and when it
+    /// returns, perhaps keys written or deleted meanwhile, and perhaps a key more than once. For a caller that needs the
+    /// keys only, and neither their order nor their values, such as a filter of recorded ids:
+    /// a backend can skip copying values and sorting, and keep its writer waiting less. The
+    /// default pages through [`Store::scan`].
+    fn for_each_key(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        f: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> Result<(), Error> {
+        let mut from = start.to_vec();
+        loop {
+            let page = self.scan(&from, end, KEY_PAGE)?;
+            for (key, _) in &page {
+                if !f(key) {
+                    return Ok(());
+                }
+            }
+            match page.last() {
+                Some((last, _)) if page.len() == KEY_PAGE => {
+                    // The next key after `last`.
+                    from.clone_from(last);
+                    from.push(0);
+                }
+                _ => return Ok(()),
+            }
+        }
+    }
+
     /// Checks every precondition and applies every write atomically. When it returns `Ok`, the
     /// commit is durable (for durable backends).
     fn commit(&self, batch: &WriteBatch) -> Result<(), CommitError>;
@@ -159,3 +190,7 @@ pub type CommitFuture<'a> =
 
 /// Key-value pairs from a scan, ascending by key.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Pairs per [`Store::scan`] in the default [`Store::for_each_key`]: bounds what one page holds
+/// in memory (and, in a backend that locks per read, how long its writer waits).
+pub const KEY_PAGE: usize = 1_024;

@@ -385,6 +385,19 @@ impl Overlay {
         hits.into_iter().map(move |i| self.item(i))
     }
 
+    /// The keys with `from <= key < to` that hold a value, in the order they were first
+    /// written: no sorting, for a caller that does not need key order.
+    pub fn keys_between<'a>(
+        &'a self,
+        from: &'a OverlayKey,
+        to: &'a OverlayKey,
+    ) -> impl Iterator<Item = &'a OverlayKey> + 'a {
+        self.entries
+            .iter()
+            .filter(move |(key, slot)| slot.len != Slot::DELETED && key >= from && key < to)
+            .map(|(key, _)| key)
+    }
+
     /// Every entry, in key order (a checkpoint writing the overlay into redb). The order is
     /// built here, on the caller's thread, without the overlay's order lock: scans of a frozen
     /// overlay do not wait for it.

@@ -39,8 +39,8 @@ use crate::{codec, keys};
 pub const BITS_PER_ID: usize = 8;
 /// The filter answers with about 1% false positives up to one id per this many bits.
 pub const BITS_PER_ID_DESIGN: usize = 12;
-/// Transfer records [`fill`] reads from the store at a time (each read holds the store's lock).
-pub const FILL_PAGE: usize = 1_024;
+/// Ids [`fill`] inserts between two checks that its term still wants the filter.
+pub const CHECK_EVERY: usize = 1_024;
 
 /// One cache line of bits.
 #[repr(align(64))]
@@ -158,41 +158,62 @@ pub fn bytes_for(ids: u64) -> usize {
 
 /// Inserts every transfer id recorded in `shard`'s store into `filter`, then marks it
 /// complete. Returns how many ids it read, or `None` if the term ended first (nobody else holds
-/// the filter any more). Run on the blocking pool at the start of a term; the engine inserts
-/// the ids it records meanwhile itself.
+/// the filter any more). Run on the blocking pool at the start of a term, and for each bigger
+/// filter once the batch that made it has committed; the engine inserts the ids it records
+/// meanwhile itself. It reads keys only ([`Store::for_each_key`]: the embedded store copies
+/// its in-memory keys out under its lock and reads the rest from a snapshot, so commits go
+/// on meanwhile).
 pub fn fill(
     store: &dyn Store,
     shard: ShardId,
     filter: &Arc<IdFilter>,
 ) -> Result<Option<usize>, Fatal> {
-    let (mut start, end) = keys::transfers(shard);
+    let ended = || Arc::strong_count(filter) == 1;
+    if ended() {
+        return Ok(None);
+    }
+    let (start, end) = keys::transfers(shard);
     let mut count = 0;
-    loop {
-        if Arc::strong_count(filter) == 1 {
-            return Ok(None);
+    let mut stopped = false;
+    let mut damaged = None;
+    store.for_each_key(&start, &end, &mut |key| {
+        if count % CHECK_EVERY == 0 && ended() {
+            stopped = true;
+            return false;
         }
-        let page = store.scan(&start, &end, FILL_PAGE)?;
-        for (key, _) in &page {
-            let (id, _) = ledger_store::key::read_str(key, 6).ok_or_else(|| {
-                Fatal::Decode(codec::DecodeError {
-                    what: "transfer key",
-                    reason: format!("{key:?}"),
-                })
-            })?;
-            filter.insert(&id);
-        }
-        count += page.len();
-        match page.last() {
-            Some((last, _)) if page.len() == FILL_PAGE => {
-                // The next key after `last`.
-                start = last.clone();
-                start.push(0);
+        match transfer_id(key) {
+            Some(id) => {
+                filter.insert(&id);
+                count += 1;
+                true
             }
-            _ => break,
+            None => {
+                damaged = Some(key.to_vec());
+                false
+            }
         }
+    })?;
+    if let Some(key) = damaged {
+        return Err(Fatal::Decode(codec::DecodeError {
+            what: "transfer key",
+            reason: format!("{key:?}"),
+        }));
+    }
+    if stopped {
+        return Ok(None);
     }
     filter.mark_complete();
     Ok(Some(count))
+}
+
+/// The id of a transfer record's key (`S <shard> <kind> <id> 0x00`): borrowed in the common
+/// case, an id without a 0x00 byte (ids cannot hold one), so a fill allocates nothing per id.
+fn transfer_id(key: &[u8]) -> Option<std::borrow::Cow<'_, str>> {
+    let id = key.get(6..)?;
+    match id.split_last() {
+        Some((0, id)) if !id.contains(&0) => std::str::from_utf8(id).ok().map(Into::into),
+        _ => ledger_store::key::read_str(key, 6).map(|(id, _)| id.into()),
+    }
 }
 
 #[cfg(test)]
@@ -272,7 +293,9 @@ mod tests {
         let store = Memory::default();
         let shard = ShardId(3);
         let mut batch = WriteBatch::default();
-        let ids: Vec<String> = (0..FILL_PAGE * 2 + 7).map(|i| format!("x{i}")).collect();
+        let ids: Vec<String> = (0..ledger_store::KEY_PAGE * 2 + 7)
+            .map(|i| format!("x{i}"))
+            .collect();
         for id in &ids {
             batch.put(keys::transfer(shard, id), vec![1]);
         }
@@ -289,6 +312,15 @@ mod tests {
         for other in ["other-shard", "a-hold", "an-account"] {
             assert!(filter.certainly_absent(other), "{other}");
         }
+    }
+
+    #[test]
+    fn transfer_ids_are_read_back_from_their_keys() {
+        let shard = ShardId(2);
+        for id in ["t-1", "", "a\0b", "\0"] {
+            assert_eq!(transfer_id(&keys::transfer(shard, id)).as_deref(), Some(id));
+        }
+        assert_eq!(transfer_id(&keys::transfer(shard, "t-1")[..5]), None);
     }
 
     #[test]
