@@ -607,7 +607,8 @@ impl Store for Embedded {
     /// go (a checkpoint drops its overlay only under that lock, after its redb commit, so
     /// every key that holds a value is in one of the three; a key in two of them is passed
     /// twice). redb's keys are then read from the snapshot while commits go on. Nothing is
-    /// sorted and no value is copied.
+    /// sorted and no value is copied. The snapshot keeps redb from reusing the pages that
+    /// checkpoints free until the visit ends (the file grows by what they write meanwhile).
     fn for_each_key(
         &self,
         start: &[u8],
