@@ -184,3 +184,62 @@ async fn record_and_retry(store: Arc<dyn Store>) {
     assert_eq!(a.version, WORKERS * PER_WORKER, "one change per transfer");
     node.shutdown().await;
 }
+
+/// The leader writes how many transfer ids its shard has recorded with each lease renewal
+/// (`keys::id_count`), for the next term's first filter; a restart reads it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_keeps_a_count_of_recorded_ids_for_the_next_term() {
+    let store: Arc<dyn Store> = Arc::new(Memory::default());
+    let options = Options {
+        // Renewed every 100 ms.
+        lease_ms: 300,
+        ..Options::default()
+    };
+    let node = Node::start(
+        "test",
+        Placement::new(1, 4),
+        vec![Arc::clone(&store)],
+        options.clone(),
+        Arc::new(SystemClock),
+    )
+    .unwrap();
+    let shard = node.handle(ShardId(0)).clone();
+    for id in ["a", "b"] {
+        let account = NewAccount {
+            id: id.into(),
+            ledger: "USD".into(),
+            placement_key: id.into(),
+            ..Default::default()
+        };
+        assert!(matches!(
+            shard.create_account(account).await.unwrap(),
+            Reply::Account(Ok(_))
+        ));
+    }
+    for i in 0..250 {
+        let r = record(
+            shard
+                .create_transfer(transfer(&format!("t{i}"), 1))
+                .await
+                .unwrap(),
+        );
+        assert!(r.result.is_ok());
+    }
+    let count = || {
+        store
+            .get(&keys::id_count(ShardId(0)))
+            .unwrap()
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap()))
+    };
+    // Renewals come with the leader's ticks: wait for one after the last transfer (10 s at most).
+    for _ in 0..500 {
+        if count().is_some_and(|n| n >= 250) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(count().is_some_and(|n| n >= 250), "count {:?}", count());
+    node.shutdown().await;
+    let recovered = ledger_shard::runtime::load(&*store, ShardId(0)).unwrap();
+    assert_eq!(Some(recovered.ids_recorded), count());
+}

@@ -12,6 +12,8 @@
 //! S <shard u32> 07 <transfer id>           coordinator log record
 //! S <shard u32> 08 <attempt>               participant: decision applied (dedupes replays)
 //! S <shard u32> 09 <account id>            directory: account id homed on another shard
+//! S <shard u32> 0A                         transfer ids recorded (u64 BE), as of the last
+//!                                          lease renewal: sizes a new term's id filter
 //! ```
 
 use ledger_domain::ShardId;
@@ -26,6 +28,7 @@ const PREPARED: u8 = 0x06;
 const COORD: u8 = 0x07;
 const DONE: u8 = 0x08;
 const FORWARD: u8 = 0x09;
+const ID_COUNT: u8 = 0x0A;
 
 fn base(shard: ShardId, kind: u8) -> Key {
     Key::new().u8(b'S').u32(shard.0).u8(kind)
@@ -33,6 +36,12 @@ fn base(shard: ShardId, kind: u8) -> Key {
 
 pub fn lease(shard: ShardId) -> Vec<u8> {
     base(shard, LEASE).into_bytes()
+}
+
+/// How many transfer ids the shard had recorded at its leader's last lease renewal (about:
+/// its filter's inserts), so that a new term's filter starts at the size it will need.
+pub fn id_count(shard: ShardId) -> Vec<u8> {
+    base(shard, ID_COUNT).into_bytes()
 }
 
 pub fn account(shard: ShardId, id: &str) -> Vec<u8> {

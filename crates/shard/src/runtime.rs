@@ -135,11 +135,26 @@ pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
         .iter()
         .map(|(_, v)| codec::decode::<PreparedRecord>("prepared record", v))
         .collect::<Result<_, _>>()?;
+    let ids_recorded = match store.get(&keys::id_count(shard))? {
+        Some(bytes) => {
+            u64::from_be_bytes(
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| codec::DecodeError {
+                        what: "transfer id count",
+                        reason: format!("{} bytes, not 8", bytes.len()),
+                    })?,
+            )
+        }
+        None => 0,
+    };
     Ok(Recovered {
         accounts,
         holds,
         coordinations,
         prepared,
+        ids_recorded,
     })
 }
 
@@ -514,6 +529,11 @@ impl Runtime {
                 output
                     .writes
                     .put(keys::lease(self.shard), encode_lease(&lease));
+                // Sizes the next term's first filter (`Engine::new`).
+                output.writes.put(
+                    keys::id_count(self.shard),
+                    engine.ids_recorded().to_be_bytes().to_vec(),
+                );
                 renewed_at = now;
             }
             // Only a batch inside a sampled trace gets a span (a command of a sampled call, or a

@@ -184,6 +184,10 @@ pub struct Recovered {
     pub holds: Vec<(String, HoldStatus)>,
     pub coordinations: Vec<CoordRecord>,
     pub prepared: Vec<PreparedRecord>,
+    /// Transfer ids the shard had recorded at an earlier term's last lease renewal
+    /// (`keys::id_count`; 0 if none was written): the first filter is made big enough for
+    /// them, so a restart fills one filter, not a small one and then a rebuilt one.
+    pub ids_recorded: u64,
 }
 
 /// A lock on an account (`a:<id>`) or on a hold being resolved across shards (`h:<id>`).
@@ -257,6 +261,8 @@ pub struct Engine {
     ids_to_fill: Option<Arc<id_filter::IdFilter>>,
     /// Whether this term has warned that its filter is full at its largest size.
     filter_full_logged: bool,
+    /// The transfer ids recorded as of an earlier term (`Recovered::ids_recorded`).
+    ids_recorded_before: u64,
 }
 
 impl std::fmt::Debug for Engine {
@@ -286,6 +292,7 @@ impl Engine {
         let ids = id_filter::IdFilter::new(
             options
                 .transfer_filter_initial_bytes
+                .max(id_filter::bytes_for(recovered.ids_recorded))
                 .min(options.transfer_filter_bytes),
         )
         .map(Arc::new);
@@ -309,6 +316,7 @@ impl Engine {
             next_ids: None,
             ids_to_fill: None,
             filter_full_logged: false,
+            ids_recorded_before: recovered.ids_recorded,
         };
         for (id, hold) in recovered.holds {
             if let (HoldState::Pending, Some(at)) = (hold.state, hold.expires_at_ms) {
@@ -336,6 +344,16 @@ impl Engine {
     /// store when the term begins; until it has, the engine looks every id up in the store.
     pub fn id_filter(&self) -> Option<Arc<id_filter::IdFilter>> {
         self.ids.clone()
+    }
+
+    /// About how many transfer ids the shard has recorded: the inserts of its filter once
+    /// filled (an id the fill saw twice counts twice), and never fewer than the count the
+    /// term started from. For the next term's first filter's size (`keys::id_count`).
+    pub fn ids_recorded(&self) -> u64 {
+        match &self.ids {
+            Some(ids) if ids.is_complete() => ids.inserted().max(self.ids_recorded_before),
+            _ => self.ids_recorded_before,
+        }
     }
 
     /// A bigger filter of recorded transfer ids made by the batch just finished, to be filled

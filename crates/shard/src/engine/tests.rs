@@ -213,6 +213,44 @@ fn the_filter_grows_past_its_design_load_without_losing_an_id() {
     assert!(sim.engines[0].id_filter().unwrap().bytes() > 64);
 }
 
+/// A new term's first filter is made for the ids recorded as of the last lease renewal
+/// (`keys::id_count`, which the runtime writes with it), so a restart fills one filter of the
+/// right size instead of a small one and then a rebuilt one.
+#[test]
+fn a_new_term_sizes_its_first_filter_for_the_ids_recorded_before() {
+    let options = Options {
+        transfer_filter_initial_bytes: 64,
+        transfer_filter_bytes: 1 << 20,
+        ..Options::default()
+    };
+    let mut sim = sim_with(options);
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    for i in 0..300 {
+        let token = submit(&mut sim, transfer(&format!("t{i}"), "a", "b", 1));
+        assert_eq!(outcome(&sim, token), Some(Ok(1)));
+    }
+    let recorded = sim.engines[0].ids_recorded();
+    assert!((300..600).contains(&recorded), "{recorded}");
+    let mut batch = ledger_store::WriteBatch::default();
+    batch.put(keys::id_count(S0), recorded.to_be_bytes().to_vec());
+    sim.stores[0].commit(&batch).unwrap();
+    sim.crash(S0);
+    let filter = sim.engines[0].id_filter().unwrap();
+    assert_eq!(filter.bytes(), super::id_filter::bytes_for(recorded));
+    assert!(filter.design_capacity() >= 2 * recorded, "room to grow");
+    assert_eq!(
+        sim.engines[0].ids_recorded(),
+        recorded,
+        "never below the count it began from"
+    );
+    for i in (0..300).step_by(7) {
+        let retry = submit(&mut sim, transfer(&format!("t{i}"), "a", "b", 1));
+        assert_eq!(outcome(&sim, retry), Some(Ok(1)));
+    }
+    assert_eq!(balance(&sim, "a").1, 300, "each applied once");
+}
+
 /// While a bigger filter is being filled the old one goes on answering, ids recorded
 /// meanwhile go into both, and the bigger one is used only once complete.
 #[test]
