@@ -135,18 +135,14 @@ pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
         .iter()
         .map(|(_, v)| codec::decode::<PreparedRecord>("prepared record", v))
         .collect::<Result<_, _>>()?;
+    // Only sizes the first filter: a damaged count is ignored, never a reason not to lead.
     let ids_recorded = match store.get(&keys::id_count(shard))? {
-        Some(bytes) => {
-            u64::from_be_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| codec::DecodeError {
-                        what: "transfer id count",
-                        reason: format!("{} bytes, not 8", bytes.len()),
-                    })?,
-            )
-        }
+        Some(bytes) => <[u8; 8]>::try_from(bytes.as_slice())
+            .map(u64::from_be_bytes)
+            .unwrap_or_else(|_| {
+                tracing::warn!(%shard, len = bytes.len(), "ignoring a damaged transfer id count");
+                0
+            }),
         None => 0,
     };
     Ok(Recovered {

@@ -249,6 +249,14 @@ fn a_new_term_sizes_its_first_filter_for_the_ids_recorded_before() {
         assert_eq!(outcome(&sim, retry), Some(Ok(1)));
     }
     assert_eq!(balance(&sim, "a").1, 300, "each applied once");
+    // A damaged count only loses the sizing: the term starts with the configured size.
+    let mut batch = ledger_store::WriteBatch::default();
+    batch.put(keys::id_count(S0), vec![1, 2, 3]);
+    sim.stores[0].commit(&batch).unwrap();
+    sim.crash(S0);
+    assert_eq!(sim.engines[0].id_filter().unwrap().bytes(), 64);
+    let retry = submit(&mut sim, transfer("t0", "a", "b", 1));
+    assert_eq!(outcome(&sim, retry), Some(Ok(1)));
 }
 
 /// While a bigger filter is being filled the old one goes on answering, ids recorded
