@@ -633,11 +633,11 @@ impl Store for Embedded {
             Snapshot::open(&self.db)?
         };
         let mut at = 0;
-        for end in ends {
-            if !f(&held[at..end]) {
+        for stop in ends {
+            if !f(&held[at..stop]) {
                 return Ok(());
             }
-            at = end;
+            at = stop;
         }
         drop(held);
         for row in snapshot.kv.range(start..end).map_err(io)? {
