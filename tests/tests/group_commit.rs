@@ -5,10 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ledger_domain::{NewAccount, Placement, ShardId, Transfer};
+use ledger_domain::{ShardId, Transfer};
+use ledger_shard::Options;
 use ledger_shard::engine::Reply;
-use ledger_shard::node::Node;
-use ledger_shard::{Options, SystemClock};
 use ledger_store::{CommitError, Error, Memory, Pairs, Store, WriteBatch};
 
 /// A store whose commits take a while (like an fsync) and are counted.
@@ -48,27 +47,11 @@ impl Store for SlowCounted {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_small_calls_share_commits() {
     let store = Arc::new(SlowCounted::default());
-    let node = Node::start(
-        "test",
-        Placement::new(1, 4),
-        vec![store.clone() as Arc<dyn Store>],
+    let (node, shard) = ledger_tests::leader::with_two_accounts(
+        store.clone() as Arc<dyn Store>,
         Options::default(),
-        Arc::new(SystemClock),
     )
-    .unwrap();
-    let shard = node.handle(ShardId(0)).clone();
-    for id in ["a", "b"] {
-        let account = NewAccount {
-            id: id.into(),
-            ledger: "USD".into(),
-            placement_key: id.into(),
-            ..Default::default()
-        };
-        assert!(matches!(
-            shard.create_account(account).await.unwrap(),
-            Reply::Account(Ok(_))
-        ));
-    }
+    .await;
     let before = store.commits.load(Ordering::SeqCst);
     const N: u64 = 400;
     let calls = (0..N).map(|i| {

@@ -8,10 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ledger_domain::{NewAccount, Placement, ShardId, Transfer, TransferRecord};
+use ledger_domain::{ShardId, Transfer, TransferRecord};
 use ledger_shard::engine::Reply;
-use ledger_shard::node::Node;
-use ledger_shard::{Options, SystemClock, keys, read};
+use ledger_shard::{Options, keys, read};
 use ledger_store::{CommitError, Error, Memory, Pairs, Store, WriteBatch};
 
 /// A store whose scans of the transfer records (the filter's fill) take a while after reading
@@ -111,27 +110,7 @@ async fn record_and_retry(store: Arc<dyn Store>) {
         transfer_filter_bytes: 64 << 10,
         ..Options::default()
     };
-    let node = Node::start(
-        "test",
-        Placement::new(1, 4),
-        vec![Arc::clone(&store)],
-        options,
-        Arc::new(SystemClock),
-    )
-    .unwrap();
-    let shard = node.handle(ShardId(0)).clone();
-    for id in ["a", "b"] {
-        let account = NewAccount {
-            id: id.into(),
-            ledger: "USD".into(),
-            placement_key: id.into(),
-            ..Default::default()
-        };
-        assert!(matches!(
-            shard.create_account(account).await.unwrap(),
-            Reply::Account(Ok(_))
-        ));
-    }
+    let (node, shard) = ledger_tests::leader::with_two_accounts(Arc::clone(&store), options).await;
 
     const WORKERS: u64 = 8;
     const PER_WORKER: u64 = 300;
@@ -195,27 +174,7 @@ async fn the_leader_keeps_a_count_of_recorded_ids_for_the_next_term() {
         lease_ms: 300,
         ..Options::default()
     };
-    let node = Node::start(
-        "test",
-        Placement::new(1, 4),
-        vec![Arc::clone(&store)],
-        options.clone(),
-        Arc::new(SystemClock),
-    )
-    .unwrap();
-    let shard = node.handle(ShardId(0)).clone();
-    for id in ["a", "b"] {
-        let account = NewAccount {
-            id: id.into(),
-            ledger: "USD".into(),
-            placement_key: id.into(),
-            ..Default::default()
-        };
-        assert!(matches!(
-            shard.create_account(account).await.unwrap(),
-            Reply::Account(Ok(_))
-        ));
-    }
+    let (node, shard) = ledger_tests::leader::with_two_accounts(Arc::clone(&store), options).await;
     for i in 0..250 {
         let r = record(
             shard
