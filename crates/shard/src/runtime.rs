@@ -218,46 +218,16 @@ impl ShardHandle {
         self.shard
     }
 
-    async fn call(
+    /// Queues the command `make` builds around a reply channel and waits for the reply. Not an
+    /// `async fn`, and queued through a reserved slot: the command is built once and held once
+    /// while the caller waits, not also as an argument and inside the send (a small call's
+    /// futures are moved into a box per request, docs/benchmarks.md).
+    fn request<T: Send + 'static>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Reply>) -> Command,
-    ) -> Result<Reply, ShardError> {
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> impl Future<Output = Result<T, ShardError>> + Send + '_ {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(make(tx))
-            .await
-            .map_err(|_| ShardError::Unavailable(self.shard))?;
-        rx.await.map_err(|_| ShardError::Unavailable(self.shard))
-    }
-
-    pub async fn create_account(&self, account: NewAccount) -> Result<Reply, ShardError> {
-        self.call(|tx| Command::CreateAccount(account, tx)).await
-    }
-
-    pub async fn reserve_forward(
-        &self,
-        id: String,
-        placement_key: String,
-        home: ShardId,
-    ) -> Result<Reply, ShardError> {
-        self.call(|reply| Command::ReserveForward {
-            id,
-            placement_key,
-            home,
-            reply,
-        })
-        .await
-    }
-
-    /// Not an `async fn`, and queued through a reserved slot: the command is built once and
-    /// held once while the caller waits, not also as an argument and inside the send (a small
-    /// call's futures are moved into a box per request).
-    pub fn create_transfer(
-        &self,
-        transfer: Transfer,
-    ) -> impl Future<Output = Result<Reply, ShardError>> + Send + '_ {
-        let (tx, rx) = oneshot::channel();
-        let command = Command::CreateTransfer(transfer, TraceParent::current(), tx);
+        let command = make(tx);
         async move {
             let unavailable = ShardError::Unavailable(self.shard);
             let permit = self.tx.reserve().await.map_err(|_| unavailable.clone())?;
@@ -266,18 +236,39 @@ impl ShardHandle {
         }
     }
 
-    pub async fn create_transfers(
+    pub fn create_account(
+        &self,
+        account: NewAccount,
+    ) -> impl Future<Output = Result<Reply, ShardError>> + Send + '_ {
+        self.request(move |tx| Command::CreateAccount(account, tx))
+    }
+
+    pub fn reserve_forward(
+        &self,
+        id: String,
+        placement_key: String,
+        home: ShardId,
+    ) -> impl Future<Output = Result<Reply, ShardError>> + Send + '_ {
+        self.request(move |reply| Command::ReserveForward {
+            id,
+            placement_key,
+            home,
+            reply,
+        })
+    }
+
+    pub fn create_transfer(
+        &self,
+        transfer: Transfer,
+    ) -> impl Future<Output = Result<Reply, ShardError>> + Send + '_ {
+        self.request(move |tx| Command::CreateTransfer(transfer, TraceParent::current(), tx))
+    }
+
+    pub fn create_transfers(
         &self,
         transfers: Vec<Transfer>,
-    ) -> Result<Vec<Reply>, ShardError> {
-        let (tx, rx) = oneshot::channel();
-        let caller = TraceParent::current();
-        let command = Command::CreateTransfers(transfers, caller, tx);
-        self.tx
-            .send(command)
-            .await
-            .map_err(|_| ShardError::Unavailable(self.shard))?;
-        rx.await.map_err(|_| ShardError::Unavailable(self.shard))
+    ) -> impl Future<Output = Result<Vec<Reply>, ShardError>> + Send + '_ {
+        self.request(move |tx| Command::CreateTransfers(transfers, TraceParent::current(), tx))
     }
 
     /// Best effort, never waits: used for protocol messages, which are retried.
