@@ -86,6 +86,9 @@ struct State {
     synced_group: u64,
     /// The flusher waits for work (a submit must signal it).
     flusher_idle: bool,
+    /// Threads blocked in [`Log::wait`]. Async commits wait through wakers instead, so this is
+    /// usually zero, and then a flush signals `flushed` to nobody without a system call.
+    blocked_waiters: usize,
     closing: bool,
     /// Async waiters: the group each waits for, and how to wake it. At most one per store
     /// with a commit in flight.
@@ -153,6 +156,7 @@ impl Log {
             open_group: 1,
             synced_group: 0,
             flusher_idle: false,
+            blocked_waiters: 0,
             closing: false,
             wakers: Vec::new(),
             file: Some(file),
@@ -228,11 +232,13 @@ impl Log {
             if let Some(outcome) = state.outcome(group) {
                 return outcome;
             }
+            state.blocked_waiters += 1;
             state = self
                 .shared
                 .flushed
                 .wait(state)
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.blocked_waiters -= 1;
         }
     }
 
@@ -385,7 +391,9 @@ impl Shared {
                     state.failed = Some(format!("log write in {}: {e}", self.dir.display()));
                 }
             }
-            self.flushed.notify_all();
+            if state.blocked_waiters > 0 {
+                self.flushed.notify_all();
+            }
             let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut state.wakers)
                 .into_iter()
                 .partition(|(g, _)| state.outcome(*g).is_some());
