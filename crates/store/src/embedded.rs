@@ -40,6 +40,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
+use crate::coalesce::CoalescingFile;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
 use crate::log::Log;
@@ -230,9 +231,21 @@ impl Embedded {
             path: shown.clone(),
             reason,
         };
-        let db = redb::Builder::new()
-            .set_cache_size(limits.cache_bytes)
-            .create(path)
+        // Opened as redb's `create` opens it, written through a backend that merges the
+        // pages of a checkpoint into fewer writes (crate::coalesce).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| open_err(e.to_string()))?;
+        let db = CoalescingFile::new(file)
+            .and_then(|backend| {
+                redb::Builder::new()
+                    .set_cache_size(limits.cache_bytes)
+                    .create_with_backend(backend)
+            })
             .map_err(|e| match e {
                 redb::DatabaseError::DatabaseAlreadyOpen => open_err(
                     "it is already open in another process (is another ledgerd running?)".into(),

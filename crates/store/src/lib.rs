@@ -12,6 +12,7 @@
 //!
 //! [`conformance`] is one test suite every backend must pass.
 
+mod coalesce;
 pub mod conformance;
 mod embedded;
 pub mod key;

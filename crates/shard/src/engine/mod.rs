@@ -1116,7 +1116,18 @@ impl Engine {
         {
             return Ok(Err(reason));
         }
-        let credit_shard = (self.locate)(&credit_id);
+        // An account in this leader's table lives on this shard: only an account it does not
+        // hold is looked up in the node's directory (a lock and a hash of the id per transfer).
+        let credit_shard = if self.accounts.get(&credit_id).is_some() {
+            debug_assert_eq!(
+                (self.locate)(&credit_id),
+                self.shard,
+                "{credit_id} is held here"
+            );
+            self.shard
+        } else {
+            (self.locate)(&credit_id)
+        };
         if credit_shard == self.shard
             && let Err(reason) = self.check_change(
                 &credit_id,
