@@ -32,13 +32,16 @@ use redb::{BackendError, StorageBackend};
 pub const HELD_BYTES_MAX: usize = 16 << 20;
 
 /// The longest run of neighbouring pages written in one call: bounds the buffer a run is
-/// copied into.
-pub const RUN_BYTES_MAX: usize = 1 << 20;
+/// copied into, which each store keeps (a fresh one per sync was fresh memory, faulted in page
+/// by page, on each checkpoint's new thread). Runs are mostly one to three pages.
+pub const RUN_BYTES_MAX: usize = 256 << 10;
 
 #[derive(Debug)]
 pub struct CoalescingFile {
     inner: FileBackend,
     held: Mutex<Held>,
+    /// Where a run of neighbouring pages is copied before its write; kept between syncs.
+    run: Mutex<Vec<u8>>,
     /// Writes made to the file (for tests: how many runs the held pages became).
     file_writes: AtomicU64,
 }
@@ -55,6 +58,7 @@ impl CoalescingFile {
         Ok(Self {
             inner: FileBackend::new(file)?,
             held: Mutex::new(Held::default()),
+            run: Mutex::new(Vec::new()),
             file_writes: AtomicU64::new(0),
         })
     }
@@ -78,7 +82,8 @@ impl CoalescingFile {
             std::mem::take(&mut held.writes)
         };
         let mut writes = writes.into_iter().peekable();
-        let mut run: Vec<u8> = Vec::new();
+        let mut run = self.run.lock().unwrap_or_else(PoisonError::into_inner);
+        run.clear();
         let mut run_start = 0;
         let failed = loop {
             let Some((offset, bytes)) = writes.next() else {
@@ -104,7 +109,11 @@ impl CoalescingFile {
             match written {
                 Ok(()) => run.clear(),
                 Err(e) => {
-                    let unwritten = if run.is_empty() { bytes } else { run };
+                    let unwritten = if run.is_empty() {
+                        bytes
+                    } else {
+                        std::mem::take(&mut *run)
+                    };
                     break Some((e, run_start, unwritten));
                 }
             }
