@@ -66,7 +66,7 @@ mod mimalloc_options {
 /// the range may be a huge page. At one transfer per call that zeroing (`clear_page_erms`) was
 /// 10-13% of `ledgerd`'s CPU in some runs; with 4 KiB pages `ledgerd` used 7-10% less CPU per
 /// transfer, its p99 fell from 29-31 to 19-22 ms, and the peak memory with a million accounts
-/// from 805 to 698 MiB, while workload (a) stayed within noise (docs/benchmarks.md). The
+/// from 805 to 698 MiB, while workload (a) did not change (docs/benchmarks.md). The
 /// kernel setting (`/sys/kernel/mm/transparent_hugepage`) is left alone: this asks it only for
 /// this process (`PR_SET_THP_DISABLE`), which also covers memory mapped before `main`.
 fn tune_allocator() {
