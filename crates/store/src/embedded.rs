@@ -40,9 +40,9 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 
-use crate::coalesce::CoalescingFile;
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
+use crate::coalesce::CoalescingFile;
 use crate::log::Log;
 use crate::overlay::{ENTRY_OVERHEAD_BYTES, Overlay, OverlayKey};
 use crate::packed::{self, GroupOf, PACKED, Packer};
