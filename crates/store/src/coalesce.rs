@@ -16,9 +16,9 @@
 //! returned).
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io;
 use std::ops::Bound;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
@@ -54,7 +54,14 @@ struct Held {
 }
 
 impl CoalescingFile {
-    pub fn new(file: File) -> Result<Self, redb::DatabaseError> {
+    /// Opens (or creates) the file at `path` as redb's own `Builder::create` does.
+    pub fn open(path: &Path) -> Result<Self, redb::DatabaseError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
         Ok(Self {
             inner: FileBackend::new(file)?,
             held: Mutex::new(Held::default()),
@@ -249,15 +256,8 @@ impl StorageBackend for CoalescingFile {
 mod tests {
     use super::*;
 
-    fn open(path: &std::path::Path) -> CoalescingFile {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .unwrap();
-        CoalescingFile::new(file).unwrap()
+    fn open(path: &Path) -> CoalescingFile {
+        CoalescingFile::open(path).unwrap()
     }
 
     fn read(backend: &CoalescingFile, offset: u64, len: usize) -> Vec<u8> {
@@ -305,6 +305,37 @@ mod tests {
             assert_eq!(
                 file[page * 4096..(page + 1) * 4096],
                 vec![want; 4096],
+                "page {page}"
+            );
+        }
+    }
+
+    /// Past `HELD_BYTES_MAX` the held pages go to the file without waiting for a sync, and
+    /// what they hold is what was written.
+    #[test]
+    fn held_pages_past_the_limit_are_written_out_before_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let backend = open(&path);
+        let pages = HELD_BYTES_MAX / 4096 + 1;
+        for page in 0..pages {
+            // Every other page: no neighbours, one write each.
+            backend
+                .write(2 * page as u64 * 4096, &vec![(page % 251) as u8 + 1; 4096])
+                .unwrap();
+        }
+        assert_eq!(
+            backend.file_writes.load(Ordering::Relaxed),
+            pages as u64,
+            "written out as the limit was passed, before any sync"
+        );
+        assert_eq!(backend.held().bytes, 0);
+        let file = std::fs::read(&path).unwrap();
+        for page in [0, pages / 2, pages - 1] {
+            let at = 2 * page * 4096;
+            assert_eq!(
+                file[at..at + 4096],
+                vec![(page % 251) as u8 + 1; 4096],
                 "page {page}"
             );
         }

@@ -231,16 +231,9 @@ impl Embedded {
             path: shown.clone(),
             reason,
         };
-        // Opened as redb's `create` opens it, written through a backend that merges the
-        // pages of a checkpoint into fewer writes (crate::coalesce).
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .map_err(|e| open_err(e.to_string()))?;
-        let db = CoalescingFile::new(file)
+        // Written through a backend that merges the pages of a checkpoint into fewer writes
+        // (crate::coalesce).
+        let db = CoalescingFile::open(path)
             .and_then(|backend| {
                 redb::Builder::new()
                     .set_cache_size(limits.cache_bytes)
