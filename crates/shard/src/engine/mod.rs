@@ -756,26 +756,12 @@ impl Engine {
         change: &Change,
         expected_version: Option<u64>,
     ) -> Result<Balances, Rejection> {
-        let (not_found, version_mismatch) = match change.side {
-            Side::Debit => (
-                Rejection::DebitAccountNotFound,
-                Rejection::DebitVersionMismatch,
-            ),
-            Side::Credit => (
-                Rejection::CreditAccountNotFound,
-                Rejection::CreditVersionMismatch,
-            ),
-        };
-        let account = self.accounts.get(account_id).ok_or(not_found)?;
-        if account.spec.ledger != ledger {
-            return Err(Rejection::LedgerMismatch);
-        }
-        if expected_version.is_some_and(|v| v != account.version) {
-            return Err(version_mismatch);
-        }
-        account
-            .balances
-            .apply(change, account.spec.flags, account.spec.credit_limit)
+        check_account(
+            self.accounts.get(account_id),
+            ledger,
+            change,
+            expected_version,
+        )
     }
 
     // ---- locks -------------------------------------------------------------------------------
@@ -1118,7 +1104,8 @@ impl Engine {
         }
         // An account in this leader's table lives on this shard: only an account it does not
         // hold is looked up in the node's directory (a lock and a hash of the id per transfer).
-        let credit_shard = if self.accounts.get(&credit_id).is_some() {
+        let credit_account = self.accounts.get(&credit_id);
+        let credit_shard = if credit_account.is_some() {
             debug_assert_eq!(
                 (self.locate)(&credit_id),
                 self.shard,
@@ -1129,8 +1116,8 @@ impl Engine {
             (self.locate)(&credit_id)
         };
         if credit_shard == self.shard
-            && let Err(reason) = self.check_change(
-                &credit_id,
+            && let Err(reason) = check_account(
+                credit_account,
                 &ledger,
                 &credit,
                 transfer.expected_credit_version,
@@ -1303,4 +1290,34 @@ fn entry_amount(change: &Change) -> u64 {
     } else {
         change.pending_sub
     }
+}
+
+/// Checks a change against a local account (`None`: this shard does not hold it) without
+/// applying it.
+fn check_account(
+    account: Option<&Account>,
+    ledger: &str,
+    change: &Change,
+    expected_version: Option<u64>,
+) -> Result<Balances, Rejection> {
+    let (not_found, version_mismatch) = match change.side {
+        Side::Debit => (
+            Rejection::DebitAccountNotFound,
+            Rejection::DebitVersionMismatch,
+        ),
+        Side::Credit => (
+            Rejection::CreditAccountNotFound,
+            Rejection::CreditVersionMismatch,
+        ),
+    };
+    let account = account.ok_or(not_found)?;
+    if account.spec.ledger != ledger {
+        return Err(Rejection::LedgerMismatch);
+    }
+    if expected_version.is_some_and(|v| v != account.version) {
+        return Err(version_mismatch);
+    }
+    account
+        .balances
+        .apply(change, account.spec.flags, account.spec.credit_limit)
 }
