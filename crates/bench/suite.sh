@@ -2,7 +2,7 @@
 # Runs every workload of docs/benchmarks.md's current table, one after another, with the
 # commands shown there. Each run starts its own ledgerd (16 shards, fresh temporary directory)
 # and, with --target both, its own throwaway PostgreSQL; each ends with its audit.
-# Takes about six minutes. Usage: crates/bench/suite.sh [extra ledger-bench flags]
+# Takes about seven minutes. Usage: crates/bench/suite.sh [extra ledger-bench flags]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo build --release --bin ledgerd --bin ledger-bench
@@ -14,6 +14,9 @@ run() {
 }
 run --batch 8000 --clients 4 --duration 30 "$@"
 run --target both --clients 256 --duration 10 "$@"
+# (b) again without durability (the memory store): what the rest of a call costs, for the
+# analysis of what bounds (b); not a workload of the table's targets.
+run --clients 256 --duration 10 --store memory "$@"
 run --target both --clients 64 --duration 8 "$@"
 run --target both --clients 256 --hot-accounts 10 --hot-percent 90 --duration 10 --ceiling-secs 0 "$@"
 run --clients 256 --cross-percent 50 --duration 10 --ceiling-secs 0 "$@"

@@ -43,3 +43,46 @@ fn bench_smoke_run_audits_clean() {
         "{stdout}"
     );
 }
+
+/// `--store memory` starts the ledgerd without durability (a comparison for the durable runs):
+/// the report says so, and the same audit passes. With `--addr` the flag is refused, since the
+/// bench did not start that ledgerd.
+#[test]
+fn bench_runs_a_memory_store_ledgerd_and_says_so() {
+    ledgerd_bin();
+    let dir = tempfile::tempdir().unwrap();
+    let bench = || {
+        let mut command = Command::new(workspace_bin("ledger-bench", "ledger-bench"));
+        command.current_dir(dir.path()).args([
+            "--count",
+            "200",
+            "--clients",
+            "4",
+            "--accounts",
+            "100",
+            "--shards",
+            "2",
+            "--ceiling-secs",
+            "0",
+            "--store",
+            "memory",
+        ]);
+        command
+    };
+    let out = bench().output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("store: memory: nothing durable"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("check: balances conserved"), "{stdout}");
+    let refused = bench().args(["--addr", "127.0.0.1:1"]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr)
+            .contains("--store applies to the ledgerd the bench starts"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}

@@ -29,6 +29,15 @@ enum Target {
     Both,
 }
 
+/// The store of the ledgerd the bench starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Store {
+    /// Durable (the default): every commit's log record is fsynced before it is answered.
+    Embedded,
+    /// Nothing durable: what the rest of a call costs, so durability's share by difference.
+    Memory,
+}
+
 #[derive(Parser, Debug)]
 #[command(
     name = "ledger-bench",
@@ -48,6 +57,9 @@ struct Args {
     /// Data directory for the ledgerd the bench starts (default: a temporary one here).
     #[arg(long)]
     data_dir: Option<std::path::PathBuf>,
+    /// Store of the ledgerd the bench starts [default: embedded].
+    #[arg(long, value_enum)]
+    store: Option<Store>,
     #[arg(long, default_value_t = 10_000)]
     accounts: usize,
     /// The first N accounts are hot.
@@ -143,7 +155,7 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
         (Some(ratio), None) => Some((ratio, otlp_sink::start().await?)),
         (None, _) => None,
     };
-    let flags: Vec<String> = match &sink {
+    let mut flags: Vec<String> = match &sink {
         Some((ratio, (endpoint, _))) => vec![
             "--otlp-endpoint".into(),
             endpoint.clone(),
@@ -152,6 +164,13 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
         ],
         None => Vec::new(),
     };
+    match (args.store, &args.addr) {
+        (Some(_), Some(_)) => {
+            return Err("--store applies to the ledgerd the bench starts (no --addr)".into());
+        }
+        (Some(Store::Memory), None) => flags.extend(["--store".into(), "memory".into()]),
+        (Some(Store::Embedded) | None, _) => {}
+    }
     let server = match &args.addr {
         Some(_) => None,
         None => Some(ledger::Server::start(
@@ -230,6 +249,12 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
                 "exported, sampling {ratio}; {} spans received by the sink so far",
                 spans.load(std::sync::atomic::Ordering::Relaxed)
             ),
+        ));
+    }
+    if args.store == Some(Store::Memory) {
+        extra.push((
+            "store".into(),
+            "memory: nothing durable (for comparison only)".into(),
         ));
     }
     let checked = ledger::check(&client, &accounts, &tally).await;
