@@ -168,7 +168,7 @@ impl StorageBackend for CoalescingFile {
         let end = offset + out.len() as u64;
         // Pages redb wrote and reads back before its sync (once its write cache is full, it
         // writes pages early and reads them again) come from the held writes: writing them out
-        // for the read cost a round of writes each time, 14% of `ledgerd` at workload (a)
+        // for the read cost a round of writes each time, 23% of `ledgerd` at workload (a)
         // (docs/benchmarks.md). Held writes do not overlap, so the newest bytes of each part
         // of the range are in at most one of them, else in the file.
         let touching: Vec<(u64, &[u8])> = held
