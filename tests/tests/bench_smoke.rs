@@ -38,6 +38,7 @@ fn bench_smoke_run_audits_clean() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("transfers: 400 "), "{stdout}");
+    assert!(stdout.contains("ledgerd store: embedded"), "{stdout}");
     assert!(
         stdout.contains("check: balances conserved; debit totals equal the acknowledged transfers"),
         "{stdout}"
@@ -45,7 +46,7 @@ fn bench_smoke_run_audits_clean() {
 }
 
 /// `--store memory` starts the ledgerd without durability (a comparison for the durable runs):
-/// the report says so, and the same audit passes. With `--addr` the flag is refused, since the
+/// the report gives the store as the ledgerd reported it, and the same audit passes. With `--addr` the flag is refused, since the
 /// bench did not start that ledgerd.
 #[test]
 fn bench_runs_a_memory_store_ledgerd_and_says_so() {
@@ -73,7 +74,7 @@ fn bench_runs_a_memory_store_ledgerd_and_says_so() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("store: memory: nothing durable"),
+        stdout.contains("ledgerd store: memory (NOT durable)"),
         "{stdout}"
     );
     assert!(stdout.contains("check: balances conserved"), "{stdout}");

@@ -19,6 +19,8 @@ use crate::workload::{Accounts, Generator, Knobs, Op};
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// The store `ledgerd` says it runs on (its startup line).
+    pub store: String,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -64,8 +66,15 @@ impl Server {
             .strip_prefix("ledgerd listening on ")
             .and_then(|rest| rest.split_whitespace().next())
             .ok_or_else(|| format!("ledgerd did not start: {line:?}"))?;
+        let store = line
+            .split(" | ")
+            .find_map(|part| part.strip_prefix("store: "))
+            .unwrap_or("unknown")
+            .trim()
+            .to_string();
         Ok(Server {
             addr: format!("http://{addr}"),
+            store,
             child,
             _dir: dir,
         })

@@ -251,11 +251,9 @@ async fn bench_ledger(args: &Args) -> Result<f64, String> {
             ),
         ));
     }
-    if args.store == Some(Store::Memory) {
-        extra.push((
-            "store".into(),
-            "memory: nothing durable (for comparison only)".into(),
-        ));
+    if let Some(server) = &server {
+        // In `ledgerd`'s own words, so that a run against the wrong store shows.
+        extra.push(("ledgerd store".into(), server.store.clone()));
     }
     let checked = ledger::check(&client, &accounts, &tally).await;
     extra.push((
