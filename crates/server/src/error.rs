@@ -36,8 +36,8 @@ impl From<ledger_shard::runtime::ShardError> for ApiError {
     }
 }
 
-impl From<ledger_shard::engine::Fatal> for ApiError {
-    fn from(e: ledger_shard::engine::Fatal) -> Self {
+impl From<ledger_shard::ReadError> for ApiError {
+    fn from(e: ledger_shard::ReadError) -> Self {
         ApiError::Internal(e.to_string())
     }
 }

@@ -22,6 +22,27 @@ pub mod trace;
 
 use serde::{Deserialize, Serialize};
 
+/// A read of a shard's stored state failed: the store could not be read, or it holds bytes
+/// this build cannot decode.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The store failed; the read may succeed later.
+    #[error(transparent)]
+    Store(#[from] ledger_store::Error),
+    /// The bytes are damaged or of a format this build does not know.
+    #[error(transparent)]
+    Decode(#[from] codec::DecodeError),
+}
+
+impl From<engine::Fatal> for ReadError {
+    fn from(e: engine::Fatal) -> Self {
+        match e {
+            engine::Fatal::Decode(e) => ReadError::Decode(e),
+        }
+    }
+}
+
 /// Limits and timings of a shard. Every queue and wait has a named bound.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

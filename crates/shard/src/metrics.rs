@@ -21,6 +21,8 @@
 //! | `ledger_2pc_aborts_total{reason}` | counter | coordinations aborted before the commit point, by reason |
 //! | `ledger_transfer_filter_ids` | gauge | ids inserted into the leader's transfer-id filter (about: some twice) |
 //! | `ledger_transfer_filter_skips_total` | counter | idempotency lookups the filter answered without the store |
+//! | `ledger_engine_stalls_total` | counter | steps that waited for a value fetched from the store |
+//! | `ledger_store_reads_total` | counter | values the leader fetched from the store for its engine |
 //!
 //! Handles are registered once per engine or leader term; recording is an atomic operation.
 
@@ -46,6 +48,7 @@ pub(crate) struct EngineMetrics {
     pub phase_decide: Histogram,
     pub filter_ids: Gauge,
     pub filter_skips: Counter,
+    pub stalls: Counter,
 }
 
 impl EngineMetrics {
@@ -68,6 +71,7 @@ impl EngineMetrics {
             ),
             filter_ids: gauge!("ledger_transfer_filter_ids", "shard" => label.clone()),
             filter_skips: counter!("ledger_transfer_filter_skips_total", "shard" => label.clone()),
+            stalls: counter!("ledger_engine_stalls_total", "shard" => label.clone()),
             shard: label,
         }
     }
@@ -101,6 +105,7 @@ pub(crate) struct RuntimeMetrics {
     pub commit_conflicts: Counter,
     pub commit_failures: Counter,
     pub queue_depth: Gauge,
+    pub store_reads: Counter,
     committed: Counter,
     /// Rejections counted in this batch, by reason; flushed once per batch.
     rejected: HashMap<&'static str, u64>,
@@ -117,6 +122,7 @@ impl RuntimeMetrics {
             commit_conflicts: counter!("ledger_commit_conflicts_total", "shard" => label.clone()),
             commit_failures: counter!("ledger_commit_failures_total", "shard" => label.clone()),
             queue_depth: gauge!("ledger_queue_depth", "shard" => label.clone()),
+            store_reads: counter!("ledger_store_reads_total", "shard" => label.clone()),
             committed: counter!(
                 "ledger_transfers_total",
                 "shard" => label.clone(), "outcome" => "committed", "reason" => ""

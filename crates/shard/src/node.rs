@@ -16,7 +16,8 @@ use foldhash::HashMap;
 use ledger_domain::{Placement, ShardId};
 use ledger_store::Store;
 
-use crate::engine::{Fatal, Locate, Message};
+use crate::ReadError;
+use crate::engine::{Locate, Message};
 use crate::runtime::{Peers, Runtime, ShardHandle, channel};
 use crate::{Clock, Options, codec, keys};
 
@@ -57,7 +58,7 @@ impl Node {
         stores: Vec<Arc<dyn Store>>,
         options: Options,
         clock: Arc<dyn Clock>,
-    ) -> Result<Node, Fatal> {
+    ) -> Result<Node, ReadError> {
         assert_eq!(
             stores.len(),
             placement.shard_count() as usize,
@@ -68,7 +69,7 @@ impl Node {
             let (start, end) = keys::forwards(ShardId(i as u32));
             for (key, value) in store.scan(&start, &end, usize::MAX)? {
                 let (id, _) = ledger_store::key::read_str(&key, 6).ok_or_else(|| {
-                    Fatal::Decode(codec::DecodeError {
+                    ReadError::Decode(codec::DecodeError {
                         what: "forward key",
                         reason: format!("{key:?}"),
                     })

@@ -5,10 +5,9 @@
 use ledger_domain::{Account, Entry, HoldStatus, ShardId, TransferRecord};
 use ledger_store::Store;
 
-use crate::engine::Fatal;
-use crate::{codec, keys};
+use crate::{ReadError, codec, keys};
 
-pub fn account(store: &dyn Store, shard: ShardId, id: &str) -> Result<Option<Account>, Fatal> {
+pub fn account(store: &dyn Store, shard: ShardId, id: &str) -> Result<Option<Account>, ReadError> {
     match store.get(&keys::account(shard, id))? {
         Some(bytes) => Ok(Some(codec::decode_account(&bytes)?)),
         None => Ok(None),
@@ -20,7 +19,7 @@ pub fn transfer(
     store: &dyn Store,
     shard: ShardId,
     id: &str,
-) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, Fatal> {
+) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, ReadError> {
     let Some(bytes) = store.get(&keys::transfer(shard, id))? else {
         return Ok(None);
     };
@@ -32,7 +31,7 @@ pub fn hold(
     store: &dyn Store,
     shard: ShardId,
     pending_id: &str,
-) -> Result<Option<HoldStatus>, Fatal> {
+) -> Result<Option<HoldStatus>, ReadError> {
     match store.get(&keys::hold(shard, pending_id))? {
         Some(bytes) => Ok(Some(codec::decode("hold", &bytes)?)),
         None => Ok(None),
@@ -46,18 +45,18 @@ pub fn entries(
     account_id: &str,
     from_version: u64,
     limit: usize,
-) -> Result<Vec<Entry>, Fatal> {
+) -> Result<Vec<Entry>, ReadError> {
     let (start, end) = keys::entries(shard, account_id, from_version);
     store
         .scan(&start, &end, limit)?
         .into_iter()
-        .map(|(_, v)| codec::decode::<Entry>("entry", &v).map_err(Fatal::from))
+        .map(|(_, v)| codec::decode::<Entry>("entry", &v).map_err(ReadError::from))
         .collect()
 }
 
 /// Prepared records and coordinator log records still present (after recovery both should
 /// drain to none).
-pub fn in_flight(store: &dyn Store, shard: ShardId) -> Result<(usize, usize), Fatal> {
+pub fn in_flight(store: &dyn Store, shard: ShardId) -> Result<(usize, usize), ReadError> {
     let (s, e) = keys::prepared_all(shard);
     let prepared = store.scan(&s, &e, usize::MAX)?.len();
     let (s, e) = keys::coord_all(shard);
@@ -66,11 +65,11 @@ pub fn in_flight(store: &dyn Store, shard: ShardId) -> Result<(usize, usize), Fa
 }
 
 /// Every account of a shard (checkers and tools; the leader loads them the same way).
-pub fn all_accounts(store: &dyn Store, shard: ShardId) -> Result<Vec<Account>, Fatal> {
+pub fn all_accounts(store: &dyn Store, shard: ShardId) -> Result<Vec<Account>, ReadError> {
     let (s, e) = keys::accounts(shard);
     store
         .scan(&s, &e, usize::MAX)?
         .into_iter()
-        .map(|(_, v)| codec::decode_account(&v).map_err(Fatal::from))
+        .map(|(_, v)| codec::decode_account(&v).map_err(ReadError::from))
         .collect()
 }

@@ -33,12 +33,11 @@ use ledger_domain::{HoldStatus, NewAccount, ShardId, Transfer};
 use ledger_store::{Expect, Store, WriteBatch};
 
 use crate::engine::{
-    CoordRecord, Engine, Fatal, Input, Locate, Message, PreparedRecord, Recovered, Reply, Token,
-    id_filter,
+    CoordRecord, Engine, Input, Locate, Message, PreparedRecord, Recovered, Reply, Token, id_filter,
 };
 use crate::metrics::RuntimeMetrics;
 use crate::trace::TraceParent;
-use crate::{Clock, Options, codec, keys};
+use crate::{Clock, Options, ReadError, codec, keys};
 
 /// The lease record: value = epoch (u64 BE) then this.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,7 +58,7 @@ pub enum LeaseError {
     #[error("shard {shard}: lost a race for the lease; retry")]
     Raced { shard: ShardId },
     #[error(transparent)]
-    Fatal(#[from] Fatal),
+    Read(#[from] ReadError),
 }
 
 fn encode_lease(lease: &Lease) -> Vec<u8> {
@@ -68,7 +67,7 @@ fn encode_lease(lease: &Lease) -> Vec<u8> {
     out
 }
 
-fn decode_lease(bytes: &[u8]) -> Result<Lease, Fatal> {
+fn decode_lease(bytes: &[u8]) -> Result<Lease, ReadError> {
     let body = bytes.get(8..).ok_or_else(|| codec::DecodeError {
         what: "lease",
         reason: "shorter than its header".into(),
@@ -86,7 +85,7 @@ pub fn acquire_lease(
     lease_ms: u64,
 ) -> Result<Lease, LeaseError> {
     let key = keys::lease(shard);
-    let current = store.get(&key).map_err(Fatal::from)?;
+    let current = store.get(&key).map_err(ReadError::from)?;
     let mut batch = WriteBatch::default();
     let epoch = match &current {
         None => {
@@ -119,7 +118,7 @@ pub fn acquire_lease(
 }
 
 /// Loads what a new leader needs from the store.
-pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
+pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, ReadError> {
     let scan = |(s, e): (Vec<u8>, Vec<u8>)| store.scan(&s, &e, usize::MAX);
     let accounts = crate::read::all_accounts(store, shard)?;
     let mut holds = Vec::new();
@@ -155,11 +154,11 @@ pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, Fatal> {
 }
 
 /// Keys are `S <u32> <kind u8> <string>`: returns the string.
-fn key_tail_str(key: &[u8]) -> Result<((), String), Fatal> {
+fn key_tail_str(key: &[u8]) -> Result<((), String), ReadError> {
     ledger_store::key::read_str(key, 6)
         .map(|(s, _)| ((), s))
         .ok_or_else(|| {
-            Fatal::Decode(codec::DecodeError {
+            ReadError::Decode(codec::DecodeError {
                 what: "key",
                 reason: format!("{key:?}"),
             })
@@ -499,8 +498,14 @@ impl Runtime {
                     next = self.rx.try_recv().ok();
                 }
             }
+            if let Err(term) = self.fetch(&mut engine, &mut metrics).await {
+                return term;
+            }
             if let Err(e) = engine.tick() {
                 return Term::SteppedDown(e.to_string());
+            }
+            if let Err(term) = self.fetch(&mut engine, &mut metrics).await {
+                return term;
             }
             let mut output = engine.finish();
             if now.saturating_sub(renewed_at) >= renew_every {
@@ -600,6 +605,36 @@ impl Runtime {
     }
 }
 
+impl Runtime {
+    /// Fetches the stored values the engine waits for and hands them in, round after round
+    /// (a step may find it needs more), at most [`FETCH_ROUNDS_MAX`] rounds per batch; steps
+    /// still waiting then run in a later batch.
+    async fn fetch(&self, engine: &mut Engine, metrics: &mut RuntimeMetrics) -> Result<(), Term> {
+        for _ in 0..FETCH_ROUNDS_MAX {
+            let wanted = engine.take_wanted();
+            if wanted.is_empty() {
+                return Ok(());
+            }
+            metrics.store_reads.increment(wanted.len() as u64);
+            let keys = wanted.iter().map(|read| read.key(self.shard)).collect();
+            let values = self
+                .store
+                .get_many_async(keys)
+                .await
+                .map_err(|e| Term::SteppedDown(format!("store read failed: {e}")))?;
+            debug_assert_eq!(values.len(), wanted.len(), "one value per key");
+            engine
+                .supply(wanted.into_iter().zip(values))
+                .map_err(|e| Term::SteppedDown(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Rounds of store reads per batch before the batch commits without its still-waiting steps
+/// (a step's reads form a chain of at most three; lock releases can start more steps).
+pub const FETCH_ROUNDS_MAX: usize = 16;
+
 /// What a term's start needs, moved to the blocking pool (it reads the whole shard).
 struct TermStart {
     shard: ShardId,
@@ -640,7 +675,6 @@ impl TermStart {
             self.shard,
             lease.epoch,
             self.options,
-            self.store,
             self.locate,
             recovered,
         ))

@@ -12,7 +12,7 @@ use ledger_store::{Memory, Store};
 use crate::Options;
 use crate::engine::id_filter::{self, IdFilter};
 use crate::engine::{Engine, Input, Locate, Message, Output, Reply, Token};
-use crate::runtime::{acquire_lease, load};
+use crate::runtime::{FETCH_ROUNDS_MAX, acquire_lease, load};
 
 pub struct Sim {
     pub engines: Vec<Engine>,
@@ -29,6 +29,9 @@ pub struct Sim {
     /// filled as soon as their batch has committed.
     pub unfilled: Vec<(ShardId, Arc<IdFilter>)>,
     pub fill_later: bool,
+    /// With `Some`, every batch's output (shard, writes, replies, messages, in order) is
+    /// written down here: two runs of one scenario must write the same lines.
+    pub journal: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -54,6 +57,7 @@ impl Sim {
             next_token: 0,
             unfilled: Vec::new(),
             fill_later: false,
+            journal: None,
         };
         for i in 0..shards {
             let engine = sim.boot(ShardId(i));
@@ -71,7 +75,6 @@ impl Sim {
             shard,
             lease.epoch,
             self.options.clone(),
-            Arc::clone(&store),
             self.locate.clone(),
             recovered,
         );
@@ -100,15 +103,19 @@ impl Sim {
         self.next_token
     }
 
-    /// Runs one batch on `shard`: the inputs, a tick, the commit. Returns the output (already
+    /// Runs one batch on `shard`: the inputs, a tick, the commit, with the store reads the
+    /// engine asks for in between, as a leader's runtime does. Returns the output (already
     /// committed; replies recorded; messages queued).
     pub fn batch(&mut self, shard: ShardId, inputs: Vec<Input>) -> Output {
+        let store = Arc::clone(&self.stores[shard.0 as usize]);
         let engine = &mut self.engines[shard.0 as usize];
         engine.begin(self.now_ms);
         for input in inputs {
             engine.handle(input).expect("engine");
         }
+        fetch(engine, &*store);
         engine.tick().expect("tick");
+        fetch(engine, &*store);
         let output = engine.finish();
         if !output.writes.is_empty() {
             self.stores[shard.0 as usize]
@@ -121,6 +128,12 @@ impl Sim {
             if !self.fill_later {
                 self.fill_filters();
             }
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.push(format!(
+                "{shard} at {}: writes {:?} replies {:?} messages {:?}",
+                self.now_ms, output.writes, output.replies, output.messages
+            ));
         }
         for (token, reply) in &output.replies {
             self.replies.insert(*token, reply.clone());
@@ -186,5 +199,23 @@ impl Sim {
         for i in 0..self.engines.len() {
             self.batch(ShardId(i as u32), Vec::new());
         }
+    }
+}
+
+/// Supplies what the engine wants from `store`, round after round, as the runtime does.
+pub(crate) fn fetch(engine: &mut Engine, store: &dyn Store) {
+    for _ in 0..FETCH_ROUNDS_MAX {
+        let wanted = engine.take_wanted();
+        if wanted.is_empty() {
+            return;
+        }
+        let values: Vec<_> = wanted
+            .into_iter()
+            .map(|read| {
+                let value = store.get(&read.key(engine.shard())).expect("read");
+                (read, value)
+            })
+            .collect();
+        engine.supply(values).expect("engine");
     }
 }

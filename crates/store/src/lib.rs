@@ -128,6 +128,16 @@ pub enum CommitError {
 pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
 
+    /// Reads several keys, for an async caller: a shard leader fetches what its engine needs
+    /// in one call per round. The values come in the order of `keys`. The default reads them
+    /// one by one before the future is returned, which suits a backend whose reads do not wait
+    /// on a network (embedded, memory); a remote backend overrides it with one round trip.
+    fn get_many_async(&self, keys: Vec<Vec<u8>>) -> ReadFuture<'_> {
+        Box::pin(std::future::ready(
+            keys.iter().map(|key| self.get(key)).collect(),
+        ))
+    }
+
     /// Up to `limit` pairs with `start <= key < end`, ascending.
     fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, Error>;
 
@@ -188,6 +198,11 @@ pub type SharedStore = Arc<dyn Store>;
 /// What [`Store::commit_async`] returns.
 pub type CommitFuture<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), CommitError>> + Send + 'a>>;
+
+/// What [`Store::get_many_async`] returns: one value per key, in order.
+pub type ReadFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Option<Vec<u8>>>, Error>> + Send + 'a>,
+>;
 
 /// Key-value pairs from a scan, ascending by key.
 pub type Pairs = Vec<(Vec<u8>, Vec<u8>)>;

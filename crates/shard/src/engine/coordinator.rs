@@ -34,8 +34,8 @@ use ledger_domain::{
 };
 
 use super::{
-    Attempt, Engine, Fatal, Leg, Message, Parked, Plan, Reply, Token, TransferReply,
-    lock_key_account, lock_key_hold,
+    Attempt, Engine, Fatal, Leg, Message, Parked, PendingHold, Plan, Reply, Task, Token,
+    TransferReply, lock_key_account, lock_key_hold,
 };
 use crate::trace::{self, Role, TraceParent};
 use crate::{codec, keys};
@@ -324,14 +324,20 @@ impl Engine {
         }
         let holder = c.attempt_key();
         let plan = c.record.plan.clone();
-        // 1. The hold (if any) comes first in the lock order; then re-check with it held.
+        // 1. The hold (if any) comes first in the lock order; then re-check with it held. Its
+        //    status is read before the lock is taken, so a step that waits for the store has
+        //    changed nothing (nothing else runs in between, so it is the status under the lock).
         if let (Some(pending_id), false) = (c.hold_id().map(str::to_string), c.hold_locked) {
+            let Some(pending) = self.pending_reads(&pending_id)? else {
+                self.stall(Task::Advance(op.to_string()));
+                return Ok(());
+            };
             match self.take_lock(op, &lock_key_hold(&pending_id), &holder) {
                 Taken::Yes => self.coordination(op).hold_locked = true,
                 Taken::Parked => return Ok(()),
                 Taken::Busy => return self.abort(op, Rejection::AccountBusy),
             }
-            if let Err(reason) = self.recheck_hold(op)? {
+            if let Err(reason) = self.recheck_hold(op, pending) {
                 return self.abort(op, reason);
             }
         }
@@ -456,21 +462,19 @@ impl Engine {
     }
 
     /// With the hold locked, checks it is still pending (and for a transfer, still resolves
-    /// the same way).
-    fn recheck_hold(&mut self, op: &str) -> Result<Result<(), Rejection>, Fatal> {
+    /// the same way). `pending`: the hold as read just before its lock was taken.
+    fn recheck_hold(&mut self, op: &str, pending: PendingHold) -> Result<(), Rejection> {
         let c = self.coordination(op);
         let work = c.record.work.clone();
         match work {
-            Work::Transfer(transfer) => match self.plan(&transfer)? {
-                Ok(plan) => {
-                    debug_assert_eq!(plan, self.coordination(op).record.plan);
-                    Ok(Ok(()))
-                }
-                Err(reason) => Ok(Err(reason)),
-            },
-            Work::Expire { pending_id } => match self.hold_status(&pending_id)? {
-                Some(hold) if hold.state == HoldState::Pending => Ok(Ok(())),
-                _ => Ok(Err(Rejection::PendingTransferNotPending)),
+            Work::Transfer(transfer) => {
+                let plan = self.plan(&transfer, Some(pending))?;
+                debug_assert_eq!(plan, self.coordination(op).record.plan);
+                Ok(())
+            }
+            Work::Expire { .. } => match pending {
+                PendingHold::Found(hold) if hold.state == HoldState::Pending => Ok(()),
+                _ => Err(Rejection::PendingTransferNotPending),
             },
         }
     }

@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use ledger_domain::ShardId;
 use ledger_store::Store;
 
-use crate::engine::Fatal;
+use crate::ReadError;
 use crate::{codec, keys};
 
 /// Bits one id sets, all in one block.
@@ -167,7 +167,7 @@ pub fn fill(
     store: &dyn Store,
     shard: ShardId,
     filter: &Arc<IdFilter>,
-) -> Result<Option<usize>, Fatal> {
+) -> Result<Option<usize>, ReadError> {
     let ended = || Arc::strong_count(filter) == 1;
     if ended() {
         return Ok(None);
@@ -194,7 +194,7 @@ pub fn fill(
         }
     })?;
     if let Some(key) = damaged {
-        return Err(Fatal::Decode(codec::DecodeError {
+        return Err(ReadError::Decode(codec::DecodeError {
             what: "transfer key",
             reason: format!("{key:?}"),
         }));

@@ -4,17 +4,22 @@
 //!   Input (command | peer message) ──► handle() ──┐
 //!   time ───────────────────────────► tick()   ──┼──► finish() ─► Output {
 //!                                                  │                 writes   (one store commit)
-//!   cold reads (transfer records, holds) ◄── store │                 replies  (after the commit)
-//!                                                  │                 messages (after the commit)
+//!   stored values ─────────────────► supply() ──┤                 replies  (after the commit)
+//!     (what take_wanted() asked for)               │                 messages (after the commit)
 //!                                                  ┘               }
 //! ```
 //!
-//! The runtime calls `begin`, feeds inputs, calls `tick`, then `finish`, commits the writes
-//! durably and only then delivers replies and messages: nothing is acknowledged, and no
-//! protocol step is taken, before the state it reports is durable.
+//! The runtime calls `begin`, feeds inputs, fetches what the engine wants and supplies it
+//! (again, until it wants nothing), calls `tick` (and fetches again), then `finish`, commits
+//! the writes durably and only then delivers replies and messages: nothing is acknowledged,
+//! and no protocol step is taken, before the state it reports is durable.
 //!
-//! All accounts of the shard are held in memory (the engine is their only writer). Transfer
-//! records and holds are read from the store on demand, with this batch's writes laid over them.
+//! The engine only computes: it holds no store and reads no clock. All accounts of the shard
+//! are held in memory (the engine is their only writer). Transfer records, holds, directory
+//! records and done markers stay in the store; a step that needs one waits until the runtime
+//! has fetched it ([`reads`]). Its output (writes, replies, messages and their order) depends
+//! only on its inputs, the values supplied and the times given: maps whose order reaches the
+//! output are ordered maps, never hash maps seeded per process.
 //!
 //! Account locks exist only for cross-shard transfers (see [`coordinator`] and
 //! [`participant`]): an account that is prepared for one cannot change until the decision.
@@ -29,10 +34,11 @@ mod accounts;
 mod coordinator;
 pub mod id_filter;
 mod participant;
+pub mod reads;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
 use foldhash::{HashMap, HashSet};
@@ -42,13 +48,14 @@ use ledger_domain::{
     Account, Balances, Change, Committed, EntryKind, HoldState, HoldStatus, NewAccount, Rejection,
     ShardId, Side, Transfer, TransferKind, TransferRecord,
 };
-use ledger_store::{Expect, Store, Write, WriteBatch};
+use ledger_store::{Expect, Write, WriteBatch};
 
 use crate::codec::{self, DecodeError};
 use crate::metrics::EngineMetrics;
 use crate::trace::{self, Role, TraceParent};
 use crate::{Options, keys};
 use accounts::Accounts;
+use reads::{Fetched, Known, Read, Value};
 
 pub use coordinator::CoordRecord;
 pub use participant::PreparedRecord;
@@ -167,12 +174,10 @@ pub struct Output {
     pub links: Vec<TraceParent>,
 }
 
-/// The engine cannot go on: its store could not be read or holds undecodable bytes. The runtime
-/// fails the batch's callers, drops the engine and rebuilds it from the store.
+/// The engine cannot go on: a value supplied from the store does not decode. The runtime fails
+/// the batch's callers, drops the engine and rebuilds it from the store.
 #[derive(Debug, thiserror::Error)]
 pub enum Fatal {
-    #[error(transparent)]
-    Store(#[from] ledger_store::Error),
     #[error(transparent)]
     Decode(#[from] DecodeError),
 }
@@ -211,6 +216,36 @@ enum Parked {
     Coordination { op: String },
 }
 
+/// A step waiting for stored values (see [`reads`]); run again once they are supplied.
+#[derive(Debug)]
+enum Task {
+    Input(Input),
+    /// A coordination's next step: it rechecks its hold once it has the hold's lock.
+    Advance(String),
+    /// The expiry of a due hold.
+    Expire(String),
+}
+
+/// A post's or void's hold, as the stored values show it.
+#[derive(Clone, Debug)]
+enum PendingHold {
+    Found(HoldStatus),
+    /// No hold, but a transfer with that id: it was not a hold.
+    NotPending,
+    NotFound,
+}
+
+/// The stored values a transfer's handling reads, gathered before it changes anything.
+#[derive(Debug)]
+struct TransferReads {
+    /// The id's recorded outcome (a replay).
+    recorded: Option<TransferRecord>,
+    /// For a replayed committed hold: its status.
+    recorded_hold: Option<HoldStatus>,
+    /// For a post or void: its hold.
+    pending: Option<PendingHold>,
+}
+
 /// The writes, replies and messages of the batch being built.
 #[derive(Debug, Default)]
 struct Batch {
@@ -235,20 +270,28 @@ pub struct Engine {
     shard: ShardId,
     epoch: u64,
     options: Options,
-    store: Arc<dyn Store>,
     locate: Locate,
     now_ms: u64,
     accounts: Accounts,
     /// Pending holds with a timeout, by expiry.
     expiries: BTreeSet<(u64, String)>,
-    locks: HashMap<String, Lock>,
+    // Ordered maps: ticks walk these three, and the order of what they send and answer must
+    // not depend on a hash seed (the engine is deterministic).
+    locks: BTreeMap<String, Lock>,
     /// Cross-shard operations this shard coordinates, by op.
-    coordinations: HashMap<String, coordinator::Coordination>,
+    coordinations: BTreeMap<String, coordinator::Coordination>,
     /// Legs this shard has prepared as a participant, by attempt key.
-    prepared: HashMap<String, participant::Prepared>,
+    prepared: BTreeMap<String, participant::Prepared>,
     next_seq: u64,
     /// Waiters released by a lock, run after the current input.
     rerun: VecDeque<Parked>,
+    /// Stored values supplied for this batch.
+    fetched: Fetched,
+    /// Stored values a stalled step waits for, not yet handed to the runtime.
+    wanted: BTreeSet<Read>,
+    /// Steps waiting for stored values, in arrival order; while any waits, new inputs queue
+    /// behind it, so a request's transfers apply in their order.
+    stalled: VecDeque<Task>,
     batch: Batch,
     metrics: EngineMetrics,
     /// The transfer ids this shard has recorded (`None`: no filter configured). Shared with
@@ -285,7 +328,6 @@ impl Engine {
         shard: ShardId,
         epoch: u64,
         options: Options,
-        store: Arc<dyn Store>,
         locate: Locate,
         recovered: Recovered,
     ) -> Self {
@@ -300,16 +342,18 @@ impl Engine {
             shard,
             epoch,
             options,
-            store,
             locate,
             now_ms: 0,
             accounts: recovered.accounts.into_iter().collect(),
             expiries: BTreeSet::new(),
-            locks: HashMap::default(),
-            coordinations: HashMap::default(),
-            prepared: HashMap::default(),
+            locks: BTreeMap::new(),
+            coordinations: BTreeMap::new(),
+            prepared: BTreeMap::new(),
             next_seq: 0,
             rerun: VecDeque::new(),
+            fetched: Fetched::default(),
+            wanted: BTreeSet::new(),
+            stalled: VecDeque::new(),
             batch: Batch::default(),
             metrics: EngineMetrics::new(shard),
             ids,
@@ -394,7 +438,98 @@ impl Engine {
     }
 
     pub fn handle(&mut self, input: Input) -> Result<(), Fatal> {
+        if !self.stalled.is_empty() {
+            // Inputs apply in the order they came: behind a stalled step an input waits too,
+            // but its reads are asked for now, so one fetch serves them all.
+            self.prefetch(&input)?;
+            self.stalled.push_back(Task::Input(input));
+            return Ok(());
+        }
         self.dispatch(input)?;
+        self.run_released()
+    }
+
+    /// The stored values stalled steps wait for, for the runtime to fetch and hand to
+    /// [`Engine::supply`]. Empty when nothing waits.
+    pub fn take_wanted(&mut self) -> Vec<Read> {
+        std::mem::take(&mut self.wanted).into_iter().collect()
+    }
+
+    /// Whether a step waits for stored values (the runtime fetches them before `finish`; a
+    /// step still waiting then runs in a later batch).
+    pub fn is_stalled(&self) -> bool {
+        !self.stalled.is_empty()
+    }
+
+    /// Hands in stored values (as of the last commit) and runs the steps that waited for them,
+    /// in order. A step may find it needs more: it stalls again and [`Engine::take_wanted`]
+    /// says what.
+    pub fn supply(&mut self, values: impl IntoIterator<Item = (Read, Value)>) -> Result<(), Fatal> {
+        for (read, value) in values {
+            self.fetched.insert(read, value);
+        }
+        for work in std::mem::take(&mut self.stalled) {
+            if !self.stalled.is_empty() {
+                self.prefetch_work(&work)?;
+                self.stalled.push_back(work);
+                continue;
+            }
+            match work {
+                Task::Input(input) => self.dispatch(input)?,
+                Task::Advance(op) => self.advance(&op)?,
+                Task::Expire(pending_id) => self.expire_hold(pending_id)?,
+            }
+            self.run_released()?;
+        }
+        Ok(())
+    }
+
+    /// Parks a step until the values it asked for are supplied.
+    fn stall(&mut self, work: Task) {
+        self.metrics.stalls.increment(1);
+        self.stalled.push_back(work);
+    }
+
+    /// Asks for the stored values an input will read, without running it.
+    fn prefetch(&mut self, input: &Input) -> Result<(), Fatal> {
+        match input {
+            Input::CreateAccount { account, .. } => {
+                if self.accounts.get(&account.id).is_none() {
+                    self.lookup_forward(&account.id)?;
+                }
+            }
+            Input::ReserveForward { id, .. } => {
+                if self.accounts.get(id).is_none() {
+                    self.lookup_forward(id)?;
+                }
+            }
+            Input::CreateTransfer { transfer, .. } => {
+                self.transfer_reads(transfer)?;
+            }
+            Input::Peer {
+                message: Message::Prepare(leg),
+                ..
+            } => {
+                let key = leg.attempt.key();
+                if !self.prepared.contains_key(&key) {
+                    self.lookup_done(&key);
+                }
+            }
+            Input::Peer { .. } => {}
+        }
+        Ok(())
+    }
+
+    fn prefetch_work(&mut self, work: &Task) -> Result<(), Fatal> {
+        match work {
+            Task::Input(input) => self.prefetch(input),
+            // Asked for when they stalled; they run only after what queued before them.
+            Task::Advance(_) | Task::Expire(_) => Ok(()),
+        }
+    }
+
+    /// Runs the waiters a released lock let go.
+    fn run_released(&mut self) -> Result<(), Fatal> {
         while let Some(parked) = self.rerun.pop_front() {
             match parked {
                 Parked::Input {
@@ -442,21 +577,7 @@ impl Engine {
         self.expire_holds()?;
         self.tick_coordinations()?;
         self.tick_prepared();
-        while let Some(parked) = self.rerun.pop_front() {
-            match parked {
-                Parked::Input {
-                    input,
-                    since_ms,
-                    wait,
-                    ..
-                } => {
-                    self.end_wait(since_ms, wait, "acquired");
-                    self.dispatch(input)?;
-                }
-                Parked::Coordination { op } => self.advance(&op)?,
-            }
-        }
-        Ok(())
+        self.run_released()
     }
 
     /// Ends the batch: the writes with their preconditions (this leader's epoch, and every
@@ -501,6 +622,8 @@ impl Engine {
         batch.holds.clear();
         batch.forwards.clear();
         batch.done.clear();
+        // The store moves on with this commit: what was fetched for this batch is stale.
+        self.fetched.clear();
         self.batch.dirty = batch.dirty;
         self.batch.transfers = batch.transfers;
         self.batch.holds = batch.holds;
@@ -585,60 +708,125 @@ impl Engine {
         }
     }
 
-    // ---- reads -------------------------------------------------------------------------------
+    // ---- reads (from this batch's writes, else from the values supplied) -------------------
 
-    fn transfer_record(&self, id: &str) -> Result<Option<TransferRecord>, Fatal> {
+    /// Asks the runtime for a stored value.
+    fn want(&mut self, read: Read) {
+        self.wanted.insert(read);
+    }
+
+    fn lookup_transfer(&mut self, id: &str) -> Result<Known<TransferRecord>, Fatal> {
         if let Some(&index) = self.batch.transfers.get(id) {
             let Write::Put(_, bytes) = &self.batch.writes.writes[index] else {
                 unreachable!("a transfer record is a put")
             };
-            return Ok(Some(codec::decode("transfer", bytes)?));
+            return Ok(Known::Yes(Some(codec::decode("transfer", bytes)?)));
         }
         // Not in this batch; a complete filter rules most new ids out without the store.
         if self.ids.as_ref().is_some_and(|f| f.certainly_absent(id)) {
             self.metrics.filter_skips.increment(1);
-            return Ok(None);
+            return Ok(Known::Yes(None));
         }
-        match self.store.get(&keys::transfer(self.shard, id))? {
-            Some(bytes) => Ok(Some(codec::decode("transfer", &bytes)?)),
-            None => Ok(None),
-        }
+        Ok(match self.fetched.transfer(id) {
+            Some(Some(bytes)) => Known::Yes(Some(codec::decode("transfer", bytes)?)),
+            Some(None) => Known::Yes(None),
+            None => {
+                self.want(Read::Transfer(id.to_string()));
+                Known::Wanted
+            }
+        })
     }
 
-    fn hold_status(&self, pending_id: &str) -> Result<Option<HoldStatus>, Fatal> {
+    fn lookup_hold(&mut self, pending_id: &str) -> Result<Known<HoldStatus>, Fatal> {
         if let Some(hold) = self.batch.holds.get(pending_id) {
-            return Ok(Some(hold.clone()));
+            return Ok(Known::Yes(Some(hold.clone())));
         }
-        match self.store.get(&keys::hold(self.shard, pending_id))? {
-            Some(bytes) => Ok(Some(codec::decode("hold", &bytes)?)),
-            None => Ok(None),
-        }
+        Ok(match self.fetched.hold(pending_id) {
+            Some(Some(bytes)) => Known::Yes(Some(codec::decode("hold", bytes)?)),
+            Some(None) => Known::Yes(None),
+            None => {
+                self.want(Read::Hold(pending_id.to_string()));
+                Known::Wanted
+            }
+        })
     }
 
     /// The placement key of the directory record this shard holds for account `id`, if any: in
-    /// this batch or in the store. Read from the store, not kept in memory: only creating an
-    /// account asks, and a node with a million accounts placed by key held about 100 MiB of
-    /// them (docs/benchmarks.md).
-    fn forward(&self, id: &str) -> Result<Option<String>, Fatal> {
+    /// this batch or in the store. Kept in the store, not in memory: only creating an account
+    /// asks, and a node with a million accounts placed by key held about 100 MiB of them
+    /// (docs/benchmarks.md).
+    fn lookup_forward(&mut self, id: &str) -> Result<Known<String>, Fatal> {
         if let Some(key) = self.batch.forwards.get(id) {
-            return Ok(Some(key.clone()));
+            return Ok(Known::Yes(Some(key.clone())));
         }
-        match self.store.get(&keys::forward(self.shard, id))? {
-            Some(bytes) => Ok(Some(codec::decode("forward", &bytes)?)),
-            None => Ok(None),
+        Ok(match self.fetched.forward(id) {
+            Some(Some(bytes)) => Known::Yes(Some(codec::decode("forward", bytes)?)),
+            Some(None) => Known::Yes(None),
+            None => {
+                self.want(Read::Forward(id.to_string()));
+                Known::Wanted
+            }
+        })
+    }
+
+    /// Whether a participant attempt is decided (applied or released), in this batch or in the
+    /// store; `None` while not fetched.
+    fn lookup_done(&mut self, attempt_key: &str) -> Option<bool> {
+        if self.batch.done.contains(attempt_key) {
+            return Some(true);
+        }
+        match self.fetched.done(attempt_key) {
+            Some(value) => Some(value.is_some()),
+            None => {
+                self.want(Read::Done(attempt_key.to_string()));
+                None
+            }
         }
     }
 
-    /// Whether a participant attempt is decided (applied or released): in this batch or in the
-    /// store.
-    fn is_done(&self, attempt_key: &str) -> Result<bool, Fatal> {
-        if self.batch.done.contains(attempt_key) {
-            return Ok(true);
+    /// What a post or void finds of its hold; `None` while not fetched.
+    fn pending_reads(&mut self, pending_id: &str) -> Result<Option<PendingHold>, Fatal> {
+        match self.lookup_hold(pending_id)? {
+            Known::Wanted => Ok(None),
+            Known::Yes(Some(hold)) => Ok(Some(PendingHold::Found(hold))),
+            Known::Yes(None) => Ok(match self.lookup_transfer(pending_id)? {
+                Known::Wanted => None,
+                Known::Yes(Some(_)) => Some(PendingHold::NotPending),
+                Known::Yes(None) => Some(PendingHold::NotFound),
+            }),
         }
-        Ok(self
-            .store
-            .get(&keys::done(self.shard, attempt_key))?
-            .is_some())
+    }
+
+    /// Everything a transfer's handling reads; `None` while any of it is not fetched (all of
+    /// it that can be known now is asked for at once).
+    fn transfer_reads(&mut self, transfer: &Transfer) -> Result<Option<TransferReads>, Fatal> {
+        let recorded = self.lookup_transfer(&transfer.id)?.known();
+        let pending = match transfer.kind {
+            TransferKind::PostPending | TransferKind::VoidPending => {
+                self.pending_reads(&transfer.pending_id)?.map(Some)
+            }
+            TransferKind::Posted | TransferKind::Pending => Some(None),
+        };
+        let (Some(recorded), Some(pending)) = (recorded, pending) else {
+            return Ok(None);
+        };
+        // A replayed committed hold is answered with its status.
+        let recorded_hold = match &recorded {
+            Some(record)
+                if record.request.kind == TransferKind::Pending && record.result.is_ok() =>
+            {
+                match self.lookup_hold(&transfer.id)?.known() {
+                    Some(hold) => hold,
+                    None => return Ok(None),
+                }
+            }
+            _ => None,
+        };
+        Ok(Some(TransferReads {
+            recorded,
+            recorded_hold,
+            pending,
+        }))
     }
 
     // ---- writes ------------------------------------------------------------------------------
@@ -923,10 +1111,15 @@ impl Engine {
             self.reply(token, Reply::Account(reply));
             return Ok(());
         }
-        if self
-            .forward(&spec.id)?
-            .is_some_and(|key| key != spec.placement_key)
-        {
+        let Some(forward) = self.lookup_forward(&spec.id)?.known() else {
+            let input = Input::CreateAccount {
+                token,
+                account: spec,
+            };
+            self.stall(Task::Input(input));
+            return Ok(());
+        };
+        if forward.is_some_and(|key| key != spec.placement_key) {
             self.reply(
                 token,
                 Reply::Account(Err(Rejection::ExistsWithDifferentFields)),
@@ -955,7 +1148,19 @@ impl Engine {
         debug_assert_ne!(home, self.shard, "a forward points elsewhere");
         let taken_by = match self.accounts.get(&id) {
             Some(account) => Some(account.spec.placement_key.clone()),
-            None => self.forward(&id)?,
+            None => match self.lookup_forward(&id)?.known() {
+                Some(forward) => forward,
+                None => {
+                    let input = Input::ReserveForward {
+                        token,
+                        id,
+                        placement_key,
+                        home,
+                    };
+                    self.stall(Task::Input(input));
+                    return Ok(());
+                }
+            },
         };
         let reply = match taken_by {
             Some(key) if key == placement_key => Ok(()),
@@ -980,9 +1185,19 @@ impl Engine {
         transfer: Transfer,
         trace: Option<TraceParent>,
     ) -> Result<(), Fatal> {
+        // Every read first: a step that waits for the store has changed nothing.
+        let Some(reads) = self.transfer_reads(&transfer)? else {
+            let input = Input::CreateTransfer {
+                token,
+                transfer,
+                trace,
+            };
+            self.stall(Task::Input(input));
+            return Ok(());
+        };
         // Idempotency: the id's recorded outcome, or the cross-shard operation in flight.
-        if let Some(record) = self.transfer_record(&transfer.id)? {
-            let reply = self.replay(record, &transfer)?;
+        if let Some(record) = reads.recorded {
+            let reply = replay(record, reads.recorded_hold, &transfer);
             self.reply(token, Reply::Transfer(reply));
             return Ok(());
         }
@@ -998,7 +1213,7 @@ impl Engine {
             }
             return Ok(());
         }
-        let plan = match self.plan(&transfer)? {
+        let plan = match self.plan(&transfer, reads.pending) {
             Ok(plan) => plan,
             Err(reason) => {
                 self.reject(token, transfer, reason);
@@ -1028,22 +1243,6 @@ impl Engine {
         Ok(())
     }
 
-    /// The answer to a replayed id: the original outcome if the fields are identical.
-    fn replay(&self, record: TransferRecord, request: &Transfer) -> Result<TransferReply, Fatal> {
-        if !record.request.same_request(request) {
-            let record = TransferRecord {
-                request: request.clone(),
-                result: Err(Rejection::ExistsWithDifferentFields),
-            };
-            return Ok(TransferReply { record, hold: None });
-        }
-        let hold = match (record.request.kind, &record.result) {
-            (TransferKind::Pending, Ok(_)) => self.hold_status(&record.request.id)?,
-            _ => None,
-        };
-        Ok(TransferReply { record, hold })
-    }
-
     /// Records a final rejection (so a replay returns it) and replies. Retriable rejections are
     /// not recorded.
     fn reject(&mut self, token: Token, request: Transfer, reason: Rejection) {
@@ -1058,8 +1257,9 @@ impl Engine {
     }
 
     /// Works out what a transfer would do and checks everything local. The credit side is
-    /// checked here only when the credit account is on this shard.
-    fn plan(&self, transfer: &Transfer) -> Result<Result<Plan, Rejection>, Fatal> {
+    /// checked here only when the credit account is on this shard. `pending`: a post's or
+    /// void's hold ([`Engine::pending_reads`]).
+    fn plan(&self, transfer: &Transfer, pending: Option<PendingHold>) -> Result<Plan, Rejection> {
         let (debit_id, credit_id, ledger, amount, debit, credit, hold) = match transfer.kind {
             TransferKind::Posted | TransferKind::Pending => {
                 let (debit, credit) = transfer.new_changes();
@@ -1074,18 +1274,12 @@ impl Engine {
                 )
             }
             TransferKind::PostPending | TransferKind::VoidPending => {
-                let Some(hold) = self.hold_status(&transfer.pending_id)? else {
-                    let reason = if self.transfer_record(&transfer.pending_id)?.is_some() {
-                        Rejection::PendingTransferNotPending
-                    } else {
-                        Rejection::PendingTransferNotFound
-                    };
-                    return Ok(Err(reason));
+                let hold = match pending.expect("a post or void reads its hold") {
+                    PendingHold::Found(hold) => hold,
+                    PendingHold::NotPending => return Err(Rejection::PendingTransferNotPending),
+                    PendingHold::NotFound => return Err(Rejection::PendingTransferNotFound),
                 };
-                let (amount, debit, credit) = match hold.resolve(transfer, self.now_ms) {
-                    Ok(resolved) => resolved,
-                    Err(reason) => return Ok(Err(reason)),
-                };
+                let (amount, debit, credit) = hold.resolve(transfer, self.now_ms)?;
                 (
                     hold.debit_account_id.clone(),
                     hold.credit_account_id.clone(),
@@ -1097,11 +1291,7 @@ impl Engine {
                 )
             }
         };
-        if let Err(reason) =
-            self.check_change(&debit_id, &ledger, &debit, transfer.expected_debit_version)
-        {
-            return Ok(Err(reason));
-        }
+        self.check_change(&debit_id, &ledger, &debit, transfer.expected_debit_version)?;
         // An account in this leader's table lives on this shard: only an account it does not
         // hold is looked up in the node's directory (a lock and a hash of the id per transfer).
         let credit_account = self.accounts.get(&credit_id);
@@ -1115,17 +1305,15 @@ impl Engine {
         } else {
             (self.locate)(&credit_id)
         };
-        if credit_shard == self.shard
-            && let Err(reason) = check_account(
+        if credit_shard == self.shard {
+            check_account(
                 credit_account,
                 &ledger,
                 &credit,
                 transfer.expected_credit_version,
-            )
-        {
-            return Ok(Err(reason));
+            )?;
         }
-        Ok(Ok(Plan {
+        Ok(Plan {
             debit_id,
             credit_id,
             credit_shard,
@@ -1134,7 +1322,7 @@ impl Engine {
             debit,
             credit,
             hold,
-        }))
+        })
     }
 
     /// Applies a checked single-shard transfer.
@@ -1227,37 +1415,65 @@ impl Engine {
             .map(|(_, id)| id.clone())
             .collect();
         for pending_id in due {
-            let Some(hold) = self.hold_status(&pending_id)? else {
-                continue;
-            };
-            if hold.state != HoldState::Pending {
-                continue;
-            }
-            let (debit, credit) = hold.expiry_changes();
-            let credit_shard = (self.locate)(&hold.credit_account_id);
-            if credit_shard != self.shard {
-                self.start_expiry(pending_id, hold, credit_shard)?;
-                continue;
-            }
-            let busy = [&hold.debit_account_id, &hold.credit_account_id]
+            let waiting = self
+                .stalled
                 .iter()
-                .any(|id| self.account_locked(id));
-            if busy {
-                continue; // Tried again next tick, once the cross-shard transfer is done.
+                .any(|w| matches!(w, Task::Expire(id) if *id == pending_id));
+            if !waiting {
+                self.expire_hold(pending_id)?;
             }
-            let kind = EntryKind::ExpirePending;
-            self.apply_change(&hold.debit_account_id, &debit, &pending_id, kind, 0);
-            self.apply_change(&hold.credit_account_id, &credit, &pending_id, kind, 0);
-            self.put_hold(
-                &pending_id,
-                HoldStatus {
-                    state: HoldState::Expired,
-                    ..hold
-                },
-            );
         }
         Ok(())
     }
+
+    fn expire_hold(&mut self, pending_id: String) -> Result<(), Fatal> {
+        let hold = match self.lookup_hold(&pending_id)? {
+            Known::Yes(Some(hold)) => hold,
+            Known::Yes(None) => return Ok(()),
+            Known::Wanted => {
+                self.stall(Task::Expire(pending_id));
+                return Ok(());
+            }
+        };
+        if hold.state != HoldState::Pending {
+            return Ok(());
+        }
+        let (debit, credit) = hold.expiry_changes();
+        let credit_shard = (self.locate)(&hold.credit_account_id);
+        if credit_shard != self.shard {
+            return self.start_expiry(pending_id, hold, credit_shard);
+        }
+        let busy = [&hold.debit_account_id, &hold.credit_account_id]
+            .iter()
+            .any(|id| self.account_locked(id));
+        if busy {
+            return Ok(()); // Tried again next tick, once the cross-shard transfer is done.
+        }
+        let kind = EntryKind::ExpirePending;
+        self.apply_change(&hold.debit_account_id, &debit, &pending_id, kind, 0);
+        self.apply_change(&hold.credit_account_id, &credit, &pending_id, kind, 0);
+        self.put_hold(
+            &pending_id,
+            HoldStatus {
+                state: HoldState::Expired,
+                ..hold
+            },
+        );
+        Ok(())
+    }
+}
+
+/// The answer to a replayed id: the original outcome if the fields are identical (a replayed
+/// committed hold with its status `hold`).
+fn replay(record: TransferRecord, hold: Option<HoldStatus>, request: &Transfer) -> TransferReply {
+    if !record.request.same_request(request) {
+        let record = TransferRecord {
+            request: request.clone(),
+            result: Err(Rejection::ExistsWithDifferentFields),
+        };
+        return TransferReply { record, hold: None };
+    }
+    TransferReply { record, hold }
 }
 
 /// What a checked transfer will do.

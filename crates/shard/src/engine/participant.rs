@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use ledger_domain::ShardId;
 
-use super::{Engine, Fatal, Input, Leg, Lock, Message, lock_key_account};
+use super::{Engine, Fatal, Input, Leg, Lock, Message, Task, lock_key_account};
 use crate::trace::{self, Role, TraceParent};
 use crate::{codec, keys};
 
@@ -63,8 +63,17 @@ impl Engine {
             );
             return Ok(());
         }
-        if self.is_done(&key)? {
-            return Ok(()); // A late duplicate: this attempt is already decided and applied.
+        match self.lookup_done(&key) {
+            Some(true) => return Ok(()), // A late duplicate: already decided and applied.
+            Some(false) => {}
+            None => {
+                let input = Input::Peer {
+                    from,
+                    message: Message::Prepare(leg),
+                };
+                self.stall(Task::Input(input));
+                return Ok(());
+            }
         }
         let lock = lock_key_account(&leg.account_id);
         if self.is_locked(&lock) {

@@ -7,7 +7,7 @@ use ledger_domain::{
 };
 use ledger_store::Store;
 
-use super::{Input, Message, Reply};
+use super::{Input, Message, Read, Reply};
 use crate::sim::Sim;
 use crate::{Options, keys, read};
 
@@ -662,7 +662,6 @@ fn stale_epoch_commit_is_rejected_by_the_store() {
             S0,
             lease.epoch,
             Options::default(),
-            store,
             Arc::new(shard_of),
             recovered,
         )
@@ -675,6 +674,7 @@ fn stale_epoch_commit_is_rejected_by_the_store() {
             trace: None,
         })
         .unwrap();
+    crate::sim::fetch(&mut stale, &*sim.stores[0]);
     let out = stale.finish();
     let err = sim.stores[0].commit(&out.writes).unwrap_err();
     assert!(
@@ -967,4 +967,173 @@ fn a_forward_reserves_its_id_in_its_batch_later_and_after_a_restart() {
     let (free, e) = create(&mut sim, "m2");
     sim.batch(S0, vec![e]);
     assert_eq!(account(&sim, free), Ok(()));
+}
+
+/// A post whose hold is in the store waits for the runtime to fetch it; the transfer behind it
+/// in the same batch needs no read, yet must wait too: it spends what the post credits, and
+/// run first it would be refused (`exceeds_credits`).
+#[test]
+fn a_step_waiting_for_the_store_keeps_the_order_of_inputs() {
+    let mut sim = sim();
+    open(&mut sim, "bank", false);
+    open(&mut sim, "a", true);
+    open(&mut sim, "b", false);
+    let hold = Transfer {
+        kind: TransferKind::Pending,
+        ..transfer("h", "bank", "a", 10)
+    };
+    submit(&mut sim, hold);
+    let post = Transfer {
+        id: "p".into(),
+        pending_id: "h".into(),
+        kind: TransferKind::PostPending,
+        ..Transfer::default()
+    };
+    let (post_token, spend_token) = (sim.token(), sim.token());
+    let engine = &mut sim.engines[0];
+    engine.begin(sim.now_ms);
+    for (token, transfer) in [
+        (post_token, post),
+        (spend_token, transfer("t", "a", "b", 10)),
+    ] {
+        let input = Input::CreateTransfer {
+            token,
+            transfer,
+            trace: None,
+        };
+        engine.handle(input).unwrap();
+    }
+    assert!(engine.is_stalled());
+    let wanted = engine.take_wanted();
+    assert_eq!(
+        wanted,
+        [Read::Hold("h".into())],
+        "only the hold is not known"
+    );
+    let values = wanted.into_iter().map(|read| {
+        let value = sim.stores[0].get(&read.key(S0)).unwrap();
+        (read, value)
+    });
+    engine.supply(values.collect::<Vec<_>>()).unwrap();
+    assert!(!engine.is_stalled());
+    assert!(engine.take_wanted().is_empty());
+    let out = engine.finish();
+    sim.stores[0].commit(&out.writes).unwrap();
+    let results: Vec<_> = out
+        .replies
+        .iter()
+        .map(|(token, reply)| match reply {
+            Reply::Transfer(r) => (*token, r.record.result.as_ref().map(|c| c.amount).ok()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(results, [(post_token, Some(10)), (spend_token, Some(10))]);
+    assert_eq!(balance(&sim, "b"), (0, 0, 0, 10, 1));
+}
+
+/// Inputs that need no store read run at once; an engine that reads the store for a replay
+/// (no filter) asks for the id's record and answers the replay once it is supplied.
+#[test]
+fn without_a_filter_every_id_is_fetched_and_a_replay_answered_from_it() {
+    let mut sim = sim_with(Options {
+        transfer_filter_bytes: 0,
+        ..Options::default()
+    });
+    open(&mut sim, "a", false);
+    open(&mut sim, "b", false);
+    let first = submit(&mut sim, transfer("t1", "a", "b", 7));
+    let engine = &mut sim.engines[0];
+    engine.begin(sim.now_ms);
+    let input = Input::CreateTransfer {
+        token: 1_000,
+        transfer: transfer("t1", "a", "b", 7),
+        trace: None,
+    };
+    engine.handle(input).unwrap();
+    assert_eq!(engine.take_wanted(), [Read::Transfer("t1".into())]);
+    let record = sim.stores[0].get(&keys::transfer(S0, "t1")).unwrap();
+    assert!(record.is_some());
+    engine
+        .supply([(Read::Transfer("t1".into()), record)])
+        .unwrap();
+    let out = engine.finish();
+    assert!(out.writes.writes.is_empty(), "a replay writes nothing");
+    let [(1_000, Reply::Transfer(replay))] = out.replies.as_slice() else {
+        panic!("{:?}", out.replies)
+    };
+    assert_eq!(outcome(&sim, first), Some(Ok(7)));
+    assert_eq!(replay.record.result.as_ref().unwrap().amount, 7);
+    assert_eq!(balance(&sim, "a").1, 7, "applied once");
+}
+
+/// One scenario of cross-shard transfers (prepares lost and resent together), holds posted,
+/// voided and expired across shards, and a coordinator crash mid-protocol: every batch's
+/// writes, replies and messages, in order. Nothing in them may depend on a hash seed or the
+/// wall clock, so two runs (each with freshly seeded maps) write the same journal.
+fn deterministic_scenario() -> Vec<String> {
+    let mut sim = sim();
+    sim.journal = Some(Vec::new());
+    for id in ["a", "c", "s1-b", "s1-d"] {
+        open(&mut sim, id, false);
+    }
+    // Four coordinations on each shard at once; their Prepares are lost, so the next tick
+    // resends all of them (in an order the engine decides).
+    let mut tokens = Vec::new();
+    for i in 0..4 {
+        tokens.push(submit(
+            &mut sim,
+            transfer(&format!("x{i}"), "a", "s1-b", 5 + i),
+        ));
+        tokens.push(submit(
+            &mut sim,
+            transfer(&format!("y{i}"), "s1-d", "c", 7 + i),
+        ));
+    }
+    sim.inbox.clear();
+    sim.now_ms += sim.options.retry_ms;
+    sim.tick_all();
+    sim.deliver_grouped(10);
+    assert!(tokens.iter().all(|t| sim.replies.contains_key(t)));
+    // Holds: a cross-shard one that expires, one posted across shards, a local one voided.
+    let hold = |id: &str, debit: &str, credit: &str, timeout| Transfer {
+        kind: TransferKind::Pending,
+        timeout_seconds: timeout,
+        ..transfer(id, debit, credit, 3)
+    };
+    submit(&mut sim, hold("h-expire", "a", "s1-b", 1));
+    submit(&mut sim, hold("h-post", "a", "s1-d", 0));
+    submit(&mut sim, hold("h-void", "a", "c", 0));
+    sim.deliver_grouped(4);
+    let resolve = |id: &str, pending: &str, kind| Transfer {
+        id: id.into(),
+        pending_id: pending.into(),
+        kind,
+        ..Transfer::default()
+    };
+    submit(&mut sim, resolve("p", "h-post", TransferKind::PostPending));
+    submit(&mut sim, resolve("v", "h-void", TransferKind::VoidPending));
+    // The coordinator crashes with the post's protocol in flight.
+    sim.deliver_all(1);
+    sim.crash(S0);
+    sim.now_ms += 1_000;
+    sim.tick_all();
+    sim.deliver_grouped(10);
+    sim.now_ms += sim.options.prepare_timeout_ms;
+    sim.tick_all();
+    sim.deliver_grouped(10);
+    sim.journal.take().unwrap()
+}
+
+#[test]
+fn the_same_scenario_gives_the_same_outputs_message_for_message() {
+    let first = deterministic_scenario();
+    let second = deterministic_scenario();
+    assert!(
+        first.iter().filter(|b| b.contains("Prepare(")).count() >= 8,
+        "the scenario sends prepares: {first:#?}"
+    );
+    assert_eq!(first.len(), second.len(), "as many batches");
+    for (i, (a, b)) in first.iter().zip(&second).enumerate() {
+        assert_eq!(a, b, "batch {i} differs");
+    }
 }

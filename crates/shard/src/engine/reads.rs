@@ -1,0 +1,115 @@
+//! What the engine knows of the store: the values its runtime fetched for the open batch.
+//!
+//! The engine never reads the store itself (with FoundationDB a read is a network round trip,
+//! and a simulation needs an engine that only computes). A step that needs a stored value looks
+//! it up here, under this batch's own writes; a value nobody fetched yet is *wanted*, and the
+//! step waits (stalls) until the runtime has fetched it:
+//!
+//! ```text
+//!  handle(input) ──► reads known? ── yes ──► apply
+//!                         │ no
+//!                         ▼
+//!                  wanted += keys, stalled += step   (later inputs queue behind it, in order)
+//!                         │
+//!   runtime: take_wanted() ──► store reads (async) ──► supply(values) ──► stalled steps run
+//! ```
+//!
+//! A step gathers all of its reads before it changes anything, so a stalled step is simply
+//! run again once its values arrive. The values are valid for one batch: the store moves on at
+//! every commit, so `finish` forgets them.
+
+use foldhash::HashMap;
+
+use ledger_domain::ShardId;
+
+use crate::keys;
+
+/// A stored value the engine may need, by kind and id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Read {
+    /// A transfer id's recorded outcome (`keys::transfer`).
+    Transfer(String),
+    /// A hold's status (`keys::hold`).
+    Hold(String),
+    /// A directory record: the placement key of an account homed elsewhere (`keys::forward`).
+    Forward(String),
+    /// A participant attempt's done marker (`keys::done`).
+    Done(String),
+}
+
+impl Read {
+    /// The store key of this value in `shard`.
+    pub fn key(&self, shard: ShardId) -> Vec<u8> {
+        match self {
+            Read::Transfer(id) => keys::transfer(shard, id),
+            Read::Hold(id) => keys::hold(shard, id),
+            Read::Forward(id) => keys::forward(shard, id),
+            Read::Done(attempt) => keys::done(shard, attempt),
+        }
+    }
+}
+
+/// What a stored value turned out to be: its bytes, `None` if absent.
+pub type Value = Option<Vec<u8>>;
+
+/// The values fetched for the open batch, one map per kind (so a lookup by `&str` needs no
+/// owned key).
+#[derive(Debug, Default)]
+pub(super) struct Fetched {
+    transfers: HashMap<String, Value>,
+    holds: HashMap<String, Value>,
+    forwards: HashMap<String, Value>,
+    done: HashMap<String, Value>,
+}
+
+impl Fetched {
+    pub(super) fn insert(&mut self, read: Read, value: Value) {
+        match read {
+            Read::Transfer(id) => self.transfers.insert(id, value),
+            Read::Hold(id) => self.holds.insert(id, value),
+            Read::Forward(id) => self.forwards.insert(id, value),
+            Read::Done(attempt) => self.done.insert(attempt, value),
+        };
+    }
+
+    /// The fetched value (`Some(None)`: fetched, absent), or `None` if not fetched.
+    pub(super) fn transfer(&self, id: &str) -> Option<&Value> {
+        self.transfers.get(id)
+    }
+
+    pub(super) fn hold(&self, id: &str) -> Option<&Value> {
+        self.holds.get(id)
+    }
+
+    pub(super) fn forward(&self, id: &str) -> Option<&Value> {
+        self.forwards.get(id)
+    }
+
+    pub(super) fn done(&self, attempt: &str) -> Option<&Value> {
+        self.done.get(attempt)
+    }
+
+    /// Forgets every value, keeping the maps' room for the next batch.
+    pub(super) fn clear(&mut self) {
+        self.transfers.clear();
+        self.holds.clear();
+        self.forwards.clear();
+        self.done.clear();
+    }
+}
+
+/// A lookup's answer: known (present or absent), or not fetched yet (and now wanted).
+pub(super) enum Known<T> {
+    Yes(Option<T>),
+    Wanted,
+}
+
+impl<T> Known<T> {
+    /// The value if known: `Some(None)` when known absent, `None` when wanted.
+    pub(super) fn known(self) -> Option<Option<T>> {
+        match self {
+            Known::Yes(value) => Some(value),
+            Known::Wanted => None,
+        }
+    }
+}
