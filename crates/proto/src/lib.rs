@@ -1,4 +1,4 @@
-//! The generated gRPC code of `ledger.v1` and the conversions between the wire types and the
+//! The generated gRPC code of `ledger.v1` (and of the node-to-node `ledger.internal.v1`) and the conversions between the wire types and the
 //! domain model. Wire -> domain conversions reject malformed input with the field named;
 //! domain -> wire conversions cannot fail.
 
@@ -7,6 +7,13 @@
 pub mod ledger {
     pub mod v1 {
         tonic::include_proto!("ledger.v1");
+    }
+    /// The node-to-node API; its conversions live with the protocol types
+    /// (`ledger_shard::protocol::wire`).
+    pub mod internal {
+        pub mod v1 {
+            tonic::include_proto!("ledger.internal.v1");
+        }
     }
 }
 

@@ -1,6 +1,20 @@
-//! Value encoding: a format byte, then postcard (compact serde). The format byte lets a later
-//! release read old records while writing new ones. Accounts carry their version in front as a
-//! big-endian u64 so a commit can expect "still at version v" with a prefix precondition.
+//! Value encoding: every stored record is an envelope of one format byte, then the record in
+//! postcard (compact serde). The format byte is the record's layout version: a build that
+//! changes a record's layout writes a new format number for it and keeps decoding the older
+//! ones, so it reads what an older build wrote (records whose layout never changed are all at
+//! format 1). Accounts carry their version in front as a big-endian u64 so a commit can expect
+//! "still at version v" with a prefix precondition.
+//!
+//! | record | format | layout |
+//! |---|---|---|
+//! | account, entry, transfer, hold, forward, done marker, lease, prepared leg | 1 | as first written |
+//! | coordinator record | 1 | decision as `Option<bool>` (read only) |
+//! | coordinator record | 2 | decision as `Option<Decision>` |
+//!
+//! postcard is not self-describing: a changed layout read under its old format number decodes
+//! to wrong values, not to an error (an `Option<bool>` read as `Option<Decision>` turns commit
+//! into abort). Hence a new number for every layout change; `tests/tests/formats.rs` reads
+//! records an older build wrote.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -28,35 +42,59 @@ thread_local! {
         std::cell::RefCell::new(Vec::with_capacity(ENCODE_CAPACITY));
 }
 
+/// `value` in an envelope of format 1.
 pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
-    encode_after(&[], value)
+    encode_after(&[], FORMAT_V1, value)
+}
+
+/// `value` in an envelope of `format`: for a record whose layout has changed since format 1.
+pub fn encode_format<T: Serialize>(format: u8, value: &T) -> Vec<u8> {
+    encode_after(&[], format, value)
 }
 
 /// `head`, the format byte, then `value`, in a vector of exactly that length.
-fn encode_after<T: Serialize>(head: &[u8], value: &T) -> Vec<u8> {
+fn encode_after<T: Serialize>(head: &[u8], format: u8, value: &T) -> Vec<u8> {
     SCRATCH.with_borrow_mut(|scratch| {
         scratch.clear();
         scratch.extend_from_slice(head);
-        scratch.push(FORMAT_V1);
+        scratch.push(format);
         postcard::to_io(value, &mut *scratch).expect("encoding to a Vec cannot fail");
         scratch.as_slice().to_vec()
     })
 }
 
+/// Decodes a record of format 1.
 pub fn decode<T: DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, DecodeError> {
+    match envelope(what, bytes)? {
+        (FORMAT_V1, body) => decode_body(what, body),
+        (format, _) => Err(unknown_format(what, format)),
+    }
+}
+
+/// The format byte and the body of a stored record.
+pub fn envelope<'a>(what: &'static str, bytes: &'a [u8]) -> Result<(u8, &'a [u8]), DecodeError> {
     match bytes.split_first() {
-        Some((&FORMAT_V1, body)) => postcard::from_bytes(body).map_err(|e| DecodeError {
-            what,
-            reason: e.to_string(),
-        }),
-        Some((format, _)) => Err(DecodeError {
-            what,
-            reason: format!("unknown format byte {format}"),
-        }),
+        Some((&format, body)) => Ok((format, body)),
         None => Err(DecodeError {
             what,
             reason: "empty value".into(),
         }),
+    }
+}
+
+/// Decodes the body of an envelope (the layout its format byte names).
+pub fn decode_body<T: DeserializeOwned>(what: &'static str, body: &[u8]) -> Result<T, DecodeError> {
+    postcard::from_bytes(body).map_err(|e| DecodeError {
+        what,
+        reason: e.to_string(),
+    })
+}
+
+/// A format byte this build does not know (written by a newer build, or damaged).
+pub fn unknown_format(what: &'static str, format: u8) -> DecodeError {
+    DecodeError {
+        what,
+        reason: format!("unknown format byte {format}"),
     }
 }
 
@@ -65,7 +103,7 @@ pub fn version_prefix(version: u64) -> Vec<u8> {
 }
 
 pub fn encode_account(account: &Account) -> Vec<u8> {
-    encode_after(&account.version.to_be_bytes(), account)
+    encode_after(&account.version.to_be_bytes(), FORMAT_V1, account)
 }
 
 pub fn decode_account(bytes: &[u8]) -> Result<Account, DecodeError> {

@@ -15,6 +15,7 @@ pub mod engine;
 pub mod keys;
 pub mod metrics;
 pub mod node;
+pub mod protocol;
 pub mod read;
 pub mod runtime;
 pub mod sim;

@@ -17,7 +17,8 @@ use ledger_domain::{Placement, ShardId};
 use ledger_store::Store;
 
 use crate::ReadError;
-use crate::engine::{Locate, Message};
+use crate::engine::Locate;
+use crate::protocol::Message;
 use crate::runtime::{Peers, Runtime, ShardHandle, channel};
 use crate::{Clock, Options, codec, keys};
 

@@ -33,9 +33,10 @@ use ledger_domain::{HoldStatus, NewAccount, ShardId, Transfer};
 use ledger_store::{Expect, Store, WriteBatch};
 
 use crate::engine::{
-    CoordRecord, Engine, Input, Locate, Message, PreparedRecord, Recovered, Reply, Token, id_filter,
+    CoordRecord, Engine, Input, Locate, PreparedRecord, Recovered, Reply, Token, id_filter,
 };
 use crate::metrics::RuntimeMetrics;
+use crate::protocol::Message;
 use crate::trace::TraceParent;
 use crate::{Clock, Options, ReadError, codec, keys};
 
@@ -128,7 +129,7 @@ pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, ReadError> {
     }
     let coordinations = scan(keys::coord_all(shard))?
         .iter()
-        .map(|(_, v)| codec::decode::<CoordRecord>("coordinator record", v))
+        .map(|(_, v)| CoordRecord::decode(v))
         .collect::<Result<_, _>>()?;
     let prepared = scan(keys::prepared_all(shard))?
         .iter()

@@ -11,7 +11,8 @@ use ledger_store::{Memory, Store};
 
 use crate::Options;
 use crate::engine::id_filter::{self, IdFilter};
-use crate::engine::{Engine, Input, Locate, Message, Output, Reply, Token};
+use crate::engine::{Engine, Input, Locate, Output, Reply, Token};
+use crate::protocol::Message;
 use crate::runtime::{FETCH_ROUNDS_MAX, acquire_lease, load};
 
 pub struct Sim {
@@ -45,7 +46,13 @@ impl std::fmt::Debug for Sim {
 
 impl Sim {
     pub fn new(shards: u32, locate: Locate, options: Options) -> Self {
-        let stores: Vec<Arc<Memory>> = (0..shards).map(|_| Arc::new(Memory::new())).collect();
+        let stores = (0..shards).map(|_| Arc::new(Memory::new())).collect();
+        Self::with_stores(stores, locate, options)
+    }
+
+    /// A cluster whose shard `i` leads from `stores[i]` (holding what it holds: a restart).
+    pub fn with_stores(stores: Vec<Arc<Memory>>, locate: Locate, options: Options) -> Self {
+        let shards = stores.len() as u32;
         let mut sim = Sim {
             engines: Vec::new(),
             stores,

@@ -168,9 +168,9 @@ pub(crate) fn context_of(
 }
 
 /// Records the decision a `2pc.decide` span carries out (`commit` or `abort`).
-pub(crate) fn decision(span: &Option<tracing::Span>, commit: bool) {
+pub(crate) fn decision(span: &Option<tracing::Span>, decision: crate::protocol::Decision) {
     if let Some(span) = span {
-        span.record("decision", if commit { "commit" } else { "abort" });
+        span.record("decision", decision.name());
     }
 }
 

@@ -34,11 +34,13 @@ use ledger_domain::{
 };
 
 use super::{
-    Attempt, Engine, Fatal, Leg, Message, Parked, PendingHold, Plan, Reply, Task, Token,
-    TransferReply, lock_key_account, lock_key_hold,
+    Engine, Fatal, Parked, PendingHold, Plan, Reply, Task, Token, TransferReply, lock_key_account,
+    lock_key_hold,
 };
+use crate::codec::{self, DecodeError};
+use crate::keys;
+use crate::protocol::{Attempt, Decision, Leg, Message};
 use crate::trace::{self, Role, TraceParent};
-use crate::{codec, keys};
 
 /// What a coordination does.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,16 +52,63 @@ pub enum Work {
     },
 }
 
-/// The durable coordinator log record.
+/// The durable coordinator log record (`keys::coord`), in format [`CoordRecord::FORMAT`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CoordRecord {
     pub attempt: Attempt,
     pub work: Work,
     pub(crate) plan: Plan,
-    /// None while preparing; Some(commit?) once decided. Written before any Decide is sent.
-    pub decision: Option<bool>,
+    /// None while preparing; the decision once made. Written before any Decide is sent.
+    pub decision: Option<Decision>,
     /// The caller's trace: recovery after a restart continues it.
     pub trace: Option<TraceParent>,
+}
+
+impl CoordRecord {
+    const WHAT: &'static str = "coordinator record";
+    /// 2: the decision is a [`Decision`]. 1 (read only): it was an `Option<bool>`.
+    pub const FORMAT: u8 = 2;
+
+    pub fn encode(&self) -> Vec<u8> {
+        codec::encode_format(Self::FORMAT, self)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match codec::envelope(Self::WHAT, bytes)? {
+            (Self::FORMAT, body) => codec::decode_body(Self::WHAT, body),
+            (1, body) => codec::decode_body::<CoordRecordV1>(Self::WHAT, body).map(Self::from),
+            (format, _) => Err(codec::unknown_format(Self::WHAT, format)),
+        }
+    }
+}
+
+/// A coordinator record of format 1, as builds before the [`Decision`] enum wrote it.
+#[derive(Deserialize)]
+struct CoordRecordV1 {
+    attempt: Attempt,
+    work: Work,
+    plan: Plan,
+    decision: Option<bool>,
+    trace: Option<TraceParent>,
+}
+
+impl From<CoordRecordV1> for CoordRecord {
+    fn from(v1: CoordRecordV1) -> Self {
+        let decision = v1.decision.map(|commit| {
+            if commit {
+                Decision::Commit
+            } else {
+                Decision::Abort
+            }
+        });
+        CoordRecord {
+            attempt: v1.attempt,
+            work: v1.work,
+            plan: v1.plan,
+            decision,
+            trace: v1.trace,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -150,10 +199,10 @@ impl Coordination {
         }
     }
 
-    fn decide_message(&self, commit: bool, now_ms: u64) -> Message {
+    fn decide_message(&self, decision: Decision, now_ms: u64) -> Message {
         Message::Decide {
             attempt: self.record.attempt.clone(),
-            commit,
+            decision,
             committed_at_ms: now_ms,
             trace: trace::context_of(&self.spans.decide, self.record.trace),
         }
@@ -274,8 +323,8 @@ impl Engine {
         if let Some(span) = &recovery {
             trace::link_current(span);
             let action = match record.decision {
-                Some(true) => "resend the commit decision until acked",
-                Some(false) => "resend the abort decision until acked",
+                Some(Decision::Commit) => "resend the commit decision until acked",
+                Some(Decision::Abort) => "resend the abort decision until acked",
                 None => "undecided: presumed abort",
             };
             span.record("action", action);
@@ -381,7 +430,7 @@ impl Engine {
             let leg = c.leg();
             self.batch
                 .writes
-                .put(keys::coord(self.shard, op), codec::encode(&record));
+                .put(keys::coord(self.shard, op), record.encode());
             self.send(plan.credit_shard, Message::Prepare(leg));
         }
         Ok(())
@@ -451,11 +500,11 @@ impl Engine {
     }
 
     /// Begins the decide phase: the decision is written in this batch.
-    fn begin_decide(&mut self, op: &str, commit: bool) {
+    fn begin_decide(&mut self, op: &str, decision: Decision) {
         let now = self.now_ms;
         let caller = self.coordination(op).record.trace;
         let span = self.begin_phase("2pc.decide", caller, Role::Coordinator, op);
-        trace::decision(&span, commit);
+        trace::decision(&span, decision);
         let c = self.coordination(op);
         c.spans.decide = span;
         c.spans.decide_ms = now;
@@ -492,7 +541,7 @@ impl Engine {
             Work::Expire { pending_id } => (pending_id.clone(), EntryKind::ExpirePending, 0),
         };
         self.end_prepare(op, "prepared");
-        self.begin_decide(op, true);
+        self.begin_decide(op, Decision::Commit);
         let decide_cx = trace::context_of(&self.coordination(op).spans.decide, None);
         let apply = self.begin_phase("2pc.apply", decide_cx, Role::Coordinator, op);
         self.end_phase(apply);
@@ -522,15 +571,15 @@ impl Engine {
             }
         };
         let c = self.coordination(op);
-        c.record.decision = Some(true);
+        c.record.decision = Some(Decision::Commit);
         c.step = Step::AwaitAck;
         c.last_sent_ms = now;
         c.reply = reply;
         let record = c.record.clone();
-        let decide = c.decide_message(true, now);
+        let decide = c.decide_message(Decision::Commit, now);
         self.batch
             .writes
-            .put(keys::coord(self.shard, op), codec::encode(&record));
+            .put(keys::coord(self.shard, op), record.encode());
         self.send(plan.credit_shard, decide);
         self.unlock(&lock_key_account(&plan.debit_id), &holder);
         if let Some(hold) = self.coordination(op).hold_id().map(str::to_string) {
@@ -580,16 +629,16 @@ impl Engine {
         }
         if participant_may_hold {
             let now = self.now_ms;
-            self.begin_decide(op, false);
+            self.begin_decide(op, Decision::Abort);
             let c = self.coordination(op);
-            c.record.decision = Some(false);
+            c.record.decision = Some(Decision::Abort);
             c.step = Step::AwaitAck;
             c.last_sent_ms = now;
             let record = c.record.clone();
-            let decide = c.decide_message(false, now);
+            let decide = c.decide_message(Decision::Abort, now);
             self.batch
                 .writes
-                .put(keys::coord(self.shard, op), codec::encode(&record));
+                .put(keys::coord(self.shard, op), record.encode());
             self.send(plan.credit_shard, decide);
         } else {
             let c = self.coordinations.remove(op).expect("live coordination");
@@ -649,8 +698,8 @@ impl Engine {
                     }
                 }
             }
-            (Message::QueryDecision { .. }, Some((_, Some(commit)))) => {
-                let decide = self.coordinations[&attempt.op].decide_message(commit, self.now_ms);
+            (Message::QueryDecision { .. }, Some((_, Some(decision)))) => {
+                let decide = self.coordinations[&attempt.op].decide_message(decision, self.now_ms);
                 self.send(from, decide);
             }
             (Message::QueryDecision { .. }, Some((_, None))) => {} // Undecided: it will be sent.
@@ -659,7 +708,7 @@ impl Engine {
                 // attempt keeps its record until the participant acks). Presumed abort.
                 let decide = Message::Decide {
                     attempt,
-                    commit: false,
+                    decision: Decision::Abort,
                     committed_at_ms: self.now_ms,
                     trace: None,
                 };

@@ -52,6 +52,7 @@ use ledger_store::{Expect, Write, WriteBatch};
 
 use crate::codec::{self, DecodeError};
 use crate::metrics::EngineMetrics;
+use crate::protocol::Message;
 use crate::trace::{self, Role, TraceParent};
 use crate::{Options, keys};
 use accounts::Accounts;
@@ -101,66 +102,6 @@ pub struct TransferReply {
     pub record: TransferRecord,
     /// For a hold: its current status.
     pub hold: Option<HoldStatus>,
-}
-
-/// One try at a cross-shard operation. A transfer id retried after a retriable abort gets a new
-/// attempt, so a late message of the old attempt can never touch the new one.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Attempt {
-    /// The transfer id, or `!expire:<pending id>` for a hold's expiry.
-    pub op: String,
-    /// The coordinator's leader epoch.
-    pub epoch: u64,
-    pub seq: u64,
-}
-
-impl Attempt {
-    /// A key that cannot collide with an id (`#` is not an id character).
-    pub fn key(&self) -> String {
-        format!("{}#{}.{}", self.op, self.epoch, self.seq)
-    }
-}
-
-/// Shard-to-shard messages of the two-phase commit. All are idempotent.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Message {
-    /// Coordinator -> participant: lock the account, check the change, make it durable, answer.
-    Prepare(Leg),
-    /// Participant -> coordinator: prepared; the account's version once the leg applies.
-    Prepared {
-        attempt: Attempt,
-        version_after: u64,
-    },
-    /// Participant -> coordinator: the change cannot be applied; nothing is held.
-    Refused { attempt: Attempt, reason: Rejection },
-    /// Coordinator -> participant: the durable decision.
-    Decide {
-        attempt: Attempt,
-        commit: bool,
-        committed_at_ms: u64,
-        /// The coordinator's decide span: the participant's decide span is its child.
-        trace: Option<TraceParent>,
-    },
-    /// Participant -> coordinator: the decision is applied and the lock released.
-    Acked { attempt: Attempt },
-    /// Participant -> coordinator: what was decided? (no answer while undecided)
-    QueryDecision { attempt: Attempt },
-}
-
-/// The participant's half of a cross-shard operation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Leg {
-    pub attempt: Attempt,
-    pub account_id: String,
-    pub ledger: String,
-    pub change: Change,
-    pub expected_version: Option<u64>,
-    /// For the entry: the transfer (or hold) id, its kind and code.
-    pub transfer_id: String,
-    pub entry_kind: EntryKind,
-    pub code: u32,
-    /// The coordinator's prepare span: the participant's prepare span is its child.
-    pub trace: Option<TraceParent>,
 }
 
 #[derive(Debug, Default)]

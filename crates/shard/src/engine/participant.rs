@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use ledger_domain::ShardId;
 
-use super::{Engine, Fatal, Input, Leg, Lock, Message, Task, lock_key_account};
+use super::{Engine, Fatal, Input, Lock, Task, lock_key_account};
+use crate::protocol::{Decision, Leg, Message};
 use crate::trace::{self, Role, TraceParent};
 use crate::{codec, keys};
 
@@ -38,11 +39,11 @@ impl Engine {
             Message::Prepare(leg) => self.on_prepare(from, leg),
             Message::Decide {
                 attempt,
-                commit,
+                decision,
                 trace,
                 ..
             } => {
-                self.on_decide(&attempt.key(), commit, trace);
+                self.on_decide(&attempt.key(), decision, trace);
                 self.send(from, Message::Acked { attempt });
                 Ok(())
             }
@@ -176,16 +177,17 @@ impl Engine {
         self.hold_prepared(record, 0, recovery);
     }
 
-    fn on_decide(&mut self, key: &str, commit: bool, trace: Option<TraceParent>) {
+    fn on_decide(&mut self, key: &str, decision: Decision, trace: Option<TraceParent>) {
         let Some(prepared) = self.prepared.remove(key) else {
             return;
         };
-        trace::decision(&prepared.recovery, commit);
+        trace::decision(&prepared.recovery, decision);
         trace::outcome(&prepared.recovery, "decided");
         self.end_phase(prepared.recovery);
         let leg = prepared.record.leg;
         let span = self.begin_phase("2pc.decide", trace, Role::Participant, &leg.attempt.op);
-        trace::decision(&span, commit);
+        trace::decision(&span, decision);
+        let commit = decision.is_commit();
         trace::outcome(&span, if commit { "applied" } else { "released" });
         if commit {
             let apply = self.begin_phase(
@@ -206,7 +208,7 @@ impl Engine {
         self.batch.writes.delete(keys::prepared(self.shard, key));
         self.batch
             .writes
-            .put(keys::done(self.shard, key), codec::encode(&commit));
+            .put(keys::done(self.shard, key), codec::encode(&commit)); // format 1: a bool
         self.batch.done.insert(key.to_string());
         self.unlock(&lock_key_account(&leg.account_id), key);
         self.end_phase(span);

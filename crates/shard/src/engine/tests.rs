@@ -7,7 +7,8 @@ use ledger_domain::{
 };
 use ledger_store::Store;
 
-use super::{Input, Message, Read, Reply};
+use super::{Input, Read, Reply};
+use crate::protocol::{Decision, Message};
 use crate::sim::Sim;
 use crate::{Options, keys, read};
 
@@ -411,7 +412,14 @@ fn cross_shard_transfer_walks_the_protocol() {
     );
     assert!(matches!(
         sim.inbox.front(),
-        Some((S1, S0, Message::Decide { commit: true, .. }))
+        Some((
+            S1,
+            S0,
+            Message::Decide {
+                decision: Decision::Commit,
+                ..
+            }
+        ))
     ));
 
     // Participant applies and acks; coordinator forgets the record and replies.
@@ -448,7 +456,14 @@ fn coordinator_crash_before_decision_is_presumed_abort() {
     sim.tick_all(); // the recovered coordinator aborts the undecided record
     assert!(matches!(
         sim.inbox.front(),
-        Some((S1, S0, Message::Decide { commit: false, .. }))
+        Some((
+            S1,
+            S0,
+            Message::Decide {
+                decision: Decision::Abort,
+                ..
+            }
+        ))
     ));
     sim.deliver_all(10);
     assert!(
@@ -857,7 +872,13 @@ fn a_late_prepare_in_the_batch_of_its_decision_is_ignored() {
     let (to, _, decide) = sim.inbox.pop_front().expect("a Decide");
     assert!(matches!(
         (to, &decide),
-        (S1, Message::Decide { commit: true, .. })
+        (
+            S1,
+            Message::Decide {
+                decision: Decision::Commit,
+                ..
+            }
+        )
     ));
     let out = sim.batch(
         S1,

@@ -1,0 +1,348 @@
+//! Shard messages <-> `ledger.internal.v1` protobuf (`proto/ledger/internal/v1/internal.proto`).
+//!
+//! To the wire cannot fail. From the wire checks every field a message needs and refuses a
+//! message that lacks one or names an unknown value (a newer peer's, or damage) with
+//! [`WireError`] naming the field: the receiving node drops it, and the protocol's resends
+//! recover once both nodes speak the same version.
+
+use ledger_domain::{Change, EntryKind, Rejection, Side};
+use ledger_proto::ledger::internal::v1 as pb;
+
+use super::{Attempt, Decision, Leg, Message};
+use crate::trace::TraceParent;
+
+/// A message from a peer that this build cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("internal message: field {field}: {reason}")]
+pub struct WireError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn missing(field: &'static str) -> WireError {
+    WireError {
+        field,
+        reason: "missing".into(),
+    }
+}
+
+fn unknown(field: &'static str, value: impl std::fmt::Display) -> WireError {
+    WireError {
+        field,
+        reason: format!("unknown value {value}"),
+    }
+}
+
+impl From<&Message> for pb::ShardMessage {
+    fn from(message: &Message) -> Self {
+        use pb::shard_message::Kind;
+        let kind = match message {
+            Message::Prepare(leg) => Kind::Prepare(leg.into()),
+            Message::Prepared {
+                attempt,
+                version_after,
+            } => Kind::Prepared(pb::Prepared {
+                attempt: Some(attempt.into()),
+                version_after: *version_after,
+            }),
+            Message::Refused { attempt, reason } => Kind::Refused(pb::Refused {
+                attempt: Some(attempt.into()),
+                reason: reason.code(),
+            }),
+            Message::Decide {
+                attempt,
+                decision,
+                committed_at_ms,
+                trace,
+            } => Kind::Decide(pb::Decide {
+                attempt: Some(attempt.into()),
+                decision: match decision {
+                    Decision::Commit => pb::Decision::Commit,
+                    Decision::Abort => pb::Decision::Abort,
+                }
+                .into(),
+                committed_at_unix_ms: *committed_at_ms,
+                trace: trace.as_ref().map(Into::into),
+            }),
+            Message::Acked { attempt } => Kind::Acked(attempt.into()),
+            Message::QueryDecision { attempt } => Kind::QueryDecision(attempt.into()),
+        };
+        pb::ShardMessage { kind: Some(kind) }
+    }
+}
+
+impl TryFrom<pb::ShardMessage> for Message {
+    type Error = WireError;
+
+    fn try_from(message: pb::ShardMessage) -> Result<Self, WireError> {
+        use pb::shard_message::Kind;
+        Ok(match message.kind.ok_or_else(|| missing("kind"))? {
+            Kind::Prepare(leg) => Message::Prepare(leg.try_into()?),
+            Kind::Prepared(p) => Message::Prepared {
+                attempt: attempt(p.attempt)?,
+                version_after: p.version_after,
+            },
+            Kind::Refused(r) => Message::Refused {
+                attempt: attempt(r.attempt)?,
+                reason: Rejection::from_code(r.reason)
+                    .ok_or_else(|| unknown("refused.reason", r.reason))?,
+            },
+            Kind::Decide(d) => Message::Decide {
+                attempt: attempt(d.attempt)?,
+                decision: match pb::Decision::try_from(d.decision) {
+                    Ok(pb::Decision::Commit) => Decision::Commit,
+                    Ok(pb::Decision::Abort) => Decision::Abort,
+                    _ => return Err(unknown("decide.decision", d.decision)),
+                },
+                committed_at_ms: d.committed_at_unix_ms,
+                trace: d.trace.map(TryInto::try_into).transpose()?,
+            },
+            Kind::Acked(a) => Message::Acked {
+                attempt: attempt(Some(a))?,
+            },
+            Kind::QueryDecision(a) => Message::QueryDecision {
+                attempt: attempt(Some(a))?,
+            },
+        })
+    }
+}
+
+impl From<&Attempt> for pb::Attempt {
+    fn from(a: &Attempt) -> Self {
+        pb::Attempt {
+            op: a.op.clone(),
+            epoch: a.epoch,
+            seq: a.seq,
+        }
+    }
+}
+
+fn attempt(a: Option<pb::Attempt>) -> Result<Attempt, WireError> {
+    let a = a.ok_or_else(|| missing("attempt"))?;
+    if a.op.is_empty() {
+        return Err(missing("attempt.op"));
+    }
+    Ok(Attempt {
+        op: a.op,
+        epoch: a.epoch,
+        seq: a.seq,
+    })
+}
+
+impl From<&Leg> for pb::Leg {
+    fn from(leg: &Leg) -> Self {
+        pb::Leg {
+            attempt: Some((&leg.attempt).into()),
+            account_id: leg.account_id.clone(),
+            ledger: leg.ledger.clone(),
+            change: Some(pb::Change {
+                side: match leg.change.side {
+                    Side::Debit => pb::Side::Debit,
+                    Side::Credit => pb::Side::Credit,
+                }
+                .into(),
+                pending_add: leg.change.pending_add,
+                pending_sub: leg.change.pending_sub,
+                posted_add: leg.change.posted_add,
+            }),
+            expected_version: leg.expected_version,
+            transfer_id: leg.transfer_id.clone(),
+            entry_kind: match leg.entry_kind {
+                EntryKind::Posted => pb::EntryKind::Posted,
+                EntryKind::Pending => pb::EntryKind::Pending,
+                EntryKind::PostPending => pb::EntryKind::PostPending,
+                EntryKind::VoidPending => pb::EntryKind::VoidPending,
+                EntryKind::ExpirePending => pb::EntryKind::ExpirePending,
+            }
+            .into(),
+            code: leg.code,
+            trace: leg.trace.as_ref().map(Into::into),
+        }
+    }
+}
+
+impl TryFrom<pb::Leg> for Leg {
+    type Error = WireError;
+
+    fn try_from(leg: pb::Leg) -> Result<Self, WireError> {
+        let change = leg.change.ok_or_else(|| missing("leg.change"))?;
+        let side = match pb::Side::try_from(change.side) {
+            Ok(pb::Side::Debit) => Side::Debit,
+            Ok(pb::Side::Credit) => Side::Credit,
+            _ => return Err(unknown("leg.change.side", change.side)),
+        };
+        let entry_kind = match pb::EntryKind::try_from(leg.entry_kind) {
+            Ok(pb::EntryKind::Posted) => EntryKind::Posted,
+            Ok(pb::EntryKind::Pending) => EntryKind::Pending,
+            Ok(pb::EntryKind::PostPending) => EntryKind::PostPending,
+            Ok(pb::EntryKind::VoidPending) => EntryKind::VoidPending,
+            Ok(pb::EntryKind::ExpirePending) => EntryKind::ExpirePending,
+            _ => return Err(unknown("leg.entry_kind", leg.entry_kind)),
+        };
+        if leg.account_id.is_empty() {
+            return Err(missing("leg.account_id"));
+        }
+        Ok(Leg {
+            attempt: attempt(leg.attempt)?,
+            account_id: leg.account_id,
+            ledger: leg.ledger,
+            change: Change {
+                side,
+                pending_add: change.pending_add,
+                pending_sub: change.pending_sub,
+                posted_add: change.posted_add,
+            },
+            expected_version: leg.expected_version,
+            transfer_id: leg.transfer_id,
+            entry_kind,
+            code: leg.code,
+            trace: leg.trace.map(TryInto::try_into).transpose()?,
+        })
+    }
+}
+
+impl From<&TraceParent> for pb::TraceContext {
+    fn from(t: &TraceParent) -> Self {
+        pb::TraceContext {
+            trace_id: t.trace_id.to_vec(),
+            span_id: t.span_id.to_vec(),
+            sampled: t.sampled,
+        }
+    }
+}
+
+impl TryFrom<pb::TraceContext> for TraceParent {
+    type Error = WireError;
+
+    fn try_from(t: pb::TraceContext) -> Result<Self, WireError> {
+        let length = |field, got: usize| WireError {
+            field,
+            reason: format!("{got} bytes"),
+        };
+        Ok(TraceParent {
+            trace_id: t
+                .trace_id
+                .as_slice()
+                .try_into()
+                .map_err(|_| length("trace.trace_id", t.trace_id.len()))?,
+            span_id: t
+                .span_id
+                .as_slice()
+                .try_into()
+                .map_err(|_| length("trace.span_id", t.span_id.len()))?,
+            sampled: t.sampled,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message as _;
+
+    use super::*;
+
+    fn attempt(op: &str) -> Attempt {
+        Attempt {
+            op: op.into(),
+            epoch: 3,
+            seq: 9,
+        }
+    }
+
+    /// Every kind of message survives encoding to protobuf bytes and back, field for field.
+    #[test]
+    fn every_message_round_trips_through_protobuf_bytes() {
+        let trace = TraceParent {
+            trace_id: [7; 16],
+            span_id: [5; 8],
+            sampled: true,
+        };
+        let leg = Leg {
+            attempt: attempt("x1"),
+            account_id: "s1-b".into(),
+            ledger: "USD".into(),
+            change: Change {
+                side: Side::Credit,
+                pending_add: 0,
+                pending_sub: 4,
+                posted_add: 4,
+            },
+            expected_version: Some(12),
+            transfer_id: "p1".into(),
+            entry_kind: EntryKind::PostPending,
+            code: 77,
+            trace: Some(trace),
+        };
+        let messages = [
+            Message::Prepare(leg.clone()),
+            Message::Prepare(Leg {
+                expected_version: None,
+                trace: None,
+                ..leg
+            }),
+            Message::Prepared {
+                attempt: attempt("x1"),
+                version_after: 13,
+            },
+            Message::Refused {
+                attempt: attempt("!expire:h1"),
+                reason: Rejection::ExceedsCredits,
+            },
+            Message::Decide {
+                attempt: attempt("x1"),
+                decision: Decision::Commit,
+                committed_at_ms: 1_700_000_000_123,
+                trace: Some(trace),
+            },
+            Message::Decide {
+                attempt: attempt("x1"),
+                decision: Decision::Abort,
+                committed_at_ms: 0,
+                trace: None,
+            },
+            Message::Acked {
+                attempt: attempt("x1"),
+            },
+            Message::QueryDecision {
+                attempt: attempt("x1"),
+            },
+        ];
+        for message in messages {
+            let bytes = pb::ShardMessage::from(&message).encode_to_vec();
+            let back = pb::ShardMessage::decode(bytes.as_slice()).unwrap();
+            assert_eq!(Message::try_from(back).unwrap(), message);
+        }
+    }
+
+    #[test]
+    fn a_message_missing_a_field_or_with_an_unknown_value_is_refused_by_name() {
+        let decide = pb::ShardMessage {
+            kind: Some(pb::shard_message::Kind::Decide(pb::Decide {
+                attempt: Some((&attempt("x1")).into()),
+                decision: pb::Decision::Unspecified.into(),
+                committed_at_unix_ms: 1,
+                trace: None,
+            })),
+        };
+        assert_eq!(
+            Message::try_from(decide).unwrap_err().field,
+            "decide.decision"
+        );
+        let refused = pb::ShardMessage {
+            kind: Some(pb::shard_message::Kind::Refused(pb::Refused {
+                attempt: Some((&attempt("x1")).into()),
+                reason: 9_999,
+            })),
+        };
+        assert_eq!(
+            Message::try_from(refused).unwrap_err().field,
+            "refused.reason"
+        );
+        let acked = pb::ShardMessage {
+            kind: Some(pb::shard_message::Kind::Acked(pb::Attempt::default())),
+        };
+        assert_eq!(Message::try_from(acked).unwrap_err().field, "attempt.op");
+        let empty = pb::ShardMessage { kind: None };
+        assert_eq!(Message::try_from(empty).unwrap_err().field, "kind");
+    }
+}
