@@ -1,7 +1,7 @@
 //! Starting real servers for tests: in process (`ledger_server::run` on port 0) or as a child
 //! `ledgerd` process that a crash test can `kill -9`.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -73,39 +73,44 @@ pub fn test_config(dir: &Path, shards: u32) -> Config {
 
 /// The `ledgerd` binary next to this test binary (target/<profile>/ledgerd), built if missing.
 pub fn ledgerd_bin() -> PathBuf {
-    workspace_bin("ledger-server", "ledgerd")
+    workspace_bin("ledgerd")
 }
 
 /// The `ledger` CLI binary, built if missing.
 pub fn ledger_bin() -> PathBuf {
-    workspace_bin("ledger-client", "ledger")
+    workspace_bin("ledger")
 }
 
 /// A binary of the workspace next to this test binary, (re)built first so a test never runs a
-/// stale binary (`cargo test -p ledger-tests` alone would not rebuild it; this is quick when it
-/// is up to date).
-pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
-    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+/// stale binary (`cargo test -p ledger-tests` alone would not rebuild it).
+///
+/// The build selects what `cargo test --workspace` builds (every package, with its tests), so
+/// cargo resolves the dependencies' features as it did for the test run and reuses what that
+/// run compiled: only the binaries are linked. Built alone (`cargo build -p ledger-server`),
+/// a binary's dependencies resolve without the dev-dependencies' features, and a second copy
+/// of most of the dependency tree was compiled inside the test run.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    // Once per test process: one build makes every binary.
+    static BUILT: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
     let exe = std::env::current_exe().expect("test binary path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("target/<profile>");
-    let bin = profile_dir.join(name);
     let mut built = BUILT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !built.iter().any(|b| b == name) {
+    if !*built {
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "--quiet", "-p", package, "--bin", name]);
+        build.args(["build", "--quiet", "--workspace", "--bins", "--tests"]);
         if profile_dir.ends_with("release") {
             build.arg("--release");
         }
         let status = build.status().expect("cargo build");
-        assert!(status.success(), "building {name} failed");
-        built.push(name.to_string());
+        assert!(status.success(), "building the workspace's binaries failed");
+        *built = true;
     }
-    bin
+    profile_dir.join(name)
 }
 
 /// A `ledgerd` child process.
@@ -185,4 +190,48 @@ pub fn open_shards(dir: &Path, shards: u32) -> Vec<ledger_store::Embedded> {
         Some(ledger_shard::keys::entry_group),
     )
     .expect("open shards")
+}
+
+/// `GET /metrics` over plain HTTP/1.1.
+pub fn scrape(url: &str) -> String {
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("not a metrics URL: {url}"));
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: ledgerd\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    body.to_string()
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+pub fn metric(body: &str, name: &str, labels: &[&str]) -> f64 {
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            (n == name && labels.iter().all(|want| rest.contains(want)))
+                .then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+/// The metrics URL `ledgerd` gave in its start-up summary (`telemetry.metrics_listen` set).
+pub fn metrics_url(ledgerd: &Ledgerd) -> String {
+    ledgerd
+        .summary
+        .split("metrics: ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(|url| url.trim_end_matches([',', ';']).to_string())
+        .unwrap_or_else(|| panic!("no metrics URL in {}", ledgerd.summary))
 }

@@ -10,7 +10,7 @@ use ledger_tests::process::{ledgerd_bin, workspace_bin};
 fn bench_smoke_run_audits_clean() {
     ledgerd_bin(); // the bench starts the ledgerd next to it
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(workspace_bin("ledger-bench", "ledger-bench"))
+    let out = Command::new(workspace_bin("ledger-bench"))
         .current_dir(dir.path())
         .args([
             "--count",
@@ -53,7 +53,7 @@ fn bench_runs_a_memory_store_ledgerd_and_says_so() {
     ledgerd_bin();
     let dir = tempfile::tempdir().unwrap();
     let bench = || {
-        let mut command = Command::new(workspace_bin("ledger-bench", "ledger-bench"));
+        let mut command = Command::new(workspace_bin("ledger-bench"));
         command.current_dir(dir.path()).args([
             "--count",
             "200",

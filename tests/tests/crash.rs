@@ -18,7 +18,7 @@ use ledger_client::{Client, pb};
 use ledger_shard::read;
 use ledger_store::Store;
 use ledger_tests::checks;
-use ledger_tests::process::{Ledgerd, open_shards, test_config};
+use ledger_tests::process::{Ledgerd, metric, metrics_url, open_shards, scrape, test_config};
 
 const SHARDS: u32 = 4;
 const WORKERS: usize = 8;
@@ -202,6 +202,8 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     );
 
     // Restart; settle every transfer whose answer was lost with the process.
+    let mut config = config;
+    config.telemetry.metrics_listen = "127.0.0.1:0".into();
     let node = Ledgerd::start(dir.path(), &config);
     let client = Client::connect(&node.addr).await.unwrap();
     let all: Vec<(pb::Transfer, Option<pb::TransferResult>)> =
@@ -263,8 +265,28 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         "posted debits are exactly the committed transfers"
     );
 
-    // Let recovery finish (participants ask about prepared locks), stop cleanly, inspect disk.
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    // Let recovery finish (participants ask about prepared locks, coordinators resend their
+    // decisions): wait until no shard has a two-phase commit in flight, then stop cleanly and
+    // inspect the disk.
+    let url = metrics_url(&node);
+    let mut in_flight = f64::NAN;
+    for _ in 0..1_200 {
+        let metrics = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || scrape(&url)
+        })
+        .await
+        .unwrap();
+        in_flight = metric(&metrics, "ledger_2pc_in_flight", &[]);
+        if in_flight == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        in_flight, 0.0,
+        "seed {seed}: two-phase commits still in flight after 60 s"
+    );
     node.terminate();
     let stores = open_shards(&data, SHARDS);
     let refs: Vec<&dyn Store> = stores.iter().map(|s| s as &dyn Store).collect();

@@ -2,7 +2,6 @@
 //! receiver started by the test, and serves Prometheus metrics that a scrape reads.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +16,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 use ledger_client::{Client, pb};
-use ledger_tests::process::{Ledgerd, test_config};
+use ledger_tests::process::{Ledgerd, metric, metrics_url, scrape, test_config};
 use ledger_tests::wire::{pay_from_first, traced, usd_account, usd_transfer};
 
 /// Spans the receiver keeps; a run here exports a few hundred.
@@ -217,57 +216,18 @@ async fn a_real_ledgerd_exports_a_cross_shard_trace_over_otlp() {
     }
 }
 
-/// `GET /metrics` over plain HTTP/1.1.
-fn scrape(url: &str) -> String {
-    let addr = url
-        .strip_prefix("http://")
-        .and_then(|rest| rest.strip_suffix("/metrics"))
-        .unwrap_or_else(|| panic!("not a metrics URL: {url}"));
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: ledgerd\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    body.to_string()
-}
-
-/// The sum of the samples of `name` whose labels include every one of `labels`.
-fn value(body: &str, name: &str, labels: &[&str]) -> f64 {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, v) = l.rsplit_once(' ')?;
-            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
-            (n == name && labels.iter().all(|want| rest.contains(want)))
-                .then(|| v.parse::<f64>().ok())?
-        })
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_commit() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(&dir.path().join("data"), 4);
     config.telemetry.metrics_listen = "127.0.0.1:0".into();
     let ledgerd = Ledgerd::start(dir.path(), &config);
-    let url = ledgerd
-        .summary
-        .split("metrics: ")
-        .nth(1)
-        .map(str::trim)
-        .unwrap_or_else(|| panic!("no metrics URL in {}", ledgerd.summary))
-        .to_string();
+    let url = metrics_url(&ledgerd);
     // Leaders take their leases just after the start-up line; wait (bounded) until all four lead.
     let mut before = scrape(&url);
     for _ in 0..100 {
         if (0..4)
-            .all(|s| value(&before, "ledger_leader_epoch", &[&format!("shard=\"{s}\"")]) >= 1.0)
+            .all(|s| metric(&before, "ledger_leader_epoch", &[&format!("shard=\"{s}\"")]) >= 1.0)
         {
             break;
         }
@@ -275,11 +235,11 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         before = scrape(&url);
     }
     assert!(
-        value(&before, "ledger_leader_epoch", &[r#"shard="3""#]) >= 1.0,
+        metric(&before, "ledger_leader_epoch", &[r#"shard="3""#]) >= 1.0,
         "{before}"
     );
     assert_eq!(
-        value(
+        metric(
             &before,
             "ledger_transfers_total",
             &[r#"outcome="committed""#]
@@ -328,7 +288,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
 
     let after = scrape(&url);
     assert_eq!(
-        value(
+        metric(
             &after,
             "ledger_transfers_total",
             &[r#"outcome="committed""#]
@@ -338,7 +298,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
     );
     // Per-call series: 15 payments and one rejection answered OK, one call refused.
     assert_eq!(
-        value(
+        metric(
             &after,
             "ledger_grpc_requests_total",
             &[r#"method="Transfer""#, r#"code="OK""#]
@@ -347,7 +307,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         "{after}"
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             "ledger_grpc_requests_total",
             &[r#"method="Transfer""#, r#"code="INVALID_ARGUMENT""#]
@@ -355,7 +315,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         1.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             "ledger_grpc_requests_total",
             &[r#"method="CreateAccounts""#, r#"code="OK""#]
@@ -363,7 +323,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         1.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             "ledger_grpc_request_seconds_count",
             &[r#"method="Transfer""#]
@@ -371,7 +331,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         17.0
     );
     assert_eq!(
-        value(
+        metric(
             &after,
             "ledger_transfers_total",
             &[
@@ -382,7 +342,7 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         1.0
     );
     let grew = |name: &str, labels: &[&str]| {
-        let (b, a) = (value(&before, name, labels), value(&after, name, labels));
+        let (b, a) = (metric(&before, name, labels), metric(&after, name, labels));
         assert!(a > b, "{name}{labels:?} moved: {b} -> {a}");
     };
     grew("ledger_batch_inputs_count", &[]);
@@ -396,8 +356,8 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
     grew("ledger_lock_wait_seconds_count", &[]);
     // Every cross-shard payment was coordinated; to-nowhere too if "missing" hashes to
     // another shard than m-1, and then its participant refused it: an abort.
-    let started = value(&after, "ledger_2pc_started_total", &[]);
-    let aborts = value(
+    let started = metric(&after, "ledger_2pc_started_total", &[]);
+    let aborts = metric(
         &after,
         "ledger_2pc_aborts_total",
         &[r#"reason="credit_account_not_found""#],
@@ -408,17 +368,17 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         "started {started}, aborted {aborts}"
     );
     assert_eq!(
-        value(&after, "ledger_2pc_in_flight", &[]),
+        metric(&after, "ledger_2pc_in_flight", &[]),
         0.0,
         "nothing is left in flight"
     );
     // Each recorded id (15 payments, one final rejection) went into its shard's filter.
     assert!(
-        value(&after, "ledger_transfer_filter_ids", &[]) >= 16.0,
+        metric(&after, "ledger_transfer_filter_ids", &[]) >= 16.0,
         "{after}"
     );
-    assert!(value(&after, "ledger_process_resident_bytes", &[]) > 0.0);
-    assert_eq!(value(&after, "ledger_commit_conflicts_total", &[]), 0.0);
+    assert!(metric(&after, "ledger_process_resident_bytes", &[]) > 0.0);
+    assert_eq!(metric(&after, "ledger_commit_conflicts_total", &[]), 0.0);
 
     // With no exporter a transfer still records its caller's trace id (from `traceparent`),
     // and the answer carries no `traceparent` of its own: no span here has a trace context.
