@@ -25,7 +25,7 @@ const FORMAT_KEY: &[u8] = b"format";
 /// - 1: entries one row each (2026-11-24 to 2026-12-01; directories from before 2026-11-24
 ///   hold transfer records without a trace id, which no later build decodes: see
 ///   docs/ARCHITECTURE.md, Known gaps).
-/// - 2: entries packed in chunks (`ledger_store::packed`); an older build would not see them.
+/// - 2: entries packed in chunks (`ledger_store::embedded`, packed groups); an older build would not see them.
 pub const DATA_FORMAT: u32 = 2;
 /// The oldest format this build reads (and upgrades in place).
 pub const DATA_FORMAT_OLDEST: u32 = 1;

@@ -52,7 +52,7 @@ pub fn entry(shard: ShardId, account_id: &str, version: u64) -> Vec<u8> {
     base(shard, ENTRY).str(account_id).u64(version).into_bytes()
 }
 
-/// The packed-group rule of a shard's store (`ledger_store::packed`): an entry is written
+/// The packed-group rule of a shard's store (`ledger_store::embedded`, packed groups): an entry is written
 /// once, and an account's entries in increasing version order, so an entry key's group is its
 /// account (every byte but the version's eight). Account ids are terminated, so groups are
 /// prefix-free.

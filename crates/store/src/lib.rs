@@ -1,31 +1,30 @@
 //! Storage: one [`Store`] trait for ordered key-value transactions with conditional commits,
-//! and its backends.
+//! and its backends. This crate offers:
 //!
+//! - [`Store`], [`WriteBatch`] and [`Expect`]: reads (point, many at once, ranges, keys only)
+//!   and atomic commits with preconditions, blocking or as a future.
 //! - [`Embedded`] (redb): the default. Durable: `commit` returns only after the data is synced
-//!   to disk, so anything acknowledged after a commit survives `kill -9` and power loss.
+//!   to disk, so anything acknowledged after a commit survives `kill -9` and power loss. Its
+//!   parts (write-ahead log, in-memory overlay, packed entry groups, coalesced page writes)
+//!   are private to [`embedded`]; [`open_shards`] opens one store per shard over one log.
 //! - [`Memory`]: tests and simulation only; nothing survives the process.
+//! - [`key`]: the order-preserving key encoding callers build their key layouts with.
+//! - [`conformance`]: one test suite every backend must pass.
 //!
 //! Every commit carries preconditions ([`Expect`]): the shard leader makes each batch
 //! conditional on its lease epoch still being current and on the account versions it read.
 //! A precondition that does not hold fails the whole commit with [`CommitError::Conflict`] and
 //! writes nothing; that is how a stale leader is fenced (I5).
-//!
-//! [`conformance`] is one test suite every backend must pass.
 
-mod coalesce;
 pub mod conformance;
-mod embedded;
+pub mod embedded;
 pub mod key;
-pub mod log;
 mod memory;
-mod overlay;
-pub mod packed;
 
 use std::sync::Arc;
 
-pub use embedded::{Embedded, Limits, open_shards};
+pub use embedded::{Embedded, GroupOf, Limits, open_shards};
 pub use memory::Memory;
-pub use packed::GroupOf;
 
 /// What a key must hold for a commit to go ahead.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -42,11 +42,17 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::coalesce::CoalescingFile;
-use crate::log::Log;
-use crate::overlay::{ENTRY_OVERHEAD_BYTES, Overlay, OverlayKey};
-use crate::packed::{self, GroupOf, PACKED, Packer};
 use crate::{CommitError, Error, Store, Write, WriteBatch};
+use coalesce::CoalescingFile;
+use log::Log;
+use overlay::{ENTRY_OVERHEAD_BYTES, Overlay, OverlayKey};
+pub use packed::{CHUNK_BYTES_MAX, GroupOf, MEMBERS_MAX};
+use packed::{PACKED, Packer};
+
+mod coalesce;
+mod log;
+mod overlay;
+mod packed;
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 /// The log position redb has applied (in the same transaction as the writes).
@@ -99,7 +105,7 @@ impl Limits {
 pub struct Embedded {
     db: Arc<Database>,
     limits: Limits,
-    /// Which keys checkpoints pack into chunks (see [`crate::packed`]); `None` packs nothing.
+    /// Which keys checkpoints pack into chunks (see [`packed`]); `None` packs nothing.
     group_of: Option<GroupOf>,
     path: String,
     tag: u32,
@@ -166,7 +172,7 @@ impl std::fmt::Debug for Embedded {
 
 /// Opens the stores of a node's data directory: `shard-NNNN.redb` for `0..count`, sharing the
 /// log in `log/` (one fsync for all shards' commits). Checkpoints pack the keys `group_of`
-/// places in groups (see [`crate::packed`]).
+/// places in groups (see [`packed`]).
 pub fn open_shards(
     dir: &Path,
     count: u32,
@@ -218,7 +224,7 @@ impl Embedded {
     }
 
     /// Opens a database file whose commits go to `log` under `tag`, replaying the log first.
-    /// Checkpoints pack the keys `group_of` places in groups (see [`crate::packed`]).
+    /// Checkpoints pack the keys `group_of` places in groups (see [`packed`]).
     pub fn open_in_log(
         path: &Path,
         limits: Limits,
@@ -232,7 +238,7 @@ impl Embedded {
             reason,
         };
         // Written through a backend that merges the pages of a checkpoint into fewer writes
-        // (crate::coalesce).
+        // (`coalesce`).
         let db = CoalescingFile::open(path)
             .and_then(|backend| {
                 redb::Builder::new()
@@ -447,7 +453,7 @@ impl Drop for Embedded {
 }
 
 /// One durable redb transaction holding `overlay` and the log position it reaches. Keys that
-/// `group_of` places in groups are packed into chunks (see [`crate::packed`]).
+/// `group_of` places in groups are packed into chunks (see [`packed`]).
 fn write_checkpoint(
     db: &Database,
     overlay: &Overlay,
@@ -958,7 +964,7 @@ mod tests {
             .rev()
             .find(|p| std::fs::metadata(p).unwrap().len() > 0)
             .unwrap();
-        crate::log::tear_last_record(newest, 2);
+        log::tear_last_record(newest, 2);
         let store = Embedded::open(&crash.path().join("db.redb")).unwrap();
         for i in 0..9u8 {
             assert_eq!(
