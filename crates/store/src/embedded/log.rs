@@ -675,7 +675,7 @@ mod tests {
             ])
             .args(["sh", &limit.to_string()])
             .arg(std::env::current_exe().unwrap())
-            .arg("log::tests::a_flush_goes_through_when_its_zeros_cannot_be_written")
+            .arg("embedded::log::tests::a_flush_goes_through_when_its_zeros_cannot_be_written")
             .env(CHILD, dir.path())
             .status()
             .unwrap();

@@ -1,0 +1,88 @@
+//! The leader lease of a shard: the right to write it, with the epoch that fences a stale
+//! leader. A term takes the lease at epoch + 1, written conditionally on the lease it read; a
+//! lease another node holds is refused until it expires; the leader renews it with its batches.
+
+use serde::{Deserialize, Serialize};
+
+use ledger_domain::ShardId;
+use ledger_store::{Expect, Store, WriteBatch};
+
+use crate::{ReadError, codec, keys};
+
+/// The lease record: value = epoch (u64 BE) then this.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub epoch: u64,
+    pub node: String,
+    pub expires_at_ms: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    #[error("shard {shard}: the lease is held by node {node} until {expires_at_ms}")]
+    Held {
+        shard: ShardId,
+        node: String,
+        expires_at_ms: u64,
+    },
+    #[error("shard {shard}: lost a race for the lease; retry")]
+    Raced { shard: ShardId },
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+pub(super) fn encode_lease(lease: &Lease) -> Vec<u8> {
+    let mut out = codec::version_prefix(lease.epoch);
+    out.extend_from_slice(&codec::encode(lease));
+    out
+}
+
+fn decode_lease(bytes: &[u8]) -> Result<Lease, ReadError> {
+    let body = bytes.get(8..).ok_or_else(|| codec::DecodeError {
+        what: "lease",
+        reason: "shorter than its header".into(),
+    })?;
+    Ok(codec::decode("lease", body)?)
+}
+
+/// Takes the shard's lease with a new epoch. A lease held by another node and not yet expired
+/// is refused; our own node's lease (a restart) is taken over at once.
+pub fn acquire_lease(
+    store: &dyn Store,
+    shard: ShardId,
+    node: &str,
+    now_ms: u64,
+    lease_ms: u64,
+) -> Result<Lease, LeaseError> {
+    let key = keys::lease(shard);
+    let current = store.get(&key).map_err(ReadError::from)?;
+    let mut batch = WriteBatch::default();
+    let epoch = match &current {
+        None => {
+            batch.expect(key.clone(), Expect::Absent);
+            1
+        }
+        Some(bytes) => {
+            let lease = decode_lease(bytes)?;
+            if lease.node != node && lease.expires_at_ms > now_ms {
+                return Err(LeaseError::Held {
+                    shard,
+                    node: lease.node,
+                    expires_at_ms: lease.expires_at_ms,
+                });
+            }
+            batch.expect(key.clone(), Expect::Equals(bytes.clone()));
+            lease.epoch + 1
+        }
+    };
+    let lease = Lease {
+        epoch,
+        node: node.to_string(),
+        expires_at_ms: now_ms + lease_ms,
+    };
+    batch.put(key, encode_lease(&lease));
+    store
+        .commit(&batch)
+        .map_err(|_| LeaseError::Raced { shard })?;
+    Ok(lease)
+}
