@@ -1,19 +1,26 @@
 //! The Prometheus endpoint: `GET /metrics` on its own listener (`telemetry.metrics_listen`).
 //!
 //! The recorder is the `metrics` facade's global one, so every crate records through the
-//! `metrics` macros (the shard's series are listed in `ledger_shard::metrics`). The endpoint
-//! is a deliberately small HTTP/1.1 responder: one request per connection, bounded request
-//! size, bounded connections, bounded time.
+//! `metrics` macros (the shard's series are listed in `ledger_shard::metrics`). hyper's
+//! HTTP/1.1 server answers: one request per connection, bounded header bytes, bounded
+//! connections, bounded time. (The exporter's own listener binds an address it does not report
+//! back, so `ledgerd` could not listen on port 0 and say where.)
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode, header};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-/// The most bytes of a scrape request read (request line and headers).
+/// The most bytes of a scrape request buffered (request line and headers; hyper's least).
 pub const REQUEST_BYTES_MAX: usize = 8 * 1024;
 /// Scrapes served at once; more wait for a slot.
 pub const CONNECTIONS_MAX: usize = 16;
@@ -69,45 +76,37 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle) {
         let handle = handle.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, respond(stream, &handle)).await;
+            let service = service_fn(move |request| {
+                let response = respond(&request, &handle);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_TIMEOUT)
+                .max_buf_size(REQUEST_BYTES_MAX)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, connection).await;
         });
     }
 }
 
-async fn respond(mut stream: TcpStream, handle: &PrometheusHandle) -> std::io::Result<()> {
-    let mut request = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Ok(());
-        }
-        request.extend_from_slice(&chunk[..n]);
-        if request.len() > REQUEST_BYTES_MAX {
-            return write(&mut stream, "431 Request Header Fields Too Large", "").await;
-        }
-    }
-    let line = request.split(|b| *b == b'\r').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next()) {
-        (Some("GET"), Some("/metrics")) => {
+fn respond<B>(request: &Request<B>, handle: &PrometheusHandle) -> Response<Full<Bytes>> {
+    let (status, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => {
             record_process_memory();
-            write(&mut stream, "200 OK", &handle.render()).await
+            (StatusCode::OK, handle.render())
         }
-        (Some("GET"), Some(_)) => write(&mut stream, "404 Not Found", "try /metrics\n").await,
-        _ => write(&mut stream, "405 Method Not Allowed", "").await,
-    }
-}
-
-async fn write(stream: &mut TcpStream, status: &str, body: &str) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
+        (&Method::GET, _) => (StatusCode::NOT_FOUND, "try /metrics\n".to_string()),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, String::new()),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; version=0.0.4"),
     );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
+    response
 }
 
 /// `ledger_process_resident_bytes`: the process's resident memory, read at scrape time from
@@ -145,6 +144,66 @@ mod tests {
         assert!(
             resident_bytes(&own).unwrap() > 1 << 20,
             "this test process uses over 1 MiB"
+        );
+    }
+}
+
+#[cfg(test)]
+mod endpoint_tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    /// One request over a fresh connection; returns the status line and the body.
+    fn request(addr: std::net::SocketAddr, head: &str) -> (String, String) {
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(head.as_bytes()).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        )
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn scrapes_are_answered_and_other_requests_refused() {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::counter!("ledger_test_scrapes_total").increment(3);
+        });
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve(listener, handle));
+        let results = tokio::task::spawn_blocking(move || {
+            let get = request(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+            let other = request(addr, "GET /other HTTP/1.1\r\nHost: x\r\n\r\n");
+            let post = request(
+                addr,
+                "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+            );
+            let huge = format!(
+                "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                "a".repeat(REQUEST_BYTES_MAX * 2)
+            );
+            (get, other, post, request(addr, &huge))
+        })
+        .await
+        .unwrap();
+        server.abort();
+        let (get, other, post, huge) = results;
+        assert!(get.0.starts_with("HTTP/1.1 200"), "{get:?}");
+        assert!(get.1.contains("ledger_test_scrapes_total 3"), "{get:?}");
+        assert!(other.0.starts_with("HTTP/1.1 404"), "{other:?}");
+        assert!(post.0.starts_with("HTTP/1.1 405"), "{post:?}");
+        assert!(
+            !huge.0.starts_with("HTTP/1.1 200"),
+            "a request past {REQUEST_BYTES_MAX} header bytes is not served: {huge:?}"
         );
     }
 }
