@@ -90,19 +90,54 @@ impl WriteBatch {
     }
 }
 
-/// Errors of reads and of the store itself.
+/// What a storage engine or the OS said, kept as an error's source.
+pub type Cause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of opening a store and of reads. Each variant is a different reaction: fix the
+/// setup ([`Error::InUse`], [`Error::Unopenable`], [`Error::Open`]), retry later
+/// ([`Error::Io`]), or stop and call an operator ([`Error::Damaged`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The store could not be opened: another process holds it, the file is not a database,
-    /// or the directory is not usable. The message says which.
-    #[error("cannot open the store at {path}: {reason}")]
-    Open { path: String, reason: String },
-    /// An I/O or storage-engine failure. The operation did not complete.
-    #[error("storage failure: {0}")]
-    Io(String),
+    /// Another process has the store open. Stop it, or use another data directory.
+    #[error(
+        "cannot open the store at {path}: it is already open in another process (is another ledgerd running?)"
+    )]
+    InUse { path: String },
+    /// What the store holds does not let it open as asked; it is left as it is.
+    #[error("cannot open the store at {path}: {problem}")]
+    Unopenable { path: String, problem: OpenProblem },
+    /// The storage engine or the OS failed to open the store (not a database, unreadable, no
+    /// room); the source says what.
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: Cause,
+    },
+    /// A read failed in the storage engine or the OS; nothing changed. It may succeed later.
+    #[error("storage read failed: {0}")]
+    Io(#[source] Cause),
+    /// Stored bytes are damaged: the store needs an operator.
+    #[error("the store is damaged: {what}: {why}")]
+    Damaged { what: String, why: &'static str },
 }
 
+/// Why a store refuses to open although its files could be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenProblem {
+    /// It holds packed rows and was opened without the rule that reads them.
+    #[error("it holds packed rows, and was opened without the rule that reads them")]
+    PackedWithoutRule,
+    /// The log skips commits: replaying it would lose some.
+    #[error("the log jumps from commit {from} to {to}; refusing to guess")]
+    LogGap { from: u64, to: u64 },
+}
+
+/// Why a commit did not go through. Each variant is a different reaction: step down and
+/// reload ([`CommitError::Conflict`]), retry later ([`CommitError::NotCommitted`]), find out by
+/// reading again ([`CommitError::Unknown`]), or restart ([`CommitError::Poisoned`]).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum CommitError {
@@ -111,13 +146,24 @@ pub enum CommitError {
     /// and reload.
     #[error("precondition failed on key {key:?}; nothing was written")]
     Conflict { key: Vec<u8> },
-    /// The commit failed before it could take effect; nothing was written.
+    /// The commit failed before it could take effect (its preconditions could not be read);
+    /// nothing was written. It may succeed later.
     #[error("commit failed, nothing was written: {0}")]
-    NotCommitted(String),
+    NotCommitted(#[source] Cause),
+    /// A write the store never takes: a delete of a member of a packed group (a caller's bug).
+    /// Nothing was written.
+    #[error("commit refused, nothing was written: key {key:?} is in a packed group, whose members are never deleted")]
+    DeletesPackedMember { key: Vec<u8> },
+    /// An earlier commit failed after it was logged: the store takes no commit until a
+    /// restart replays its log.
+    #[error(
+        "the store at {path} takes no more commits: an earlier commit failed after it was logged; restart to replay the log"
+    )]
+    Poisoned { path: String },
     /// The commit may or may not have taken effect (FoundationDB's commit_unknown_result, or an
     /// fsync error). Resolve by re-reading; retry transfers with the same ids.
     #[error("commit outcome unknown: {0}")]
-    Unknown(String),
+    Unknown(#[source] Cause),
 }
 
 /// Ordered key-value storage with atomic conditional commits.

@@ -109,16 +109,38 @@ struct State {
     /// Per tag: the highest seq its store has made durable on its own.
     durable: HashMap<u32, u64>,
     recovered: HashMap<u32, Recovered>,
-    failed: Option<String>,
+    failed: Option<LogFailed>,
 }
 
 impl State {
     /// Whether flush group `group` is on disk: `Some(Ok)` yes, `Some(Err)` it never will be.
-    fn outcome(&self, group: u64) -> Option<Result<(), String>> {
+    fn outcome(&self, group: u64) -> Option<Result<(), LogFailed>> {
         if self.synced_group >= group {
             return Some(Ok(()));
         }
         self.failed.clone().map(Err)
+    }
+}
+
+/// The log failed to write, sync or rotate a segment. Part of a record may be on disk; the log
+/// takes nothing more in this process, and a restart replays what is intact. Every commit
+/// waiting on it gets the same failure, so it is cheap to clone.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("log {op} in {dir} failed: {source}")]
+pub struct LogFailed {
+    pub op: &'static str,
+    pub dir: PathBuf,
+    #[source]
+    pub source: Arc<std::io::Error>,
+}
+
+impl LogFailed {
+    fn new(op: &'static str, dir: &Path, source: std::io::Error) -> Self {
+        Self {
+            op,
+            dir: dir.to_path_buf(),
+            source: Arc::new(source),
+        }
     }
 }
 
@@ -198,7 +220,7 @@ impl Log {
 
     /// Adds a record to the next flush and returns that flush's group number (wait for it
     /// with [`Log::wait`] or [`Log::synced`]). Nothing is durable before the wait returns.
-    pub fn submit(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<u64, String> {
+    pub fn submit(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<u64, LogFailed> {
         thread_local! {
             static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
@@ -226,7 +248,7 @@ impl Log {
     }
 
     /// Blocks until flush group `group` is on disk.
-    pub fn wait(&self, group: u64) -> Result<(), String> {
+    pub fn wait(&self, group: u64) -> Result<(), LogFailed> {
         let mut state = self.lock();
         loop {
             if let Some(outcome) = state.outcome(group) {
@@ -249,7 +271,7 @@ impl Log {
 
     /// Appends a record and returns once it is on disk (fsynced), together with whatever other
     /// records arrived meanwhile.
-    pub fn append(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<(), String> {
+    pub fn append(&self, tag: u32, seq: u64, writes: &[Write]) -> Result<(), LogFailed> {
         let group = self.submit(tag, seq, writes)?;
         self.wait(group)
     }
@@ -287,7 +309,7 @@ pub struct Synced<'a> {
 }
 
 impl std::future::Future for Synced<'_> {
-    type Output = Result<(), String>;
+    type Output = Result<(), LogFailed>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut state = self.log.lock();
@@ -382,13 +404,13 @@ impl Shared {
                     if state.bytes >= SEGMENT_BYTES
                         && let Err(e) = self.rotate(&mut state)
                     {
-                        state.failed = Some(format!("log rotation in {}: {e}", self.dir.display()));
+                        state.failed = Some(LogFailed::new("rotation", &self.dir, e));
                     }
                 }
                 Err(e) => {
                     // Part of the buffer may be on disk. Nothing more may be logged in this
                     // process: a restart replays what is intact.
-                    state.failed = Some(format!("log write in {}: {e}", self.dir.display()));
+                    state.failed = Some(LogFailed::new("write", &self.dir, e));
                 }
             }
             if state.blocked_waiters > 0 {

@@ -42,9 +42,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use crate::{CommitError, Error, Store, Write, WriteBatch};
+use crate::{Cause, CommitError, Error, OpenProblem, Store, Write, WriteBatch};
 use coalesce::CoalescingFile;
-use log::Log;
+use log::{Log, LogFailed};
 use overlay::{ENTRY_OVERHEAD_BYTES, Overlay, OverlayKey};
 pub use packed::{CHUNK_BYTES_MAX, GroupOf, MEMBERS_MAX};
 use packed::{PACKED, Packer};
@@ -158,7 +158,7 @@ struct Frozen {
     overlay: Arc<Overlay>,
     /// The last commit it holds.
     seq: u64,
-    thread: std::thread::JoinHandle<Result<(), String>>,
+    thread: std::thread::JoinHandle<Result<(), Cause>>,
 }
 
 impl std::fmt::Debug for Embedded {
@@ -182,7 +182,7 @@ pub fn open_shards(
     let log_dir = dir.join("log");
     let log = Log::open(&log_dir).map_err(|e| Error::Open {
         path: log_dir.display().to_string(),
-        reason: e.to_string(),
+        source: e.into(),
     })?;
     let log = Arc::new(log);
     (0..count)
@@ -218,7 +218,7 @@ impl Embedded {
         let log_dir = PathBuf::from(format!("{}.log", path.display()));
         let log = Log::open(&log_dir).map_err(|e| Error::Open {
             path: log_dir.display().to_string(),
-            reason: e.to_string(),
+            source: e.into(),
         })?;
         Self::open_in_log(path, limits, Arc::new(log), 0, None)
     }
@@ -233,9 +233,13 @@ impl Embedded {
         group_of: Option<GroupOf>,
     ) -> Result<Self, Error> {
         let shown = path.display().to_string();
-        let open_err = |reason: String| Error::Open {
+        let open_err = |e: redb::Error| Error::Open {
             path: shown.clone(),
-            reason,
+            source: e.into(),
+        };
+        let refuse = |problem| Error::Unopenable {
+            path: shown.clone(),
+            problem,
         };
         // Written through a backend that merges the pages of a checkpoint into fewer writes
         // (`coalesce`).
@@ -246,33 +250,27 @@ impl Embedded {
                     .create_with_backend(backend)
             })
             .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => open_err(
-                    "it is already open in another process (is another ledgerd running?)".into(),
-                ),
-                other => open_err(other.to_string()),
+                redb::DatabaseError::DatabaseAlreadyOpen => Error::InUse {
+                    path: shown.clone(),
+                },
+                other => open_err(other.into()),
             })?;
-        let oe = |e: &dyn std::fmt::Display| open_err(e.to_string());
         // Create the tables up front so readers never meet a missing table.
-        let txn = db.begin_write().map_err(|e| oe(&e))?;
-        txn.open_table(KV).map_err(|e| oe(&e))?;
-        let packed_rows = txn
-            .open_table(PACKED)
-            .map_err(|e| oe(&e))?
-            .first()
-            .map_err(|e| oe(&e))?
-            .is_some();
+        let (packed_rows, applied) = (|| -> Result<(bool, u64), redb::Error> {
+            let txn = db.begin_write()?;
+            txn.open_table(KV)?;
+            let packed_rows = txn.open_table(PACKED)?.first()?.is_some();
+            let applied = txn
+                .open_table(META)?
+                .get(APPLIED_SEQ)?
+                .map_or(0, |v| v.value());
+            txn.commit()?;
+            Ok((packed_rows, applied))
+        })()
+        .map_err(open_err)?;
         if packed_rows && group_of.is_none() {
-            return Err(open_err(
-                "it holds packed rows, and was opened without the rule that reads them".into(),
-            ));
+            return Err(refuse(OpenProblem::PackedWithoutRule));
         }
-        let applied = {
-            let meta = txn.open_table(META).map_err(|e| oe(&e))?;
-            meta.get(APPLIED_SEQ)
-                .map_err(|e| oe(&e))?
-                .map_or(0, |v| v.value())
-        };
-        txn.commit().map_err(|e| oe(&e))?;
 
         // Replay: the records past the checkpoint, in order, written as one checkpoint.
         let mut seq = applied;
@@ -282,14 +280,18 @@ impl Embedded {
                 continue; // Already in the last durable checkpoint.
             }
             if record_seq != seq + 1 {
-                return Err(open_err(format!(
-                    "the log jumps from commit {seq} to {record_seq}; refusing to guess"
-                )));
+                return Err(refuse(OpenProblem::LogGap {
+                    from: seq,
+                    to: record_seq,
+                }));
             }
             overlay_apply(&mut replayed, &writes);
             seq = record_seq;
         }
-        write_checkpoint(&db, &replayed, seq, group_of).map_err(open_err)?;
+        write_checkpoint(&db, &replayed, seq, group_of).map_err(|source| Error::Open {
+            path: shown.clone(),
+            source,
+        })?;
         log.durable(tag, seq);
         let state = State {
             seq,
@@ -325,7 +327,7 @@ impl Embedded {
     /// Hands the overlay to a checkpoint thread, which writes it into redb in one durable
     /// transaction; commits go on meanwhile into a fresh overlay. At most one checkpoint runs
     /// at a time: a second one waits for the first (backpressure, and a bound on memory).
-    fn start_checkpoint(&self, state: &mut State) -> Result<(), String> {
+    fn start_checkpoint(&self, state: &mut State) -> Result<(), Cause> {
         self.settle(state, true)?;
         let next = Overlay::with_capacity(state.overlay.len());
         let overlay = Arc::new(std::mem::replace(&mut state.overlay, next));
@@ -336,7 +338,7 @@ impl Embedded {
         let thread = std::thread::Builder::new()
             .name(format!("checkpoint-{}", self.tag))
             .spawn(move || write_checkpoint(&db, &frozen, seq, group_of))
-            .map_err(|e| format!("cannot start a checkpoint thread: {e}"))?;
+?;
         state.frozen = Some(Frozen {
             overlay,
             seq,
@@ -347,7 +349,7 @@ impl Embedded {
 
     /// Collects a finished checkpoint (or waits for it): its commits are now in redb, and the
     /// log may drop them.
-    fn settle(&self, state: &mut State, wait: bool) -> Result<(), String> {
+    fn settle(&self, state: &mut State, wait: bool) -> Result<(), Cause> {
         let finished = state
             .frozen
             .as_ref()
@@ -360,7 +362,7 @@ impl Embedded {
         let outcome = frozen
             .thread
             .join()
-            .unwrap_or_else(|_| Err("the checkpoint thread panicked".into()));
+            .unwrap_or_else(|_| Err(Cause::from("the checkpoint thread panicked")));
         // Freeing a checkpoint's worth of small allocations takes milliseconds: not on the
         // committing thread. (If no thread can be started, the overlay is freed right here.)
         let overlay = frozen.overlay;
@@ -382,7 +384,7 @@ impl Embedded {
     }
 
     /// Waits for a running checkpoint, then writes what remains in the overlay (at close).
-    fn checkpoint_now(&self, state: &mut State) -> Result<(), String> {
+    fn checkpoint_now(&self, state: &mut State) -> Result<(), Cause> {
         self.settle(state, true)?;
         if state.overlay.is_empty() {
             return Ok(());
@@ -459,13 +461,13 @@ fn write_checkpoint(
     overlay: &Overlay,
     seq: u64,
     group_of: Option<GroupOf>,
-) -> Result<(), String> {
-    let mut txn = db.begin_write().map_err(|e| e.to_string())?;
+) -> Result<(), Cause> {
+    let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)
-        .map_err(|e| e.to_string())?;
+        ?;
     {
-        let mut table = txn.open_table(KV).map_err(|e| e.to_string())?;
-        let mut packed = txn.open_table(PACKED).map_err(|e| e.to_string())?;
+        let mut table = txn.open_table(KV)?;
+        let mut packed = txn.open_table(PACKED)?;
         let mut packer = Packer::new();
         let mut bytes = Vec::new();
         for (key, value) in overlay.iter() {
@@ -476,18 +478,19 @@ fn write_checkpoint(
                 (Some(v), None) => {
                     table
                         .insert(bytes.as_slice(), v)
-                        .map_err(|e| e.to_string())?;
+                        ?;
                 }
                 (None, _) => {
-                    table.remove(bytes.as_slice()).map_err(|e| e.to_string())?;
+                    table.remove(bytes.as_slice())?;
                 }
             }
         }
         packer.flush(&mut packed, &mut table)?;
-        let mut meta = txn.open_table(META).map_err(|e| e.to_string())?;
-        meta.insert(APPLIED_SEQ, seq).map_err(|e| e.to_string())?;
+        let mut meta = txn.open_table(META)?;
+        meta.insert(APPLIED_SEQ, seq)?;
     }
-    txn.commit().map_err(|e| e.to_string())
+    txn.commit()?;
+    Ok(())
 }
 
 /// Merges two runs ordered by `cmp`; on equal items the one from `first` is kept and the
@@ -542,8 +545,8 @@ fn merge_rows(
     })
 }
 
-fn io(e: impl std::fmt::Display) -> Error {
-    Error::Io(e.to_string())
+fn io(e: impl Into<redb::Error>) -> Error {
+    Error::Io(e.into().into())
 }
 
 /// Adds a commit's writes to an overlay (copying their values into its arena); returns the
@@ -601,7 +604,7 @@ impl Store for Embedded {
                     let Some(Err(e)) = base.next() else {
                         unreachable!("peeked an error")
                     };
-                    return Err(io(e));
+                    return Err(e);
                 }
                 None => None,
             };
@@ -726,7 +729,6 @@ impl Embedded {
         preconditions: &[(Vec<u8>, crate::Expect)],
         writes: &[Write],
     ) -> Result<Option<u64>, CommitError> {
-        let not_committed = |e: &dyn std::fmt::Display| CommitError::NotCommitted(e.to_string());
         // One commit at a time per store: its log order is its commit order. A shard has one
         // writer, so this waits only if a second writer shows up (a test, say).
         let mut state = self.state();
@@ -742,15 +744,14 @@ impl Embedded {
             tracing::error!(store = %self.path, error = %e, "checkpoint failed; the log keeps every commit, restart to replay it");
         }
         if state.poisoned {
-            return Err(CommitError::NotCommitted(format!(
-                "{}: an earlier commit failed after it was logged; restart to replay the log",
-                self.path
-            )));
+            return Err(CommitError::Poisoned {
+                path: self.path.clone(),
+            });
         }
         for (key, expect) in preconditions {
             let holds = self
                 .read_with(&mut state, key, |current| expect.holds(current))
-                .map_err(|e| not_committed(&e))?;
+                .map_err(|e| CommitError::NotCommitted(e.into()))?;
             if !holds {
                 return Err(CommitError::Conflict { key: key.clone() });
             }
@@ -762,9 +763,7 @@ impl Embedded {
             Write::Delete(key) if packed::group(self.group_of, key).is_some() => Some(key),
             _ => None,
         }) {
-            return Err(CommitError::NotCommitted(format!(
-                "key {key:?} is in a packed group, whose members are never deleted"
-            )));
+            return Err(CommitError::DeletesPackedMember { key: key.clone() });
         }
         let seq = state.seq + 1;
         match self.log.submit(self.tag, seq, writes) {
@@ -776,7 +775,7 @@ impl Embedded {
             Err(e) => {
                 // Part of the record may be on disk. Unknown, and no further commits here.
                 state.poisoned = true;
-                Err(CommitError::Unknown(format!("log append: {e}")))
+                Err(CommitError::Unknown(e.into()))
             }
         }
     }
@@ -800,14 +799,18 @@ impl<'a> InFlight<'a> {
 
     /// The second half of a commit, once the log has answered: a synced record's writes
     /// become visible (and may start a checkpoint).
-    fn finish(&mut self, writes: &[Write], synced: Result<(), String>) -> Result<(), CommitError> {
+    fn finish(
+        &mut self,
+        writes: &[Write],
+        synced: Result<(), LogFailed>,
+    ) -> Result<(), CommitError> {
         self.finished = true;
         let store = self.store;
         let mut state = store.state();
         store.end_in_flight(&mut state);
         if let Err(e) = synced {
             state.poisoned = true;
-            return Err(CommitError::Unknown(format!("log append: {e}")));
+            return Err(CommitError::Unknown(e.into()));
         }
         state.commits_since_checkpoint += 1;
         state.overlay_bytes += overlay_apply(&mut state.overlay, writes);
@@ -928,7 +931,7 @@ mod tests {
         );
         assert!(matches!(
             store.commit(&batch(200)),
-            Err(CommitError::NotCommitted(_))
+            Err(CommitError::Poisoned { .. })
         ));
     }
 
@@ -1371,7 +1374,10 @@ mod tests {
             b.put(b"h0".to_vec(), b"no".to_vec());
             b.delete(member(0, 0));
             let err = store.commit(&b).unwrap_err();
-            assert!(matches!(err, CommitError::NotCommitted(_)), "{err}");
+            assert!(
+                matches!(err, CommitError::DeletesPackedMember { .. }),
+                "{err}"
+            );
             assert_reads_match(&store, &model, &mut rng);
             // Packing happened: far fewer rows than members.
             let mut state = store.state();

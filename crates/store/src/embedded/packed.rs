@@ -24,7 +24,7 @@
 
 use redb::{ReadableTable, TableDefinition};
 
-use crate::Error;
+use crate::{Cause, Error};
 
 pub(crate) const PACKED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("packed");
 
@@ -42,11 +42,11 @@ pub const MEMBERS_MAX: usize = 64;
 /// Most bytes of members in one chunk (a chunk closes once it holds this much).
 pub const CHUNK_BYTES_MAX: usize = 16 << 10;
 
-fn corrupt(row: &[u8], why: &str) -> Error {
-    Error::Io(format!(
-        "packed row {} is damaged: {why}",
-        String::from_utf8_lossy(row)
-    ))
+fn corrupt(row: &[u8], why: &'static str) -> Error {
+    Error::Damaged {
+        what: format!("packed row {}", String::from_utf8_lossy(row)),
+        why,
+    }
 }
 
 /// A decoded member of a chunk: its key's suffix (after the group prefix) and its value.
@@ -85,7 +85,7 @@ pub(crate) fn get(
     key: &[u8],
     group: usize,
 ) -> Result<Option<Vec<u8>>, Error> {
-    let io = |e: redb::StorageError| Error::Io(e.to_string());
+    let io = |e: redb::StorageError| Error::Io(e.into());
     let Some(row) = table.range(key..).map_err(io)?.next() else {
         return Ok(None);
     };
@@ -124,7 +124,7 @@ impl<'t> Range<'t> {
         // row at or after it.
         let rows = table
             .range::<&[u8]>(start..)
-            .map_err(|e| Error::Io(e.to_string()))?;
+            .map_err(|e| Error::Io(e.into()))?;
         Ok(Self {
             rows,
             group_of,
@@ -140,7 +140,7 @@ impl<'t> Range<'t> {
             self.done = true;
             return Ok(());
         };
-        let (row_key, chunk) = row.map_err(|e| Error::Io(e.to_string()))?;
+        let (row_key, chunk) = row.map_err(|e| Error::Io(e.into()))?;
         let (row_key, chunk) = (row_key.value(), chunk.value());
         let group = group(Some(self.group_of), row_key)
             .ok_or_else(|| corrupt(row_key, "its key is not in a packed group"))?;
@@ -215,7 +215,7 @@ impl Packer {
         key: &[u8],
         group: usize,
         value: &[u8],
-    ) -> Result<(), String> {
+    ) -> Result<(), Cause> {
         let (prefix, suffix) = key.split_at(group);
         let suffix_len = u16::try_from(suffix.len())
             .map_err(|_| format!("a packed key's suffix is {} bytes", suffix.len()))?;
@@ -251,17 +251,17 @@ impl Packer {
         &mut self,
         packed: &mut redb::Table<&'static [u8], &'static [u8]>,
         kv: &mut redb::Table<&'static [u8], &'static [u8]>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Cause> {
         if self.members == 0 {
             return Ok(());
         }
         let overlaps = match packed
             .range::<&[u8]>(self.first.as_slice()..)
-            .map_err(|e| e.to_string())?
+            ?
             .next()
         {
             Some(row) => row
-                .map_err(|e| e.to_string())?
+                ?
                 .0
                 .value()
                 .starts_with(&self.prefix),
@@ -269,17 +269,17 @@ impl Packer {
         };
         if overlaps {
             let mut key = Vec::new();
-            for (suffix, value) in members(&self.last, &self.chunk).map_err(|e| e.to_string())? {
+            for (suffix, value) in members(&self.last, &self.chunk)? {
                 key.clear();
                 key.extend_from_slice(&self.prefix);
                 key.extend_from_slice(suffix);
                 kv.insert(key.as_slice(), value)
-                    .map_err(|e| e.to_string())?;
+                    ?;
             }
         } else {
             packed
                 .insert(self.last.as_slice(), self.chunk.as_slice())
-                .map_err(|e| e.to_string())?;
+                ?;
         }
         self.members = 0;
         self.chunk.clear();
