@@ -52,10 +52,15 @@ pub enum StartError {
     Config(#[from] ConfigError),
     #[error("data directory {path}: {reason}")]
     DataDir { path: String, reason: String },
+    /// A shard's stored state could not be read at start.
     #[error("store: {0}")]
-    Store(String),
-    #[error("{0}")]
-    Internal(String),
+    Read(#[from] ledger_shard::ReadError),
+    /// `ledgerd init` with a store other than the embedded one (nothing to initialise).
+    #[error("init applies to the embedded store only")]
+    InitNeedsEmbedded,
+    /// The listener or the gRPC server failed.
+    #[error("serving: {0}")]
+    Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 pub fn open(

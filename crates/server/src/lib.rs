@@ -37,9 +37,7 @@ pub struct Started {
 pub fn init(config: &Config) -> Result<ClusterMeta, StartError> {
     config.validate()?;
     if config.store != StoreKind::Embedded {
-        return Err(StartError::Internal(
-            "init applies to the embedded store only".into(),
-        ));
+        return Err(StartError::InitNeedsEmbedded);
     }
     data_dir::init(config, SystemClock.now_ms())
 }
@@ -62,8 +60,7 @@ pub async fn run(
         stores,
         config.shard.clone(),
         clock,
-    )
-    .map_err(|e| StartError::Store(e.to_string()))?;
+    )?;
     let node = Arc::new(node);
     let router = router::Router::new(Arc::clone(&node), config.batch_size_max);
     let ledger = LedgerServiceServer::new(service::Ledger::new(router))
@@ -78,16 +75,16 @@ pub async fn run(
         .register_encoded_file_descriptor_set(ledger_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
-        .map_err(|e| StartError::Internal(e.to_string()))?;
+        .map_err(|e| StartError::Serve(e.into()))?;
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(ledger_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
-        .map_err(|e| StartError::Internal(e.to_string()))?;
+        .map_err(|e| StartError::Serve(e.into()))?;
 
     let listen = listener
         .local_addr()
-        .map_err(|e| StartError::Internal(e.to_string()))?;
+        .map_err(|e| StartError::Serve(e.into()))?;
     on_started(Started { listen, meta });
     let served = tonic::transport::Server::builder()
         .trace_fn(telemetry::request_span)
@@ -101,5 +98,5 @@ pub async fn run(
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown().await;
     }
-    served.map_err(|e| StartError::Internal(e.to_string()))
+    served.map_err(|e| StartError::Serve(e.into()))
 }

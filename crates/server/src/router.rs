@@ -277,5 +277,5 @@ fn route_span(items: usize) -> tracing::Span {
 }
 
 fn unexpected(reply: &Reply) -> ApiError {
-    ApiError::Internal(format!("unexpected reply from a shard: {reply:?}"))
+    ApiError::Internal(format!("unexpected reply from a shard: {reply:?}").into())
 }

@@ -175,7 +175,11 @@ impl Ledger {
         validate_id("account_id", &id).map_err(ApiError::from)?;
         match self.router.account(&id)? {
             Some((account, _)) => Ok(Response::new(wire::balance(&account))),
-            None => Err(ApiError::NotFound(format!("account {id:?} does not exist")).into()),
+            None => Err(ApiError::NotFound {
+                what: "account",
+                id: id.clone(),
+            }
+            .into()),
         }
     }
 
@@ -211,9 +215,11 @@ impl Ledger {
                 })?
         };
         if self.router.account(&r.account_id)?.is_none() {
-            return Err(
-                ApiError::NotFound(format!("account {:?} does not exist", r.account_id)).into(),
-            );
+            return Err(ApiError::NotFound {
+                what: "account",
+                id: r.account_id.clone(),
+            }
+            .into());
         }
         let mut entries = self
             .router

@@ -152,7 +152,9 @@ pub enum CommitError {
     NotCommitted(#[source] Cause),
     /// A write the store never takes: a delete of a member of a packed group (a caller's bug).
     /// Nothing was written.
-    #[error("commit refused, nothing was written: key {key:?} is in a packed group, whose members are never deleted")]
+    #[error(
+        "commit refused, nothing was written: key {key:?} is in a packed group, whose members are never deleted"
+    )]
     DeletesPackedMember { key: Vec<u8> },
     /// An earlier commit failed after it was logged: the store takes no commit until a
     /// restart replays its log.

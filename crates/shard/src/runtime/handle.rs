@@ -45,11 +45,26 @@ pub enum Command {
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum ShardError {
-    /// The leader stepped down or is stopping; nothing unacknowledged is lost. Retry (with the
-    /// same transfer id).
+    /// The leader stepped down or is stopping; nothing unacknowledged is lost. Retry later
+    /// (with the same transfer id).
     #[error("shard {0} is unavailable (its leader is changing or stopping); retry")]
     Unavailable(ShardId),
+    /// This node does not lead the shard. Send the call to the leader the hint names (if one
+    /// is known), with the same transfer ids.
+    #[error("this node does not lead shard {shard}{}", leader.as_ref().map(|l| format!("; its leader is node {} at {}", l.node, l.address)).unwrap_or_default())]
+    NotLeader {
+        shard: ShardId,
+        leader: Option<LeaderHint>,
+    },
+}
+
+/// Where a shard's leader is believed to be: a node id and its client address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderHint {
+    pub node: String,
+    pub address: String,
 }
 
 /// A cheap, cloneable handle to a shard's queue.

@@ -39,7 +39,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use ledger_domain::ShardId;
 use ledger_store::{Expect, Store, WriteBatch};
 
-pub use handle::{Command, Peers, ShardError, ShardHandle, channel};
+pub use handle::{Command, LeaderHint, Peers, ShardError, ShardHandle, channel};
 pub use lease::{Lease, LeaseError, acquire_lease};
 pub use recovery::load;
 
@@ -167,7 +167,7 @@ impl Runtime {
                 return stepped_down;
             }
             if let Err(e) = engine.tick() {
-                return Term::SteppedDown(e.to_string());
+                return Term::SteppedDown(StepDown::Engine(e));
             }
             if let Err(stepped_down) = self.fetch(&mut engine, &mut term.metrics).await {
                 return stepped_down;
@@ -224,7 +224,7 @@ impl Runtime {
             let handle = |engine: &mut Engine, input| {
                 engine
                     .handle(input)
-                    .map_err(|e| Term::SteppedDown(e.to_string()))
+                    .map_err(|e| Term::SteppedDown(StepDown::Engine(e)))
             };
             match command {
                 Command::Stop => {
@@ -303,11 +303,11 @@ impl Runtime {
                 .store
                 .get_many_async(keys)
                 .await
-                .map_err(|e| Term::SteppedDown(format!("store read failed: {e}")))?;
+                .map_err(|e| Term::SteppedDown(StepDown::Read(e)))?;
             debug_assert_eq!(values.len(), wanted.len(), "one value per key");
             engine
                 .supply(wanted.into_iter().zip(values))
-                .map_err(|e| Term::SteppedDown(e.to_string()))?;
+                .map_err(|e| Term::SteppedDown(StepDown::Engine(e)))?;
         }
         Ok(())
     }
@@ -406,7 +406,7 @@ impl Runtime {
                 metrics.commit_failures.increment(1);
             }
             // Dropping the reply senders tells every waiting caller `Unavailable`.
-            return Err(Term::SteppedDown(format!("commit failed: {e}")));
+            return Err(Term::SteppedDown(StepDown::Commit(e)));
         }
         Ok(())
     }
@@ -481,7 +481,23 @@ fn stopwatch() -> std::time::Instant {
     std::time::Instant::now()
 }
 
+/// Why a leader term ended before it was told to stop. Every caller of the term's open batch
+/// gets `Unavailable` (its reply sender is dropped); nothing of that batch was acknowledged,
+/// and retrying with the same transfer ids is safe. The next term reloads from the store.
+#[derive(Debug, thiserror::Error)]
+enum StepDown {
+    /// The engine found a stored value it cannot decode.
+    #[error("the engine cannot go on: {0}")]
+    Engine(#[source] crate::engine::Fatal),
+    /// Fetching the values the engine waits for failed.
+    #[error("a store read failed: {0}")]
+    Read(#[source] ledger_store::Error),
+    /// The batch's commit failed: fenced by a newer epoch, or the store failed.
+    #[error("the commit failed: {0}")]
+    Commit(#[source] ledger_store::CommitError),
+}
+
 enum Term {
     Stopped,
-    SteppedDown(String),
+    SteppedDown(StepDown),
 }

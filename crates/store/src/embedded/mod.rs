@@ -337,8 +337,7 @@ impl Embedded {
         let (db, frozen, group_of) = (Arc::clone(&self.db), Arc::clone(&overlay), self.group_of);
         let thread = std::thread::Builder::new()
             .name(format!("checkpoint-{}", self.tag))
-            .spawn(move || write_checkpoint(&db, &frozen, seq, group_of))
-?;
+            .spawn(move || write_checkpoint(&db, &frozen, seq, group_of))?;
         state.frozen = Some(Frozen {
             overlay,
             seq,
@@ -463,8 +462,7 @@ fn write_checkpoint(
     group_of: Option<GroupOf>,
 ) -> Result<(), Cause> {
     let mut txn = db.begin_write()?;
-    txn.set_durability(Durability::Immediate)
-        ?;
+    txn.set_durability(Durability::Immediate)?;
     {
         let mut table = txn.open_table(KV)?;
         let mut packed = txn.open_table(PACKED)?;
@@ -476,9 +474,7 @@ fn write_checkpoint(
             match (value, packed::group(group_of, &bytes)) {
                 (Some(v), Some(group)) => packer.push(&mut packed, &mut table, &bytes, group, v)?,
                 (Some(v), None) => {
-                    table
-                        .insert(bytes.as_slice(), v)
-                        ?;
+                    table.insert(bytes.as_slice(), v)?;
                 }
                 (None, _) => {
                     table.remove(bytes.as_slice())?;

@@ -255,16 +255,8 @@ impl Packer {
         if self.members == 0 {
             return Ok(());
         }
-        let overlaps = match packed
-            .range::<&[u8]>(self.first.as_slice()..)
-            ?
-            .next()
-        {
-            Some(row) => row
-                ?
-                .0
-                .value()
-                .starts_with(&self.prefix),
+        let overlaps = match packed.range::<&[u8]>(self.first.as_slice()..)?.next() {
+            Some(row) => row?.0.value().starts_with(&self.prefix),
             None => false,
         };
         if overlaps {
@@ -273,13 +265,10 @@ impl Packer {
                 key.clear();
                 key.extend_from_slice(&self.prefix);
                 key.extend_from_slice(suffix);
-                kv.insert(key.as_slice(), value)
-                    ?;
+                kv.insert(key.as_slice(), value)?;
             }
         } else {
-            packed
-                .insert(self.last.as_slice(), self.chunk.as_slice())
-                ?;
+            packed.insert(self.last.as_slice(), self.chunk.as_slice())?;
         }
         self.members = 0;
         self.chunk.clear();
