@@ -58,6 +58,12 @@ impl Transfer {
     /// Idempotency: are these the same request? Every field the client chose counts; the trace
     /// id does not (a retry comes under a new trace).
     pub fn same_request(&self, other: &Transfer) -> bool {
+        self.differing_fields(other).is_empty()
+    }
+
+    /// The fields (by their wire names) in which `other` differs from this request, for an
+    /// `exists_with_different_fields` refusal to name them. Empty: the same request.
+    pub fn differing_fields(&self, other: &Transfer) -> Vec<&'static str> {
         let Transfer {
             id,
             debit_account_id,
@@ -73,18 +79,35 @@ impl Transfer {
             metadata,
             trace_id: _,
         } = self;
-        *id == other.id
-            && *debit_account_id == other.debit_account_id
-            && *credit_account_id == other.credit_account_id
-            && *amount == other.amount
-            && *ledger == other.ledger
-            && *code == other.code
-            && *kind == other.kind
-            && *pending_id == other.pending_id
-            && *timeout_seconds == other.timeout_seconds
-            && *expected_debit_version == other.expected_debit_version
-            && *expected_credit_version == other.expected_credit_version
-            && *metadata == other.metadata
+        [
+            ("id", *id == other.id),
+            (
+                "debit_account_id",
+                *debit_account_id == other.debit_account_id,
+            ),
+            (
+                "credit_account_id",
+                *credit_account_id == other.credit_account_id,
+            ),
+            ("amount", *amount == other.amount),
+            ("ledger", *ledger == other.ledger),
+            ("code", *code == other.code),
+            ("flags", *kind == other.kind),
+            ("pending_id", *pending_id == other.pending_id),
+            ("timeout_seconds", *timeout_seconds == other.timeout_seconds),
+            (
+                "expected_debit_version",
+                *expected_debit_version == other.expected_debit_version,
+            ),
+            (
+                "expected_credit_version",
+                *expected_credit_version == other.expected_credit_version,
+            ),
+            ("metadata", *metadata == other.metadata),
+        ]
+        .into_iter()
+        .filter_map(|(field, same)| (!same).then_some(field))
+        .collect()
     }
 
     /// Checks everything that can be checked without looking at state. A failure becomes
@@ -316,6 +339,29 @@ mod tests {
             ledger: "USD".into(),
             ..Transfer::default()
         }
+    }
+
+    #[test]
+    fn differing_fields_are_named_and_the_trace_id_does_not_count() {
+        let original = posted();
+        let retry = Transfer {
+            trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+            ..posted()
+        };
+        assert!(original.same_request(&retry));
+        assert!(original.differing_fields(&retry).is_empty());
+        let changed = Transfer {
+            amount: 11,
+            credit_account_id: "c".into(),
+            kind: TransferKind::Pending,
+            metadata: [("k".to_string(), "v".to_string())].into(),
+            ..posted()
+        };
+        assert!(!original.same_request(&changed));
+        assert_eq!(
+            original.differing_fields(&changed),
+            ["credit_account_id", "amount", "flags", "metadata"]
+        );
     }
 
     #[test]

@@ -27,9 +27,16 @@ use ledger_domain::{
     Rejection, Side, Transfer, TransferKind, TransferRecord,
 };
 
-pub fn new_account(a: pb::Account) -> NewAccount {
+pub fn new_account(a: pb::Account) -> Result<NewAccount, InvalidInput> {
+    unset("debits_pending", a.debits_pending != 0)?;
+    unset("debits_posted", a.debits_posted != 0)?;
+    unset("credits_pending", a.credits_pending != 0)?;
+    unset("credits_posted", a.credits_posted != 0)?;
+    unset("version", a.version != 0)?;
+    unset("created_at_unix_ms", a.created_at_unix_ms != 0)?;
+    unset("shard", a.shard != 0)?;
     let flags = a.flags.unwrap_or_default();
-    NewAccount {
+    Ok(NewAccount {
         id: a.id,
         ledger: a.ledger,
         flags: ledger_domain::AccountFlags {
@@ -39,7 +46,7 @@ pub fn new_account(a: pb::Account) -> NewAccount {
         placement_key: a.placement_key,
         metadata: a.metadata.into_iter().collect(),
         credit_limit: a.credit_limit.unwrap_or(0),
-    }
+    })
 }
 
 pub fn account(a: &Account, shard: u32) -> pb::Account {
@@ -79,7 +86,29 @@ pub fn balance(a: &Account) -> pb::Balance {
 
 /// A wire transfer as the client sent it. Only the flags can be malformed here; the rest is
 /// checked by `Transfer::validate`.
+/// Refuses a field the ledger sets (output only) that a client sent on a new record: it would
+/// otherwise be dropped without a word.
+fn unset(field: &'static str, is_set: bool) -> Result<(), InvalidInput> {
+    if is_set {
+        return Err(InvalidInput::new(
+            field,
+            "is set by the ledger (output only); leave it unset in a request",
+        ));
+    }
+    Ok(())
+}
+
 pub fn transfer(t: pb::Transfer) -> Result<Transfer, InvalidInput> {
+    unset("committed_at_unix_ms", t.committed_at_unix_ms != 0)?;
+    unset(
+        "hold_state",
+        t.hold_state != pb::HoldState::Unspecified as i32,
+    )?;
+    unset("hold_posted_amount", t.hold_posted_amount != 0)?;
+    unset("debit_account_version", t.debit_account_version != 0)?;
+    unset("credit_account_version", t.credit_account_version != 0)?;
+    unset("cross_shard", t.cross_shard)?;
+    unset("trace_id", !t.trace_id.is_empty())?;
     let flags = t.flags.unwrap_or_default();
     let kind = match (flags.pending, flags.post_pending, flags.void_pending) {
         (false, false, false) => TransferKind::Posted,
@@ -187,6 +216,7 @@ pub fn rejection(reason: Rejection) -> pb::Rejection {
         reason: i32::try_from(reason.code()).expect("small"),
         message: reason.describe().to_string(),
         retriable: reason.is_retriable(),
+        differing_fields: Vec::new(),
     }
 }
 
@@ -205,6 +235,7 @@ pub fn transfer_result(record: TransferRecord, hold: Option<&HoldStatus>) -> pb:
     pb::TransferResult {
         id,
         outcome: Some(outcome),
+        replayed: false,
     }
 }
 

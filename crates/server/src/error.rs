@@ -3,11 +3,14 @@
 //!
 //! | error | status | a client should |
 //! |---|---|---|
-//! | `Invalid` | `INVALID_ARGUMENT`, naming the field | fix the request; nothing changed |
-//! | `NotFound` | `NOT_FOUND` | not retry |
-//! | `Unavailable` | `UNAVAILABLE` | retry later, with the same transfer ids |
-//! | `NotLeader` | `UNAVAILABLE` + `google.rpc.ErrorInfo` `NOT_LEADER` (shard, leader node and address) | retry at the leader, with the same transfer ids |
-//! | `Internal` | `INTERNAL` | report it; retrying with the same ids is safe |
+//! | `Invalid` | `INVALID_ARGUMENT`; `BadRequest` names the field; reason `INVALID_REQUEST` | fix the request; nothing changed |
+//! | `NotFound` | `NOT_FOUND`; reason `NOT_FOUND` (kind, id) | not retry |
+//! | `Unavailable` | `UNAVAILABLE`; reason `SHARD_UNAVAILABLE` (shard) | retry later, with the same transfer ids |
+//! | `NotLeader` | `UNAVAILABLE`; reason `NOT_LEADER` (shard, leader node and address) | retry at the leader, with the same transfer ids |
+//! | `Internal` | `INTERNAL`; reason `INTERNAL` | report it; retrying with the same ids is safe |
+//!
+//! Every status carries a `google.rpc.ErrorInfo` (domain `ledger`) with the reason, so a
+//! program branches on it rather than on the message.
 
 use std::collections::HashMap;
 
@@ -18,8 +21,18 @@ use tonic_types::{ErrorDetails, StatusExt};
 
 /// The `google.rpc.ErrorInfo` domain of this service's errors.
 pub const ERROR_DOMAIN: &str = "ledger";
-/// `ErrorInfo.reason` of a call sent to a node that does not lead the shard.
+// `google.rpc.ErrorInfo.reason` of each kind of whole-request error; stable.
+/// The request is malformed (a `BadRequest` detail names the field); nothing changed.
+pub const INVALID_REQUEST: &str = "INVALID_REQUEST";
+/// What the call names does not exist (metadata `kind`, `id`).
+pub const NOT_FOUND: &str = "NOT_FOUND";
+/// A shard is unavailable for now (metadata `shard`): retry with the same transfer ids.
+pub const UNAVAILABLE: &str = "SHARD_UNAVAILABLE";
+/// The node does not lead the shard (metadata `shard`, and `leader_node` and `leader_address`
+/// when known).
 pub const NOT_LEADER: &str = "NOT_LEADER";
+/// A failure of the node.
+pub const INTERNAL: &str = "INTERNAL";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -44,6 +57,20 @@ pub enum ApiError {
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl ApiError {
+    /// The stable `google.rpc.ErrorInfo` reason of this error (programs branch on it; the
+    /// message is for people).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Invalid(_) => INVALID_REQUEST,
+            ApiError::NotFound { .. } => NOT_FOUND,
+            ApiError::Unavailable(_) => UNAVAILABLE,
+            ApiError::NotLeader { .. } => NOT_LEADER,
+            ApiError::Internal(_) => INTERNAL,
+        }
+    }
+}
+
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
         let code = match &e {
@@ -52,16 +79,31 @@ impl From<ApiError> for Status {
             ApiError::Unavailable(_) | ApiError::NotLeader { .. } => Code::Unavailable,
             ApiError::Internal(_) => Code::Internal,
         };
-        if let ApiError::NotLeader { shard, leader } = &e {
-            let mut metadata = HashMap::from([("shard".to_string(), shard.to_string())]);
-            if let Some(leader) = leader {
-                metadata.insert("leader_node".into(), leader.node.clone());
-                metadata.insert("leader_address".into(), leader.address.clone());
+        let mut metadata = HashMap::new();
+        let mut details = ErrorDetails::new();
+        match &e {
+            ApiError::Invalid(invalid) => {
+                details.add_bad_request_violation(invalid.field.clone(), invalid.reason.clone());
+                metadata.insert("field".to_string(), invalid.field.clone());
             }
-            let details = ErrorDetails::with_error_info(NOT_LEADER, ERROR_DOMAIN, metadata);
-            return Status::with_error_details(code, e.to_string(), details);
+            ApiError::NotFound { what, id } => {
+                metadata.insert("kind".to_string(), (*what).to_string());
+                metadata.insert("id".to_string(), id.clone());
+            }
+            ApiError::Unavailable(ShardError::Unavailable(shard)) => {
+                metadata.insert("shard".to_string(), shard.0.to_string());
+            }
+            ApiError::NotLeader { shard, leader } => {
+                metadata.insert("shard".to_string(), shard.to_string());
+                if let Some(leader) = leader {
+                    metadata.insert("leader_node".into(), leader.node.clone());
+                    metadata.insert("leader_address".into(), leader.address.clone());
+                }
+            }
+            ApiError::Unavailable(_) | ApiError::Internal(_) => {}
         }
-        Status::new(code, e.to_string())
+        details.set_error_info(e.reason(), ERROR_DOMAIN, metadata);
+        Status::with_error_details(code, e.to_string(), details)
     }
 }
 
@@ -127,6 +169,40 @@ mod tests {
             ledger_domain::ShardId(1),
         )));
         assert_eq!(busy.code(), Code::Unavailable);
-        assert!(busy.get_error_details().error_info().is_none());
+        let details = busy.get_error_details();
+        let info = details.error_info().expect("an ErrorInfo");
+        assert_eq!(
+            (info.reason.as_str(), info.metadata["shard"].as_str()),
+            (UNAVAILABLE, "1")
+        );
+    }
+
+    /// A malformed request names the field twice over: in a `BadRequest` violation and in the
+    /// `ErrorInfo` metadata, with the stable reason `INVALID_REQUEST`.
+    #[test]
+    fn invalid_input_carries_the_field_in_bad_request_details() {
+        let e = ApiError::from(InvalidInput::new("transfers[3].amount", "must be > 0"));
+        let status = Status::from(e);
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        let violations = &details
+            .bad_request()
+            .expect("a BadRequest")
+            .field_violations;
+        assert_eq!(violations.len(), 1);
+        assert_eq!(violations[0].field, "transfers[3].amount");
+        assert_eq!(violations[0].description, "must be > 0");
+        let info = details.error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, INVALID_REQUEST);
+        assert_eq!(info.domain, ERROR_DOMAIN);
+
+        let missing = Status::from(ApiError::NotFound {
+            what: "account",
+            id: "ghost".into(),
+        });
+        let details = missing.get_error_details();
+        let info = details.error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, NOT_FOUND);
+        assert_eq!(info.metadata["id"], "ghost");
     }
 }

@@ -168,7 +168,7 @@ impl Router {
             request: transfer,
             result: Err(reason),
         };
-        Ok(TransferReply { record, hold: None })
+        Ok(TransferReply::new(record, None))
     }
 
     /// Not an `async fn`: one would hold the transfer and the instrumented body that holds it

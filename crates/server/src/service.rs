@@ -39,7 +39,19 @@ fn decode_transfer(t: pb::Transfer, index: usize) -> Result<Transfer, ApiError> 
 }
 
 fn transfer_result(reply: TransferReply) -> pb::TransferResult {
-    wire::transfer_result(reply.record, reply.hold.as_ref())
+    let mut result = wire::transfer_result(reply.record, reply.hold.as_ref());
+    result.replayed = reply.replayed;
+    if !reply.differing.is_empty()
+        && let Some(pb::transfer_result::Outcome::Rejection(rejection)) = &mut result.outcome
+    {
+        rejection.message = format!(
+            "{}: it differs in {}",
+            rejection.message,
+            reply.differing.join(", ")
+        );
+        rejection.differing_fields = reply.differing.iter().map(|f| f.to_string()).collect();
+    }
+    result
 }
 
 fn check_ids(router: &Router, field: &str, ids: &[String]) -> Result<(), ApiError> {
@@ -63,7 +75,7 @@ impl Ledger {
             .enumerate()
             .map(|(i, a)| {
                 wire::new_account(a)
-                    .normalize()
+                    .and_then(ledger_domain::NewAccount::normalize)
                     .map_err(|e| e.within(&format!("accounts[{i}]")))
             })
             .collect::<Result<Vec<_>, InvalidInput>>()
@@ -154,13 +166,12 @@ impl Ledger {
         check_ids(&self.router, "ids", &ids)?;
         let mut response = pb::GetTransfersResponse::default();
         for id in ids {
-            // Only committed transfers are shown; a recorded rejection is not a transfer.
-            match self
-                .router
-                .transfer(&id)?
-                .and_then(|(r, h)| wire::committed_transfer(&r, h.as_ref()))
-            {
-                Some(t) => response.transfers.push(t),
+            match self.router.transfer(&id)? {
+                Some((record, hold)) if record.result.is_ok() => {
+                    let t = wire::committed_transfer(&record, hold.as_ref());
+                    response.transfers.extend(t);
+                }
+                Some((record, _)) => response.rejected.push(wire::transfer_result(record, None)),
                 None => response.not_found.push(id),
             }
         }

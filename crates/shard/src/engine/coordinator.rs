@@ -226,7 +226,7 @@ impl Engine {
                 request: transfer,
                 result: Err(Rejection::AccountBusy),
             };
-            self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
+            self.reply(token, Reply::Transfer(TransferReply::new(record, None)));
             return Ok(());
         }
         let op = transfer.id.clone();
@@ -556,7 +556,7 @@ impl Engine {
                     result: Ok(committed),
                 };
                 self.put_transfer(&record);
-                Some(TransferReply { record, hold })
+                Some(TransferReply::new(record, hold))
             }
             Work::Expire { pending_id } => {
                 let hold = plan.hold.clone().expect("expiry has a hold");
@@ -616,10 +616,7 @@ impl Engine {
                 self.put_transfer(&record);
             }
             for token in waiters {
-                let reply = TransferReply {
-                    record: record.clone(),
-                    hold: None,
-                };
+                let reply = TransferReply::new(record.clone(), None);
                 self.reply(token, Reply::Transfer(reply));
             }
         }

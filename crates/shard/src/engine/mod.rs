@@ -102,6 +102,37 @@ pub struct TransferReply {
     pub record: TransferRecord,
     /// For a hold: its current status.
     pub hold: Option<HoldStatus>,
+    /// Answered from the id's recorded outcome (a retry with the same fields): nothing was
+    /// applied now.
+    pub replayed: bool,
+    /// For `exists_with_different_fields`: the fields (wire names) in which the request
+    /// differs from the one recorded (or in flight) under its id.
+    pub differing: Vec<&'static str>,
+}
+
+impl TransferReply {
+    /// The answer of a request applied (or refused) now.
+    pub fn new(record: TransferRecord, hold: Option<HoldStatus>) -> Self {
+        Self {
+            record,
+            hold,
+            replayed: false,
+            differing: Vec::new(),
+        }
+    }
+
+    /// The refusal of a request that reuses the id of `recorded` with other fields.
+    fn different_fields(request: Transfer, recorded: &Transfer) -> Self {
+        let differing = recorded.differing_fields(&request);
+        let record = TransferRecord {
+            request,
+            result: Err(Rejection::ExistsWithDifferentFields),
+        };
+        Self {
+            differing,
+            ..Self::new(record, None)
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -1022,7 +1053,7 @@ impl Engine {
                     request: transfer,
                     result: Err(reason),
                 };
-                self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
+                self.reply(token, Reply::Transfer(TransferReply::new(record, None)));
             }
             Input::Peer {
                 from,
@@ -1143,15 +1174,15 @@ impl Engine {
             return Ok(());
         }
         if let Some(c) = self.coordinations.get_mut(&transfer.id) {
-            if c.request().is_some_and(|r| r.same_request(&transfer)) {
-                c.waiters.push(token);
-            } else {
-                let record = TransferRecord {
-                    request: transfer,
-                    result: Err(Rejection::ExistsWithDifferentFields),
-                };
-                self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
-            }
+            let reply = match c.request() {
+                Some(in_flight) if in_flight.same_request(&transfer) => {
+                    c.waiters.push(token);
+                    return Ok(());
+                }
+                Some(in_flight) => TransferReply::different_fields(transfer, in_flight),
+                None => unreachable!("an expiry's op is not a transfer id"),
+            };
+            self.reply(token, Reply::Transfer(reply));
             return Ok(());
         }
         let plan = match self.plan(&transfer, reads.pending) {
@@ -1194,7 +1225,7 @@ impl Engine {
         if !reason.is_retriable() {
             self.put_transfer(&record);
         }
-        self.reply(token, Reply::Transfer(TransferReply { record, hold: None }));
+        self.reply(token, Reply::Transfer(TransferReply::new(record, None)));
     }
 
     /// Works out what a transfer would do and checks everything local. The credit side is
@@ -1290,7 +1321,7 @@ impl Engine {
             result: Ok(committed),
         };
         self.put_transfer(&record);
-        TransferReply { record, hold }
+        TransferReply::new(record, hold)
     }
 
     /// The outcome of an applied plan (its accounts and ledger move into it).
@@ -1408,13 +1439,12 @@ impl Engine {
 /// committed hold with its status `hold`).
 fn replay(record: TransferRecord, hold: Option<HoldStatus>, request: &Transfer) -> TransferReply {
     if !record.request.same_request(request) {
-        let record = TransferRecord {
-            request: request.clone(),
-            result: Err(Rejection::ExistsWithDifferentFields),
-        };
-        return TransferReply { record, hold: None };
+        return TransferReply::different_fields(request.clone(), &record.request);
     }
-    TransferReply { record, hold }
+    TransferReply {
+        replayed: true,
+        ..TransferReply::new(record, hold)
+    }
 }
 
 /// What a checked transfer will do.
