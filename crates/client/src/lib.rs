@@ -51,7 +51,7 @@ impl Client {
             .map_err(|e| err(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
-        let channel = endpoint.connect().await.map_err(|e| err(e.to_string()))?;
+        let channel = endpoint.connect().await.map_err(|e| err(root_cause(&e)))?;
         let inner = LedgerServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
@@ -195,6 +195,16 @@ where
             Err(status) => return Err(status.into()),
         }
     }
+}
+
+/// The innermost cause of an error ("Connection refused (os error 111)" rather than tonic's
+/// "transport error").
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    cause.to_string()
 }
 
 /// The stable name of a rejection reason number, e.g. `exceeds_credits`.

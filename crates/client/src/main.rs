@@ -1,7 +1,7 @@
 //! `ledger`: the command-line client. Talks gRPC to `ledgerd` (default 127.0.0.1:50051).
 //!
-//! Exit codes: 0 done, 1 rejected by the ledger (the reason is printed), 2 error (bad usage,
-//! unreachable server, invalid argument).
+//! Errors print as one line, `ledger: <what>: <details>`, on stderr; the exit code says which
+//! kind ([`EXIT_CODES`], shown by `ledger --help`).
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -10,10 +10,41 @@ use clap::{Args, Parser, Subcommand};
 
 use ledger_client::{Client, pb, reason_name};
 
+/// What `ledger --help` says of exit codes; [`Exit`] holds the numbers.
+const EXIT_CODES: &str = "Exit codes:
+  0  done
+  1  rejected by the ledger (the reason is printed; a retriable one says so)
+  2  bad input (a usage error, or the ledger refused the request as malformed)
+  3  not found (an account or transfer id the ledger does not know)
+  4  unavailable (ledgerd not reachable, or a shard leader changing; retry with the same ids)
+  5  any other error";
+
+/// The exit codes of [`EXIT_CODES`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Exit {
+    Done = 0,
+    Rejected = 1,
+    BadInput = 2,
+    NotFound = 3,
+    Unavailable = 4,
+    Other = 5,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> ExitCode {
+        ExitCode::from(exit as u8)
+    }
+}
+
 #[derive(Parser)]
-#[command(name = "ledger", version, about = "Command-line client for ledgerd")]
+#[command(
+    name = "ledger",
+    version,
+    about = "Command-line client for ledgerd: accounts, transfers, holds, balances, statements",
+    after_help = EXIT_CODES
+)]
 struct Cli {
-    /// Server address.
+    /// Address of ledgerd (host:port, or a URL).
     #[arg(
         long,
         env = "LEDGER_ADDR",
@@ -52,10 +83,14 @@ enum Command {
     /// Holds (pending transfers): create, post, void.
     #[command(subcommand)]
     Hold(HoldCommand),
-    /// An account's balances.
-    Balance { account_id: String },
+    /// An account's balances, and what it can spend now (available).
+    Balance {
+        /// The account id.
+        account_id: String,
+    },
     /// An account's statement (entries, oldest first).
     Statement {
+        /// The account id.
         account_id: String,
         /// Entries per page; all pages are fetched.
         #[arg(long, default_value_t = 100)]
@@ -65,9 +100,11 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AccountCommand {
+    /// Create an account (again with the same fields: answers the existing one).
     Create {
+        /// The account id: 1-128 characters of A-Z a-z 0-9 . _ : @ / -
         id: String,
-        /// Asset or currency code, e.g. USD.
+        /// Asset or currency code, e.g. USD: transfers move value within one ledger.
         #[arg(long)]
         ledger: String,
         /// Refuse debits beyond credits (counting holds).
@@ -86,38 +123,55 @@ enum AccountCommand {
         #[arg(long = "meta", value_parser = parse_kv)]
         metadata: Vec<(String, String)>,
     },
+    /// Show accounts: balances, version, flags, shard.
     Get {
+        /// Account ids.
+        #[arg(required = true)]
         ids: Vec<String>,
     },
 }
 
 #[derive(Args)]
 struct NewTransfer {
-    /// The transfer id (idempotency key). Generated and printed if omitted.
+    /// The transfer id, the idempotency key: sending it again with the same fields answers
+    /// the recorded outcome. Generated (and printed) if omitted.
     id: Option<String>,
+    /// The account debited (the money leaves it).
     #[arg(long)]
     debit: String,
+    /// The account credited (the money goes to it).
     #[arg(long)]
     credit: String,
-    /// Minor units (cents).
-    #[arg(long)]
+    /// A positive whole number of minor units: 2500 for 25.00.
+    #[arg(long, value_parser = parse_amount, allow_hyphen_values = true)]
     amount: u64,
+    /// The ledger (currency) of both accounts, e.g. USD.
     #[arg(long)]
     ledger: String,
+    /// A reason code of your own, stored with the transfer.
     #[arg(long, default_value_t = 0)]
     code: u32,
+    /// Apply only if the debit account is still at this version (from `account get`).
     #[arg(long)]
     expected_debit_version: Option<u64>,
+    /// Apply only if the credit account is still at this version (from `account get`).
     #[arg(long)]
     expected_credit_version: Option<u64>,
+    /// Metadata, key=value (repeatable).
     #[arg(long = "meta", value_parser = parse_kv)]
     metadata: Vec<(String, String)>,
 }
 
 #[derive(Subcommand)]
 enum TransferCommand {
+    /// Move an amount from one account to another now.
     Create(NewTransfer),
-    Get { ids: Vec<String> },
+    /// Show transfers by id: committed ones, or the recorded rejection of a refused one.
+    Get {
+        /// Transfer ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -134,19 +188,31 @@ enum HoldCommand {
     Post {
         /// The hold's (pending transfer's) id.
         pending_id: String,
-        /// The id of this posting transfer. Generated if omitted.
+        /// The id of this posting transfer (its idempotency key). Generated if omitted.
         #[arg(long)]
         id: Option<String>,
-        /// Amount to post; all of the hold if omitted.
-        #[arg(long)]
+        /// Amount to post, in minor units; all of the hold if omitted (the rest is released).
+        #[arg(long, value_parser = parse_amount, allow_hyphen_values = true)]
         amount: Option<u64>,
     },
     /// Release a hold.
     Void {
+        /// The hold's (pending transfer's) id.
         pending_id: String,
+        /// The id of this voiding transfer (its idempotency key). Generated if omitted.
         #[arg(long)]
         id: Option<String>,
     },
+}
+
+/// What a bad `--amount` gets: the unit, with an example.
+const AMOUNT_RULE: &str = "amount must be a positive whole number of minor units (2500 for 25.00)";
+
+fn parse_amount(s: &str) -> Result<u64, String> {
+    match s.trim().parse::<u64>() {
+        Ok(amount) if amount > 0 => Ok(amount),
+        _ => Err(AMOUNT_RULE.to_string()),
+    }
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -187,7 +253,7 @@ fn print_account(a: &pb::Account) {
     let flags = a.flags.unwrap_or_default();
     println!(
         "account {} ledger={} shard={} version={} debits_pending={} debits_posted={} \
-         credits_pending={} credits_posted={}{}{}",
+         credits_pending={} credits_posted={} created_at={}{}{}",
         a.id,
         a.ledger,
         a.shard,
@@ -196,6 +262,7 @@ fn print_account(a: &pb::Account) {
         a.debits_posted,
         a.credits_pending,
         a.credits_posted,
+        rfc3339(a.created_at_unix_ms),
         if flags.debits_must_not_exceed_credits {
             " no_overdraft"
         } else {
@@ -238,14 +305,14 @@ fn print_transfer(t: &pb::Transfer) {
         format!(" pending_id={}", t.pending_id)
     };
     println!(
-        "{kind} {} {} -> {} amount={} ledger={} code={}{pending}{hold} committed_at_ms={}{}{}",
+        "{kind} {} {} -> {} amount={} ledger={} code={}{pending}{hold} committed_at={}{}{}",
         t.id,
         t.debit_account_id,
         t.credit_account_id,
         t.amount,
         t.ledger,
         t.code,
-        t.committed_at_unix_ms,
+        rfc3339(t.committed_at_unix_ms),
         if t.cross_shard { " cross_shard" } else { "" },
         if t.trace_id.is_empty() {
             String::new()
@@ -257,23 +324,24 @@ fn print_transfer(t: &pb::Transfer) {
 
 /// Prints a transfer result; returns whether it was committed.
 fn print_result(r: &pb::TransferResult) -> bool {
+    let replayed = if r.replayed {
+        " (replayed: the outcome recorded for this id; nothing was applied now)"
+    } else {
+        ""
+    };
     match &r.outcome {
         Some(pb::transfer_result::Outcome::Transfer(t)) => {
             print_transfer(t);
+            if r.replayed {
+                println!(
+                    "replayed {}: the outcome recorded for this id; nothing was applied now",
+                    r.id
+                );
+            }
             true
         }
         Some(pb::transfer_result::Outcome::Rejection(rej)) => {
-            let retry = if rej.retriable {
-                " (retriable: retry with the same id)"
-            } else {
-                ""
-            };
-            println!(
-                "rejected {}: {} ({}){retry}",
-                r.id,
-                reason_name(rej.reason),
-                rej.message
-            );
+            print_rejection(&r.id, rej, replayed);
             false
         }
         None => {
@@ -283,7 +351,48 @@ fn print_result(r: &pb::TransferResult) -> bool {
     }
 }
 
-async fn execute(client: &Client, command: Command) -> Result<bool, ledger_client::Error> {
+fn print_rejection(id: &str, rej: &pb::Rejection, replayed: &str) {
+    let retry = if rej.retriable {
+        " (retriable: retry with the same id)"
+    } else {
+        ""
+    };
+    println!(
+        "rejected {id}: {} ({}){retry}{replayed}",
+        reason_name(rej.reason),
+        rej.message
+    );
+}
+
+/// Unix milliseconds as RFC 3339 in UTC, e.g. `2026-12-07T14:03:09.120Z`.
+fn rfc3339(unix_ms: u64) -> String {
+    let (secs, ms) = (unix_ms / 1_000, unix_ms % 1_000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (hour, minute, second) = (rem / 3_600, rem % 3_600 / 60, rem % 60);
+    // Days since 1970-01-01 to a civil date (the proleptic Gregorian calendar), as in Howard
+    // Hinnant's `civil_from_days`; unsigned, since the epoch is the earliest time shown.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}.{ms:03}Z")
+}
+
+/// A transfer's exit code: done if committed, else rejected.
+fn exit_of(committed: bool) -> Exit {
+    if committed {
+        Exit::Done
+    } else {
+        Exit::Rejected
+    }
+}
+
+async fn execute(client: &Client, command: Command) -> Result<Exit, ledger_client::Error> {
     match command {
         Command::Account(AccountCommand::Create {
             id,
@@ -307,23 +416,18 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                 ..Default::default()
             };
             let results = client.create_accounts(vec![account]).await?;
-            let mut ok = true;
+            let mut exit = Exit::Done;
             for r in results {
                 match r.outcome {
                     Some(pb::account_result::Outcome::Account(a)) => print_account(&a),
                     Some(pb::account_result::Outcome::Rejection(rej)) => {
-                        println!(
-                            "rejected {}: {} ({})",
-                            r.id,
-                            reason_name(rej.reason),
-                            rej.message
-                        );
-                        ok = false;
+                        print_rejection(&r.id, &rej, "");
+                        exit = Exit::Rejected;
                     }
-                    None => ok = false,
+                    None => exit = Exit::Other,
                 }
             }
-            Ok(ok)
+            Ok(exit)
         }
         Command::Account(AccountCommand::Get { ids }) => {
             let found = client.get_accounts(ids).await?;
@@ -331,21 +435,36 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
             for id in &found.not_found {
                 println!("not found: {id}");
             }
-            Ok(found.not_found.is_empty())
+            Ok(if found.not_found.is_empty() {
+                Exit::Done
+            } else {
+                Exit::NotFound
+            })
         }
         Command::Transfer(TransferCommand::Create(t)) => {
             let result = client
                 .transfer(t.into_wire(pb::TransferFlags::default(), 0))
                 .await?;
-            Ok(print_result(&result))
+            Ok(exit_of(print_result(&result)))
         }
         Command::Transfer(TransferCommand::Get { ids }) => {
             let found = client.get_transfers(ids).await?;
             found.transfers.iter().for_each(print_transfer);
+            for r in &found.rejected {
+                if let Some(pb::transfer_result::Outcome::Rejection(rej)) = &r.outcome {
+                    print_rejection(&r.id, rej, "");
+                }
+            }
             for id in &found.not_found {
                 println!("not found: {id}");
             }
-            Ok(found.not_found.is_empty())
+            Ok(if !found.not_found.is_empty() {
+                Exit::NotFound
+            } else if !found.rejected.is_empty() {
+                Exit::Rejected
+            } else {
+                Exit::Done
+            })
         }
         Command::Hold(HoldCommand::Create { transfer, timeout }) => {
             let flags = pb::TransferFlags {
@@ -353,7 +472,7 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                 ..Default::default()
             };
             let result = client.transfer(transfer.into_wire(flags, timeout)).await?;
-            Ok(print_result(&result))
+            Ok(exit_of(print_result(&result)))
         }
         Command::Hold(HoldCommand::Post {
             pending_id,
@@ -370,7 +489,7 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                 }),
                 ..Default::default()
             };
-            Ok(print_result(&client.transfer(t).await?))
+            Ok(exit_of(print_result(&client.transfer(t).await?)))
         }
         Command::Hold(HoldCommand::Void { pending_id, id }) => {
             let t = pb::Transfer {
@@ -382,7 +501,7 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                 }),
                 ..Default::default()
             };
-            Ok(print_result(&client.transfer(t).await?))
+            Ok(exit_of(print_result(&client.transfer(t).await?)))
         }
         Command::Balance { account_id } => {
             let b = client.balance(&account_id).await?;
@@ -398,7 +517,7 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                 b.credits_posted,
                 b.version
             );
-            Ok(true)
+            Ok(Exit::Done)
         }
         Command::Statement {
             account_id,
@@ -421,11 +540,12 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                         })
                         .unwrap_or_default();
                     println!(
-                        "#{} {} {side} {kind} amount={} -> debits_pending={} debits_posted={} \
-                         credits_pending={} credits_posted={}",
+                        "#{} {} {side} {kind} amount={} at={} -> debits_pending={} \
+                         debits_posted={} credits_pending={} credits_posted={}",
                         e.version,
                         e.transfer_id,
                         e.amount,
+                        rfc3339(e.committed_at_unix_ms),
                         e.debits_pending,
                         e.debits_posted,
                         e.credits_pending,
@@ -433,10 +553,48 @@ async fn execute(client: &Client, command: Command) -> Result<bool, ledger_clien
                     );
                 }
                 if page.next_page_token.is_empty() {
-                    return Ok(true);
+                    return Ok(Exit::Done);
                 }
                 token = page.next_page_token;
             }
+        }
+    }
+}
+
+/// Prints `e` as one line and returns its exit code.
+fn report(e: &ledger_client::Error) -> Exit {
+    use tonic::Code;
+    use tonic_types::StatusExt;
+    match e {
+        ledger_client::Error::Connect { addr, reason } => {
+            eprintln!(
+                "ledger: ledgerd is not reachable at {addr} ({reason}). Start it with \
+                 `ledgerd start` (from a source checkout: `cargo run --release --bin ledgerd -- \
+                 start`), or point --addr or LEDGER_ADDR at a running ledgerd."
+            );
+            Exit::Unavailable
+        }
+        ledger_client::Error::Status(status) => {
+            let (exit, kind) = match status.code() {
+                Code::InvalidArgument | Code::OutOfRange => (Exit::BadInput, "invalid request"),
+                Code::NotFound => (Exit::NotFound, "not found"),
+                Code::Unavailable => (Exit::Unavailable, "unavailable, retry later"),
+                Code::DeadlineExceeded => (Exit::Unavailable, "timed out, retry later"),
+                _ => (Exit::Other, "error"),
+            };
+            let details = status.get_error_details();
+            let violations = details
+                .bad_request()
+                .map(|b| b.field_violations.as_slice())
+                .unwrap_or_default();
+            if violations.is_empty() {
+                eprintln!("ledger: {kind}: {}", status.message());
+            } else {
+                for v in violations {
+                    eprintln!("ledger: {kind}: {}: {}", v.field, v.description);
+                }
+            }
+            exit
         }
     }
 }
@@ -454,18 +612,58 @@ fn main() -> ExitCode {
             .and_then(|c| c.with_traceparent(&traceparent))
         {
             Ok(c) => c,
-            Err(e) => {
-                eprintln!("ledger: {e}");
-                return ExitCode::from(2);
-            }
+            Err(e) => return report(&e).into(),
         };
         match execute(&client, cli.command).await {
-            Ok(true) => ExitCode::SUCCESS,
-            Ok(false) => ExitCode::from(1),
-            Err(e) => {
-                eprintln!("ledger: {e}");
-                ExitCode::from(2)
-            }
+            Ok(exit) => exit.into(),
+            Err(e) => report(&e).into(),
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_in_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_700_000_000_123), "2023-11-14T22:13:20.123Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(rfc3339(4_102_444_799_999), "2099-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn amounts_are_positive_whole_minor_units() {
+        assert_eq!(parse_amount("2500"), Ok(2500));
+        for bad in ["-5", "10.50", "0", "", "25,00", "1e3"] {
+            assert_eq!(parse_amount(bad), Err(AMOUNT_RULE.to_string()), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_option_and_subcommand_has_help() {
+        fn walk(command: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.get_help().is_none() && !["help", "version"].contains(&id) {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in command.get_subcommands() {
+                let name = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() && sub.get_name() != "help" {
+                    missing.push(name.clone());
+                }
+                walk(sub, &name, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(
+            &<Cli as clap::CommandFactory>::command(),
+            "ledger",
+            &mut missing,
+        );
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
 }

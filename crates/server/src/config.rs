@@ -154,6 +154,14 @@ mod tests {
         Config::default().validate().unwrap();
     }
 
+    /// `deploy/ledgerd.toml` says it holds the defaults: it must, setting for setting.
+    #[test]
+    fn the_sample_config_is_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/ledgerd.toml");
+        let sample = Config::from_file(&path).unwrap();
+        assert_eq!(sample, Config::default());
+    }
+
     #[test]
     fn file_overrides_defaults_and_rejects_unknown_settings() {
         let dir = tempfile::tempdir().unwrap();

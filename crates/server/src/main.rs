@@ -98,7 +98,7 @@ enum Command {
     /// Start serving (initialises an empty data directory first).
     Start(Settings),
     /// Initialise a data directory (shard count, region) without serving.
-    Init(Settings),
+    Init(InitSettings),
     /// Validate the configuration (file, environment, flags) and print it.
     CheckConfig(Settings),
 }
@@ -152,6 +152,52 @@ struct Settings {
     /// Prometheus endpoint address, e.g. 127.0.0.1:9464 (port 0: any free port) [default: none]
     #[arg(long, env = "LEDGER_METRICS_LISTEN")]
     metrics_listen: Option<String>,
+}
+
+/// What `ledgerd init` uses: where the data goes and what is fixed at initialisation.
+#[derive(clap::Args)]
+struct InitSettings {
+    /// TOML config file (settings as in `ledgerd check-config` output).
+    #[arg(long, env = "LEDGER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory to initialise [default: ./data]
+    #[arg(long, env = "LEDGER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Number of shards, fixed from now on [default: 16]
+    #[arg(long, env = "LEDGER_SHARDS")]
+    shards: Option<u32>,
+    /// This node's name [default: node-1]
+    #[arg(long, env = "LEDGER_NODE_ID")]
+    node_id: Option<String>,
+    /// This node's region, recorded in the shard map [default: local]
+    #[arg(long, env = "LEDGER_REGION")]
+    region: Option<String>,
+    /// Log filter (tracing env-filter syntax) [default: info]
+    #[arg(long, env = "LEDGER_LOG")]
+    log: Option<String>,
+}
+
+impl InitSettings {
+    /// The same settings as `start` takes, the others left to the file and the defaults.
+    fn settings(&self) -> Settings {
+        Settings {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            shards: self.shards,
+            node_id: self.node_id.clone(),
+            region: self.region.clone(),
+            log: self.log.clone(),
+            listen: None,
+            store: None,
+            batch_size_max: None,
+            message_size_max_bytes: None,
+            log_format: None,
+            otlp_endpoint: None,
+            trace_sampling_ratio: None,
+            service_name: None,
+            metrics_listen: None,
+        }
+    }
 }
 
 impl Settings {
@@ -214,9 +260,13 @@ fn main() -> ExitCode {
     // Before the runtime starts its threads.
     tune_allocator();
     let cli = Cli::parse();
+    let init_settings;
     let (settings, mode) = match &cli.command {
         Command::Start(s) => (s, Mode::Start),
-        Command::Init(s) => (s, Mode::Init),
+        Command::Init(s) => {
+            init_settings = s.settings();
+            (&init_settings, Mode::Init)
+        }
         Command::CheckConfig(s) => (s, Mode::CheckConfig),
     };
     let filter = settings.log.clone().unwrap_or_else(|| "info".into());
@@ -329,7 +379,10 @@ async fn serve(config: Config) -> ExitCode {
         })
         .await;
         match result {
-            Ok(()) => ExitCode::SUCCESS,
+            Ok(()) => {
+                tracing::info!("stopped: every shard finished its batch in flight");
+                ExitCode::SUCCESS
+            }
             Err(e) => {
                 eprintln!("ledgerd: {e}");
                 ExitCode::from(1)

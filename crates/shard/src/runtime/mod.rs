@@ -89,7 +89,8 @@ impl Runtime {
                     continue;
                 }
             };
-            tracing::info!(shard = %self.shard, epoch = engine.epoch(), "leading");
+            // One line per shard: for debugging; ledgerd's start-up summary says it is serving.
+            tracing::debug!(shard = %self.shard, epoch = engine.epoch(), "leading");
             if let Some(ids) = engine.id_filter() {
                 self.fill_id_filter(ids);
             }
