@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tonic::Code;
+use tonic_types::StatusExt;
 
 use ledger_client::{Client, pb};
 use ledger_store::Store;
@@ -152,10 +153,10 @@ async fn tour_accounts_transfers_holds_statement() {
         .unwrap();
     assert_eq!(found.transfers.len(), 1);
     assert_eq!(found.transfers[0].hold_state, pb::HoldState::Posted as i32);
-    assert_eq!(
-        found.not_found,
-        vec!["too-much".to_string(), "nope".to_string()]
-    );
+    // A refused transfer is found with its recorded rejection; an unknown id is not found.
+    assert_eq!(found.rejected.len(), 1);
+    assert_eq!(found.rejected[0].id, "too-much");
+    assert_eq!(found.not_found, vec!["nope".to_string()]);
 
     // The statement, two entries a page, oldest first, versions 1..=4.
     let page = client.entries("alice", 2, String::new()).await.unwrap();
@@ -244,6 +245,27 @@ async fn bad_input_is_refused_whole_and_changes_nothing() {
             with(&|t| t.metadata = (0..17).map(|i| (format!("k{i}"), "v".into())).collect()),
             "metadata",
         ),
+        // Fields the ledger sets are refused, not dropped without a word.
+        (
+            "a commit time",
+            with(&|t| t.committed_at_unix_ms = 1_700_000_000_000),
+            "committed_at_unix_ms",
+        ),
+        (
+            "a trace id",
+            with(&|t| t.trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            "trace_id",
+        ),
+        (
+            "a hold state",
+            with(&|t| t.hold_state = pb::HoldState::Posted as i32),
+            "hold_state",
+        ),
+        (
+            "an account version",
+            with(&|t| t.debit_account_version = 3),
+            "debit_account_version",
+        ),
     ];
     for (what, bad, field) in cases {
         // One bad item spoils the whole batch: the good item before it is not applied either.
@@ -260,6 +282,19 @@ async fn bad_input_is_refused_whole_and_changes_nothing() {
             "{what}: {}",
             status.message()
         );
+        // The same for programs: a BadRequest violation naming the field, and a stable reason.
+        let details = status.get_error_details();
+        let violations = &details
+            .bad_request()
+            .expect("a BadRequest")
+            .field_violations;
+        assert_eq!(
+            violations[0].field,
+            format!("transfers[1].{field}"),
+            "{what}"
+        );
+        let info = details.error_info().expect("an ErrorInfo");
+        assert_eq!(info.reason, "INVALID_REQUEST", "{what}");
     }
     let err = client
         .create_transfers(vec![good.clone(); 11])
@@ -291,6 +326,20 @@ async fn bad_input_is_refused_whole_and_changes_nothing() {
                 ..account("c", false)
             },
             "credit_limit",
+        ),
+        (
+            pb::Account {
+                credits_posted: 1_000_000,
+                ..account("c", false)
+            },
+            "credits_posted",
+        ),
+        (
+            pb::Account {
+                version: 7,
+                ..account("c", false)
+            },
+            "version",
         ),
     ];
     for (bad, field) in bad_accounts {
@@ -685,4 +734,57 @@ async fn batch_results_come_back_in_request_order() {
     let cross = |r: &pb::TransferResult| matches!(&r.outcome, Some(pb::transfer_result::Outcome::Transfer(t)) if t.cross_shard);
     assert!(results.iter().any(cross), "some items were cross-shard");
     stop_and_check(server, dir.path(), 4).await;
+}
+
+/// A refused transfer is recorded: `GetTransfers` returns its rejection; a retry is answered
+/// from the record and says it is a replay; the same id with other fields names what differs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recorded_outcomes_are_looked_up_and_replays_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = InProcess::start(test_config(dir.path(), 4)).await;
+    let client = Client::connect(&server.addr).await.unwrap();
+    create(&client, vec![account("a", true), account("b", false)]).await;
+    let refused = transfer("r-1", "a", "b", 5);
+    let first = client.transfer(refused.clone()).await.unwrap();
+    assert_eq!(rejected(&first), pb::RejectionReason::ExceedsCredits);
+    assert!(!first.replayed, "the first answer is not a replay");
+
+    let found = client
+        .get_transfers(vec!["r-1".into(), "ghost".into()])
+        .await
+        .unwrap();
+    assert!(found.transfers.is_empty());
+    assert_eq!(found.not_found, ["ghost"]);
+    assert_eq!(found.rejected.len(), 1);
+    assert_eq!(found.rejected[0].id, "r-1");
+    assert_eq!(
+        rejected(&found.rejected[0]),
+        pb::RejectionReason::ExceedsCredits
+    );
+
+    let again = client.transfer(refused.clone()).await.unwrap();
+    assert!(again.replayed);
+    assert_eq!(rejected(&again), pb::RejectionReason::ExceedsCredits);
+
+    let other = pb::Transfer {
+        amount: 6,
+        code: 9,
+        ..refused
+    };
+    let refusal = client.transfer(other).await.unwrap();
+    assert!(!refusal.replayed);
+    let Some(pb::transfer_result::Outcome::Rejection(r)) = &refusal.outcome else {
+        panic!("{refusal:?}")
+    };
+    assert_eq!(
+        r.reason,
+        pb::RejectionReason::ExistsWithDifferentFields as i32
+    );
+    assert_eq!(r.differing_fields, ["amount", "code"]);
+    assert!(
+        r.message.contains("it differs in amount, code"),
+        "{}",
+        r.message
+    );
+    server.stop().await;
 }
