@@ -105,6 +105,16 @@ async fn readme_tour() {
     );
     let (_, out) = run(&["transfer", "get", "hold-1"]).await;
     assert!(out.contains("hold_state=posted"), "{out}");
+    // Times for people: RFC 3339 in UTC, not epoch milliseconds.
+    let at = out
+        .split("committed_at=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_default();
+    assert!(
+        at.len() == 24 && at.starts_with("20") && at.ends_with('Z') && at.as_bytes()[10] == b'T',
+        "{out}"
+    );
 
     // Each `ledger` run starts a trace (or joins --traceparent); the transfer records its id
     // and `transfer get` prints it, so an operator can go from a transfer id to its trace.
