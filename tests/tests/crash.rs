@@ -214,12 +214,15 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
         let settled = settle(&client, t.clone()).await;
         if let Some(answer) = answer {
             acknowledged += 1;
-            // The acknowledged outcome is the outcome, forever.
+            // The acknowledged outcome is the outcome, forever, and the answer after the
+            // crashes comes from its record (a replay).
             assert_eq!(
-                settled, answer,
+                (&settled.id, &settled.outcome),
+                (&answer.id, &answer.outcome),
                 "transfer {} changed its outcome after crashes",
                 t.id
             );
+            assert!(settled.replayed, "{} answered from its record", t.id);
         }
         outcomes.insert(t.id.clone(), (t, settled));
     }

@@ -103,22 +103,17 @@ enum Command {
     CheckConfig(Settings),
 }
 
-/// Settings: each overrides the config file, and is overridden by its flag. Environment
-/// variables sit between the file and the flags.
+/// What `ledgerd init` uses: where the data goes and what is fixed at initialisation. Each
+/// overrides the config file, and is overridden by its flag; environment variables sit between
+/// the file and the flags.
 #[derive(clap::Args)]
-struct Settings {
+struct InitSettings {
     /// TOML config file (settings as in `ledgerd check-config` output).
     #[arg(long, env = "LEDGER_CONFIG")]
     config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:50051]
-    #[arg(long, env = "LEDGER_LISTEN")]
-    listen: Option<SocketAddr>,
     /// Data directory of the embedded store [default: ./data]
     #[arg(long, env = "LEDGER_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// Storage backend [default: embedded]. `memory` keeps nothing across restarts.
-    #[arg(long, env = "LEDGER_STORE")]
-    store: Option<StoreKind>,
     /// Number of shards, fixed when the data directory is initialised [default: 16]
     #[arg(long, env = "LEDGER_SHARDS")]
     shards: Option<u32>,
@@ -128,15 +123,28 @@ struct Settings {
     /// This node's region, recorded in the shard map at init [default: local]
     #[arg(long, env = "LEDGER_REGION")]
     region: Option<String>,
+    /// Log filter (tracing env-filter syntax) [default: info]
+    #[arg(long, env = "LEDGER_LOG")]
+    log: Option<String>,
+}
+
+/// Settings of `start` and `check-config`: those of `init`, and how to serve.
+#[derive(clap::Args)]
+struct Settings {
+    #[command(flatten)]
+    init: InitSettings,
+    /// gRPC listen address [default: 127.0.0.1:50051]
+    #[arg(long, env = "LEDGER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Storage backend [default: embedded]. `memory` keeps nothing across restarts.
+    #[arg(long, env = "LEDGER_STORE")]
+    store: Option<StoreKind>,
     /// Most items per batch call [default: 8190]
     #[arg(long, env = "LEDGER_BATCH_SIZE_MAX")]
     batch_size_max: Option<usize>,
     /// Largest gRPC message accepted, in bytes [default: 16777216]
     #[arg(long, env = "LEDGER_MESSAGE_SIZE_MAX_BYTES")]
     message_size_max_bytes: Option<usize>,
-    /// Log filter (tracing env-filter syntax) [default: info]
-    #[arg(long, env = "LEDGER_LOG")]
-    log: Option<String>,
     /// Log line format: text or json [default: text]
     #[arg(long, env = "LEDGER_LOG_FORMAT")]
     log_format: Option<ledger_server::telemetry::LogFormat>,
@@ -154,66 +162,15 @@ struct Settings {
     metrics_listen: Option<String>,
 }
 
-/// What `ledgerd init` uses: where the data goes and what is fixed at initialisation.
-#[derive(clap::Args)]
-struct InitSettings {
-    /// TOML config file (settings as in `ledgerd check-config` output).
-    #[arg(long, env = "LEDGER_CONFIG")]
-    config: Option<PathBuf>,
-    /// Data directory to initialise [default: ./data]
-    #[arg(long, env = "LEDGER_DATA_DIR")]
-    data_dir: Option<PathBuf>,
-    /// Number of shards, fixed from now on [default: 16]
-    #[arg(long, env = "LEDGER_SHARDS")]
-    shards: Option<u32>,
-    /// This node's name [default: node-1]
-    #[arg(long, env = "LEDGER_NODE_ID")]
-    node_id: Option<String>,
-    /// This node's region, recorded in the shard map [default: local]
-    #[arg(long, env = "LEDGER_REGION")]
-    region: Option<String>,
-    /// Log filter (tracing env-filter syntax) [default: info]
-    #[arg(long, env = "LEDGER_LOG")]
-    log: Option<String>,
-}
-
 impl InitSettings {
-    /// The same settings as `start` takes, the others left to the file and the defaults.
-    fn settings(&self) -> Settings {
-        Settings {
-            config: self.config.clone(),
-            data_dir: self.data_dir.clone(),
-            shards: self.shards,
-            node_id: self.node_id.clone(),
-            region: self.region.clone(),
-            log: self.log.clone(),
-            listen: None,
-            store: None,
-            batch_size_max: None,
-            message_size_max_bytes: None,
-            log_format: None,
-            otlp_endpoint: None,
-            trace_sampling_ratio: None,
-            service_name: None,
-            metrics_listen: None,
-        }
-    }
-}
-
-impl Settings {
+    /// The config of the file (or the defaults) with these settings over it.
     fn resolve(&self) -> Result<Config, String> {
         let mut config = match &self.config {
             Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
             None => Config::default(),
         };
-        if let Some(v) = self.listen {
-            config.listen = v;
-        }
         if let Some(v) = &self.data_dir {
             config.data_dir.clone_from(v);
-        }
-        if let Some(v) = self.store {
-            config.store = v;
         }
         if let Some(v) = self.shards {
             config.shards = v;
@@ -223,6 +180,20 @@ impl Settings {
         }
         if let Some(v) = &self.region {
             config.region.clone_from(v);
+        }
+        config.validate().map_err(|e| e.to_string())?;
+        Ok(config)
+    }
+}
+
+impl Settings {
+    fn resolve(&self) -> Result<Config, String> {
+        let mut config = self.init.resolve()?;
+        if let Some(v) = self.listen {
+            config.listen = v;
+        }
+        if let Some(v) = self.store {
+            config.store = v;
         }
         if let Some(v) = self.batch_size_max {
             config.batch_size_max = v;
@@ -260,17 +231,13 @@ fn main() -> ExitCode {
     // Before the runtime starts its threads.
     tune_allocator();
     let cli = Cli::parse();
-    let init_settings;
-    let (settings, mode) = match &cli.command {
-        Command::Start(s) => (s, Mode::Start),
-        Command::Init(s) => {
-            init_settings = s.settings();
-            (&init_settings, Mode::Init)
-        }
-        Command::CheckConfig(s) => (s, Mode::CheckConfig),
+    let (init, mode, resolved) = match &cli.command {
+        Command::Start(s) => (&s.init, Mode::Start, s.resolve()),
+        Command::Init(s) => (s, Mode::Init, s.resolve()),
+        Command::CheckConfig(s) => (&s.init, Mode::CheckConfig, s.resolve()),
     };
-    let filter = settings.log.clone().unwrap_or_else(|| "info".into());
-    let config = match settings.resolve() {
+    let filter = init.log.clone().unwrap_or_else(|| "info".into());
+    let config = match resolved {
         Ok(config) => config,
         Err(e) => {
             eprintln!("ledgerd: invalid configuration: {e}");

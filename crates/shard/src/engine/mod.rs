@@ -687,6 +687,17 @@ impl Engine {
         self.wanted.insert(read);
     }
 
+    /// A value as fetched (`Some`: present or absent), or, not fetched yet, wanted.
+    fn known<T>(&mut self, found: Option<Option<T>>, read: impl FnOnce() -> Read) -> Known<T> {
+        match found {
+            Some(value) => Known::Yes(value),
+            None => {
+                self.want(read());
+                Known::Wanted
+            }
+        }
+    }
+
     fn lookup_transfer(&mut self, id: &str) -> Result<Known<TransferRecord>, Fatal> {
         if let Some(&index) = self.batch.transfers.get(id) {
             let Write::Put(_, bytes) = &self.batch.writes.writes[index] else {
@@ -699,28 +710,16 @@ impl Engine {
             self.metrics.filter_skips.increment(1);
             return Ok(Known::Yes(None));
         }
-        Ok(match self.fetched.transfer(id) {
-            Some(Some(bytes)) => Known::Yes(Some(codec::decode("transfer", bytes)?)),
-            Some(None) => Known::Yes(None),
-            None => {
-                self.want(Read::Transfer(id.to_string()));
-                Known::Wanted
-            }
-        })
+        let found = reads::decoded(self.fetched.transfer(id), "transfer")?;
+        Ok(self.known(found, || Read::Transfer(id.to_string())))
     }
 
     fn lookup_hold(&mut self, pending_id: &str) -> Result<Known<HoldStatus>, Fatal> {
         if let Some(hold) = self.batch.holds.get(pending_id) {
             return Ok(Known::Yes(Some(hold.clone())));
         }
-        Ok(match self.fetched.hold(pending_id) {
-            Some(Some(bytes)) => Known::Yes(Some(codec::decode("hold", bytes)?)),
-            Some(None) => Known::Yes(None),
-            None => {
-                self.want(Read::Hold(pending_id.to_string()));
-                Known::Wanted
-            }
-        })
+        let found = reads::decoded(self.fetched.hold(pending_id), "hold")?;
+        Ok(self.known(found, || Read::Hold(pending_id.to_string())))
     }
 
     /// The placement key of the directory record this shard holds for account `id`, if any: in
@@ -731,14 +730,8 @@ impl Engine {
         if let Some(key) = self.batch.forwards.get(id) {
             return Ok(Known::Yes(Some(key.clone())));
         }
-        Ok(match self.fetched.forward(id) {
-            Some(Some(bytes)) => Known::Yes(Some(codec::decode("forward", bytes)?)),
-            Some(None) => Known::Yes(None),
-            None => {
-                self.want(Read::Forward(id.to_string()));
-                Known::Wanted
-            }
-        })
+        let found = reads::decoded(self.fetched.forward(id), "forward")?;
+        Ok(self.known(found, || Read::Forward(id.to_string())))
     }
 
     /// Whether a participant attempt is decided (applied or released), in this batch or in the

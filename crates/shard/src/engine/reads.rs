@@ -19,9 +19,11 @@
 //! every commit, so `finish` forgets them.
 
 use foldhash::HashMap;
+use serde::de::DeserializeOwned;
 
 use ledger_domain::ShardId;
 
+use crate::codec::{self, DecodeError};
 use crate::keys;
 
 /// A stored value the engine may need, by kind and id.
@@ -51,6 +53,21 @@ impl Read {
 
 /// What a stored value turned out to be: its bytes, `None` if absent.
 pub type Value = Option<Vec<u8>>;
+
+/// A fetched value, decoded: `Some(None)` fetched and absent, `None` not fetched.
+pub(super) fn decoded<T: DeserializeOwned>(
+    value: Option<&Value>,
+    what: &'static str,
+) -> Result<Option<Option<T>>, DecodeError> {
+    value
+        .map(|value| {
+            value
+                .as_deref()
+                .map(|bytes| codec::decode(what, bytes))
+                .transpose()
+        })
+        .transpose()
+}
 
 /// The values fetched for the open batch, one map per kind (so a lookup by `&str` needs no
 /// owned key).
