@@ -19,7 +19,9 @@
 //! records and done markers stay in the store; a step that needs one waits until the runtime
 //! has fetched it ([`reads`]). Its output (writes, replies, messages and their order) depends
 //! only on its inputs, the values supplied and the times given: maps whose order reaches the
-//! output are ordered maps, never hash maps seeded per process.
+//! output are ordered maps, never hash maps seeded per process. (One exception, outside any
+//! simulation: in a sampled trace, the span ids that messages carry come from the
+//! OpenTelemetry SDK's random generator; without an exporter no span is made.)
 //!
 //! Account locks exist only for cross-shard transfers (see [`coordinator`] and
 //! [`participant`]): an account that is prepared for one cannot change until the decision.
