@@ -614,7 +614,7 @@ async fn unusable_data_directories_are_refused_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_in_a_newer_format_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    ledger_server::init(&test_config(dir.path(), 2)).unwrap();
+    ledger_server::init(&test_config(dir.path(), 2), None).unwrap();
     let meta = dir.path().join("meta.redb");
     let format = |meta: &std::path::Path| {
         let store = ledger_store::Embedded::open(meta).unwrap();
@@ -664,9 +664,9 @@ async fn a_data_directory_in_a_newer_format_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn init_fixes_the_shard_count() {
     let dir = tempfile::tempdir().unwrap();
-    let meta = ledger_server::init(&test_config(dir.path(), 3)).unwrap();
-    assert_eq!(meta.shard_count, 3);
-    let again = ledger_server::init(&test_config(dir.path(), 3)).unwrap_err();
+    let meta = ledger_server::init(&test_config(dir.path(), 3), None).unwrap();
+    assert_eq!(meta.meta.shard_count, 3);
+    let again = ledger_server::init(&test_config(dir.path(), 3), None).unwrap_err();
     assert!(again.to_string().contains("already initialised"), "{again}");
     // A later start asking for 8 shards keeps the 3 it was initialised with.
     let server = InProcess::start(test_config(dir.path(), 8)).await;

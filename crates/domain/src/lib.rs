@@ -1,8 +1,9 @@
-//! The ledger's data model: accounts, transfers, entries, rejection reasons, validation and
-//! placement. Pure: no I/O, no clock, no randomness, so the shard engine, the server and the
+//! The ledger's data model: accounts, transfers, entries, rejection reasons, validation,
+//! placement and the cluster map. Pure: no I/O, no clock, no randomness, so the shard engine, the server and the
 //! tests all agree on one meaning of every field.
 
 mod account;
+pub mod cluster;
 mod placement;
 mod rejection;
 mod transfer;

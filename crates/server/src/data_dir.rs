@@ -8,12 +8,18 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use ledger_domain::Placement;
+use ledger_domain::cluster::{ClusterFile, ClusterMap, MapError, NodeInfo};
 use ledger_shard::codec;
 use ledger_store::{Embedded, Expect, Memory, Store, WriteBatch};
 
 use crate::config::{Config, ConfigError, StoreKind};
 
 const META_KEY: &[u8] = b"cluster";
+/// The cluster map (`ledger_domain::cluster::ClusterMap`) and this node's id in it. A directory
+/// initialised before maps existed has neither: it is a single node's, and its map is made from
+/// its metadata at start.
+const MAP_KEY: &[u8] = b"map";
+const NODE_KEY: &[u8] = b"node";
 const META_FILE: &str = "meta.redb";
 /// Key of the data format marker in `meta.redb`: a big-endian u32.
 const FORMAT_KEY: &[u8] = b"format";
@@ -61,51 +67,137 @@ pub enum StartError {
     /// The listener or the gRPC server failed.
     #[error("serving: {0}")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The cluster file cannot be read or parsed.
+    #[error("cluster file {path}: {reason}")]
+    ClusterFile { path: String, reason: String },
+    /// The cluster file is wrong: what and where.
+    #[error("cluster file {path}: {source}")]
+    Map {
+        path: String,
+        #[source]
+        source: MapError,
+    },
+    /// The data directory belongs to a node of a cluster of several nodes: this build serves
+    /// a single node's directory only.
+    #[error(
+        "data directory {path} is node {node:?} of a cluster of {nodes} nodes (map version {version}); serving a cluster is not built yet, so start a single node's directory"
+    )]
+    ClusterNotServed {
+        path: String,
+        node: String,
+        nodes: usize,
+        version: u64,
+    },
 }
 
-pub fn open(
-    config: &Config,
-    now_ms: u64,
-) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
-    match config.store {
+/// What `open` and `init` found or made: the metadata, the cluster map and this node's id.
+#[derive(Clone, Debug)]
+pub struct Opened {
+    pub meta: ClusterMeta,
+    pub map: ClusterMap,
+    pub node: String,
+}
+
+pub fn open(config: &Config, now_ms: u64) -> Result<(Opened, Vec<Arc<dyn Store>>), StartError> {
+    let opened = match config.store {
         StoreKind::Memory => {
-            let meta = init_meta(config, now_ms);
+            let map = single_node_map(config, config.shards, Placement::VNODES_PER_SHARD_DEFAULT)?;
+            let meta = meta_of(&map, config, now_ms);
             let stores = (0..meta.shard_count).map(|_| Arc::new(Memory::new()) as Arc<dyn Store>);
-            Ok((meta.clone(), stores.collect()))
+            return Ok((
+                Opened {
+                    meta,
+                    map,
+                    node: config.node_id.clone(),
+                },
+                stores.collect(),
+            ));
         }
-        StoreKind::Embedded => open_embedded(config, now_ms),
+        StoreKind::Embedded => open_meta(config, None, now_ms)?,
+    };
+    if opened.map.nodes.len() > 1 {
+        return Err(StartError::ClusterNotServed {
+            path: config.data_dir.display().to_string(),
+            node: opened.node.clone(),
+            nodes: opened.map.nodes.len(),
+            version: opened.map.version,
+        });
     }
+    let stores = open_stores(config, &opened.meta)?;
+    Ok((opened, stores))
 }
 
-/// `ledgerd init`: like the first start, but refuses an initialised directory.
-pub fn init(config: &Config, now_ms: u64) -> Result<ClusterMeta, StartError> {
+/// `ledgerd init`: writes the metadata and the cluster map (from `cluster`, the cluster file,
+/// else a single node's), and refuses an initialised directory.
+pub fn init(config: &Config, cluster: Option<&Path>, now_ms: u64) -> Result<Opened, StartError> {
     if config.data_dir.join(META_FILE).exists() {
         return Err(StartError::DataDir {
             path: config.data_dir.display().to_string(),
             reason: "is already initialised; `ledgerd start` uses it as it is".into(),
         });
     }
-    open_embedded(config, now_ms).map(|(meta, _)| meta)
+    let map = match cluster {
+        Some(path) => Some(read_cluster_file(path, &config.node_id)?),
+        None => None,
+    };
+    open_meta(config, map, now_ms)
 }
 
-fn init_meta(config: &Config, now_ms: u64) -> ClusterMeta {
+/// Reads and checks a cluster file; `node` must be one of its nodes.
+pub fn read_cluster_file(path: &Path, node: &str) -> Result<ClusterMap, StartError> {
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| StartError::ClusterFile {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let file: ClusterFile = toml::from_str(&text).map_err(|e| StartError::ClusterFile {
+        path: shown.clone(),
+        reason: e.to_string(),
+    })?;
+    let map_error = |source| StartError::Map {
+        path: shown.clone(),
+        source,
+    };
+    let map = file.check().map_err(map_error)?;
+    map.require_node(node).map_err(map_error)?;
+    Ok(map)
+}
+
+/// The map of a single node owning every shard, in the configured region.
+fn single_node_map(
+    config: &Config,
+    shards: u32,
+    vnodes_per_shard: u32,
+) -> Result<ClusterMap, StartError> {
+    let node = NodeInfo {
+        id: config.node_id.clone(),
+        region: config.region.clone(),
+        client_address: config.listen.to_string(),
+        peer_address: String::new(),
+    };
+    ClusterMap::single_node(shards, vnodes_per_shard, node).map_err(|source| StartError::Map {
+        path: "(single node)".into(),
+        source,
+    })
+}
+
+fn meta_of(map: &ClusterMap, config: &Config, now_ms: u64) -> ClusterMeta {
     ClusterMeta {
         cluster_id: format!("{}-{now_ms}", config.node_id),
-        shard_count: config.shards,
-        vnodes_per_shard: Placement::VNODES_PER_SHARD_DEFAULT,
-        shards: (0..config.shards)
+        shard_count: map.shard_count(),
+        vnodes_per_shard: map.vnodes_per_shard,
+        shards: (0..map.shard_count())
             .map(|shard| ShardInfo {
                 shard,
-                region: config.region.clone(),
+                region: map.shards[shard as usize].region.clone(),
             })
             .collect(),
     }
 }
 
-fn open_embedded(
-    config: &Config,
-    now_ms: u64,
-) -> Result<(ClusterMeta, Vec<Arc<dyn Store>>), StartError> {
+/// Opens (creating if new) `meta.redb`: the metadata, the map and this node's id. A new
+/// directory gets `map` (a cluster file's) or a single node's map.
+fn open_meta(config: &Config, map: Option<ClusterMap>, now_ms: u64) -> Result<Opened, StartError> {
     let dir = &config.data_dir;
     let fail = |reason: String| StartError::DataDir {
         path: dir.display().to_string(),
@@ -132,27 +224,60 @@ fn open_embedded(
         probe_writable(dir).map_err(|e| fail(format!("is not writable: {e}")))?;
     }
     let meta_store = Embedded::open(&meta_path).map_err(|e| fail(e.to_string()))?;
-    let meta = match meta_store.get(META_KEY).map_err(|e| fail(e.to_string()))? {
-        Some(bytes) => codec::decode::<ClusterMeta>("cluster metadata", &bytes)
-            .map_err(|e| fail(format!("{META_FILE} is damaged: {e}")))?,
+    let stored = |key: &[u8]| meta_store.get(key).map_err(|e| fail(e.to_string()));
+    let damaged = |e: codec::DecodeError| fail(format!("{META_FILE} is damaged: {e}"));
+    let opened = match stored(META_KEY)? {
+        Some(bytes) => {
+            let meta = codec::decode::<ClusterMeta>("cluster metadata", &bytes).map_err(damaged)?;
+            let (map, node) = match (stored(MAP_KEY)?, stored(NODE_KEY)?) {
+                (Some(map), Some(node)) => (
+                    codec::decode::<ClusterMap>("cluster map", &map).map_err(damaged)?,
+                    codec::decode::<String>("node id", &node).map_err(damaged)?,
+                ),
+                // Initialised before maps: a single node's.
+                _ => (
+                    single_node_map(config, meta.shard_count, meta.vnodes_per_shard)?,
+                    config.node_id.clone(),
+                ),
+            };
+            Opened { meta, map, node }
+        }
         None => {
-            let meta = init_meta(config, now_ms);
+            let map = match map {
+                Some(map) => map,
+                None => {
+                    single_node_map(config, config.shards, Placement::VNODES_PER_SHARD_DEFAULT)?
+                }
+            };
+            let meta = meta_of(&map, config, now_ms);
             let mut batch = WriteBatch::default();
             batch.expect(META_KEY.to_vec(), Expect::Absent);
             batch.put(META_KEY.to_vec(), codec::encode(&meta));
+            batch.put(MAP_KEY.to_vec(), codec::encode(&map));
+            batch.put(NODE_KEY.to_vec(), codec::encode(&config.node_id));
             batch.put(FORMAT_KEY.to_vec(), DATA_FORMAT.to_be_bytes().to_vec());
             meta_store.commit(&batch).map_err(|e| fail(e.to_string()))?;
-            meta
+            Opened {
+                meta,
+                map,
+                node: config.node_id.clone(),
+            }
         }
     };
     check_format(&meta_store).map_err(fail)?;
-    if !fresh && meta.shard_count != config.shards {
+    if !fresh && opened.meta.shard_count != config.shards {
         tracing::warn!(
             configured = config.shards,
-            initialised = meta.shard_count,
+            initialised = opened.meta.shard_count,
             "the shard count is fixed at init; using the initialised count"
         );
     }
+    Ok(opened)
+}
+
+/// Opens the shard stores of an opened directory.
+fn open_stores(config: &Config, meta: &ClusterMeta) -> Result<Vec<Arc<dyn Store>>, StartError> {
+    let dir = &config.data_dir;
     // A floor keeps tiny configurations usable.
     let shards = meta.shard_count as usize;
     let limits = ledger_store::Limits {
@@ -167,11 +292,14 @@ fn open_embedded(
         limits,
         Some(ledger_shard::keys::entry_group),
     )
-    .map_err(|e| fail(e.to_string()))?
+    .map_err(|e| StartError::DataDir {
+        path: dir.display().to_string(),
+        reason: e.to_string(),
+    })?
     .into_iter()
     .map(|s| Arc::new(s) as Arc<dyn Store>)
     .collect();
-    Ok((meta, stores))
+    Ok(stores)
 }
 
 /// Refuses a directory written in a format this build does not read, before any shard store

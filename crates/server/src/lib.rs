@@ -23,7 +23,7 @@ use ledger_shard::node::Node;
 use ledger_shard::{Clock, SystemClock};
 
 pub use config::{Config, ConfigError, StoreKind};
-pub use data_dir::{ClusterMeta, DATA_FORMAT, ShardInfo, StartError};
+pub use data_dir::{ClusterMeta, DATA_FORMAT, Opened, ShardInfo, StartError};
 
 /// What `run` reports once it is serving (for the start-up summary and tests).
 #[derive(Clone, Debug)]
@@ -32,14 +32,16 @@ pub struct Started {
     pub meta: ClusterMeta,
 }
 
-/// Initialises an empty data directory (cluster metadata and shard files) and returns the
-/// metadata. Refuses a directory that is already initialised or holds anything else.
-pub fn init(config: &Config) -> Result<ClusterMeta, StartError> {
+/// Initialises an empty data directory (cluster metadata and map; the shard files come at the
+/// first start) and returns what it wrote. With `cluster`, the map is that cluster file's and
+/// `config.node_id` must be one of its nodes; without, the map is a single node's. Refuses a
+/// directory that is already initialised or holds anything else.
+pub fn init(config: &Config, cluster: Option<&std::path::Path>) -> Result<Opened, StartError> {
     config.validate()?;
     if config.store != StoreKind::Embedded {
         return Err(StartError::InitNeedsEmbedded);
     }
-    data_dir::init(config, SystemClock.now_ms())
+    data_dir::init(config, cluster, SystemClock.now_ms())
 }
 
 /// Opens the data directory, starts every shard leader and serves gRPC on `listener` until
@@ -52,7 +54,8 @@ pub async fn run(
 ) -> Result<(), StartError> {
     config.validate()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let (meta, stores) = data_dir::open(&config, clock.now_ms())?;
+    let (opened, stores) = data_dir::open(&config, clock.now_ms())?;
+    let meta = opened.meta;
     let placement = Placement::new(meta.shard_count, meta.vnodes_per_shard);
     let node = Node::start(
         &config.node_id,

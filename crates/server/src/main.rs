@@ -111,14 +111,19 @@ struct InitSettings {
     /// TOML config file (settings as in `ledgerd check-config` output).
     #[arg(long, env = "LEDGER_CONFIG")]
     config: Option<PathBuf>,
+    /// `init` only: the cluster file (regions, nodes, shards; see deploy/cluster.toml); this
+    /// node is `--node`. Without it, the directory is a single node's.
+    #[arg(long, value_name = "FILE")]
+    cluster: Option<PathBuf>,
     /// Data directory of the embedded store [default: ./data]
     #[arg(long, env = "LEDGER_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Number of shards, fixed when the data directory is initialised [default: 16]
     #[arg(long, env = "LEDGER_SHARDS")]
     shards: Option<u32>,
-    /// This node's name, written into shard leases [default: node-1]
-    #[arg(long, env = "LEDGER_NODE_ID")]
+    /// This node's name, written into shard leases; with --cluster, a node of the file
+    /// [default: node-1]
+    #[arg(long, alias = "node", env = "LEDGER_NODE_ID")]
     node_id: Option<String>,
     /// This node's region, recorded in the shard map at init [default: local]
     #[arg(long, env = "LEDGER_REGION")]
@@ -259,14 +264,22 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Mode::Init => {
-            return match ledger_server::init(&config) {
-                Ok(meta) => {
+            return match ledger_server::init(&config, init.cluster.as_deref()) {
+                Ok(opened) => {
+                    let node = opened
+                        .map
+                        .node(&opened.node)
+                        .expect("the node is in its map");
                     println!(
-                        "initialised {} with {} shards in region {} (cluster {})",
+                        "initialised {}: node {} in region {}, {} of {} shards, map version {} ({} nodes in {} regions)",
                         config.data_dir.display(),
-                        meta.shard_count,
-                        config.region,
-                        meta.cluster_id
+                        node.id,
+                        node.region,
+                        opened.map.shards_of(&node.id).len(),
+                        opened.meta.shard_count,
+                        opened.map.version,
+                        opened.map.nodes.len(),
+                        opened.map.regions.len(),
                     );
                     ExitCode::SUCCESS
                 }

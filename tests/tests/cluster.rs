@@ -1,0 +1,109 @@
+//! The cluster map from the operator's side: `ledgerd init --cluster FILE --node ID` with the
+//! real binary. A good file initialises the node; each kind of mistake is refused with what
+//! and where, and nothing is written.
+
+use std::path::Path;
+use std::process::Command;
+
+use ledger_tests::process::ledgerd_bin;
+
+/// Runs `ledgerd init --cluster <file> --node <node>` in a fresh data directory under `dir`;
+/// returns (exit code, stdout + stderr).
+fn init(dir: &Path, cluster: &str, node: &str) -> (i32, String) {
+    let file = dir.join("cluster.toml");
+    std::fs::write(&file, cluster).unwrap();
+    let out = Command::new(ledgerd_bin())
+        .args(["init", "--cluster"])
+        .arg(&file)
+        .args(["--node", node, "--data-dir"])
+        .arg(dir.join(node))
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn example() -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/cluster.toml");
+    std::fs::read_to_string(path).unwrap()
+}
+
+#[test]
+fn the_example_cluster_file_initialises_each_of_its_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = init(dir.path(), &example(), "us-1");
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(
+            "node us-1 in region us, 3 of 12 shards, map version 1 (4 nodes in 3 regions)"
+        ),
+        "{out}"
+    );
+    // Initialised once: a second init is refused, and start refuses a cluster's directory
+    // until serving a cluster is built (it says so, rather than serving a part of it).
+    let (code, out) = init(dir.path(), &example(), "us-1");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("is already initialised"), "{out}");
+    let out = Command::new(ledgerd_bin())
+        .args(["start", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("us-1"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("is node \"us-1\" of a cluster of 4 nodes (map version 1)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn bad_cluster_files_are_refused_with_what_and_where() {
+    let cases = [
+        (
+            "an unknown region",
+            example().replace("region = \"ap\"\nowner", "region = \"sa\"\nowner"),
+            "ap-1",
+            "shard entry \"9-11\" names region \"sa\", which is not among the regions",
+        ),
+        (
+            "a shard owned by no node",
+            example().replace("ids = \"9-11\"", "ids = \"9-10\""),
+            "ap-1",
+            "shard 11 is given by no entry",
+        ),
+        (
+            "duplicate addresses",
+            example().replace("127.0.0.1:51052", "127.0.0.1:51051"),
+            "eu-1",
+            "address 127.0.0.1:51051 is used twice: by node \"eu-1\" and by node \"eu-2\"",
+        ),
+        (
+            "a node id not in the file",
+            example(),
+            "sa-1",
+            "node \"sa-1\" is not in the cluster file (its nodes: eu-1, eu-2, us-1, ap-1)",
+        ),
+        (
+            "an unknown setting",
+            example().replace("shards = 12", "shards = 12\nreplicas = 3"),
+            "eu-1",
+            "unknown field `replicas`",
+        ),
+    ];
+    for (what, file, node, message) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let (code, out) = init(dir.path(), &file, node);
+        assert_eq!(code, 1, "{what}: {out}");
+        assert!(out.contains("cluster file "), "{what}: {out}");
+        assert!(out.contains(message), "{what}: {out}");
+        assert!(
+            !dir.path().join(node).join("meta.redb").exists(),
+            "{what}: nothing written"
+        );
+    }
+}
