@@ -788,3 +788,128 @@ async fn recorded_outcomes_are_looked_up_and_replays_say_so() {
     );
     server.stop().await;
 }
+
+/// A node that does not lead any shard: answers every call as a non-leader does (the server's
+/// own `ApiError::NotLeader` mapping), naming `leader` as the leader's address. It stands in
+/// for a node of a cluster until `ledgerd` serves one.
+struct NotLeader {
+    leader: String,
+}
+
+impl NotLeader {
+    fn status(&self) -> tonic::Status {
+        ledger_server::error::ApiError::NotLeader {
+            shard: 0,
+            leader: Some(ledger_shard::runtime::LeaderHint {
+                node: "leader".into(),
+                address: self.leader.clone(),
+            }),
+        }
+        .into()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::ledger_service_server::LedgerService for NotLeader {
+    async fn create_accounts(
+        &self,
+        _: tonic::Request<pb::CreateAccountsRequest>,
+    ) -> Result<tonic::Response<pb::CreateAccountsResponse>, tonic::Status> {
+        Err(self.status())
+    }
+    async fn get_accounts(
+        &self,
+        _: tonic::Request<pb::GetAccountsRequest>,
+    ) -> Result<tonic::Response<pb::GetAccountsResponse>, tonic::Status> {
+        Err(self.status())
+    }
+    async fn create_transfers(
+        &self,
+        _: tonic::Request<pb::CreateTransfersRequest>,
+    ) -> Result<tonic::Response<pb::CreateTransfersResponse>, tonic::Status> {
+        Err(self.status())
+    }
+    async fn transfer(
+        &self,
+        _: tonic::Request<pb::Transfer>,
+    ) -> Result<tonic::Response<pb::TransferResult>, tonic::Status> {
+        Err(self.status())
+    }
+    async fn get_transfers(
+        &self,
+        _: tonic::Request<pb::GetTransfersRequest>,
+    ) -> Result<tonic::Response<pb::GetTransfersResponse>, tonic::Status> {
+        Err(self.status())
+    }
+    async fn get_balance(
+        &self,
+        _: tonic::Request<pb::GetBalanceRequest>,
+    ) -> Result<tonic::Response<pb::Balance>, tonic::Status> {
+        Err(self.status())
+    }
+    async fn list_entries(
+        &self,
+        _: tonic::Request<pb::ListEntriesRequest>,
+    ) -> Result<tonic::Response<pb::ListEntriesResponse>, tonic::Status> {
+        Err(self.status())
+    }
+}
+
+/// The client follows a `NOT_LEADER` hint to the leader and sends the same call there: the
+/// transfer is applied once, by the leader, with its id; reads follow the hint as well.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_follows_leader_hints_with_the_same_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let leader = InProcess::start(test_config(dir.path(), 4)).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let follower_addr = listener.local_addr().unwrap();
+    let follower = NotLeader {
+        leader: leader.addr.trim_start_matches("http://").to_string(),
+    };
+    let serving = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(pb::ledger_service_server::LedgerServiceServer::new(
+                follower,
+            ))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    // The hint names the leader's address.
+    let raw = Client::connect(&format!("http://{follower_addr}"))
+        .await
+        .unwrap();
+    let status = raw
+        .raw()
+        .get_balance(pb::GetBalanceRequest {
+            account_id: "a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert_eq!(
+        ledger_client::leader_hint(&status).as_deref(),
+        Some(leader.addr.trim_start_matches("http://"))
+    );
+
+    // Through the follower, every call reaches the leader.
+    let client = raw;
+    create(&client, vec![account("a", false), account("b", false)]).await;
+    let first = client
+        .transfer(transfer("hinted-1", "a", "b", 7))
+        .await
+        .unwrap();
+    assert_eq!(committed(&first).amount, 7);
+    let again = client
+        .transfer(transfer("hinted-1", "a", "b", 7))
+        .await
+        .unwrap();
+    assert!(again.replayed, "the same id, answered from its record");
+    assert_eq!(client.balance("a").await.unwrap().debits_posted, 7);
+    let direct = Client::connect(&leader.addr).await.unwrap();
+    assert_eq!(
+        direct.balance("b").await.unwrap().credits_posted,
+        7,
+        "applied once, by the leader"
+    );
+    serving.abort();
+    leader.stop().await;
+}

@@ -1,6 +1,8 @@
-//! Rust client for the ledger. Calls that change state are retried on `UNAVAILABLE` (a leader
-//! changing or a node restarting) with the same transfer ids, which is always safe: a transfer
-//! id is applied at most once.
+//! Rust client for the ledger. Calls are retried on `UNAVAILABLE` (a leader changing or a node
+//! restarting) with the same transfer ids, which is always safe: a transfer id is applied at
+//! most once. A node that does not lead the shard a call needs answers `UNAVAILABLE` with a
+//! `NOT_LEADER` hint naming the leader's address; the call is then sent there, with the same
+//! ids (counted among the retries, so hints cannot send a call around forever).
 
 use std::time::Duration;
 
@@ -32,9 +34,18 @@ pub fn uri_of(addr: &str) -> String {
     }
 }
 
+/// Channels to leaders by address, oldest first.
+type Leaders = Vec<(String, LedgerServiceClient<Channel>)>;
+
+/// Leaders' addresses a client keeps a channel to (a cluster's nodes); past it, the oldest is
+/// let go.
+pub const LEADERS_CACHED_MAX: usize = 64;
+
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: LedgerServiceClient<Channel>,
+    /// Channels to the leaders that hints named, by address, oldest first.
+    leaders: std::sync::Arc<std::sync::Mutex<Leaders>>,
     /// W3C `traceparent` sent with every call, so the server's spans (and the transfers it
     /// records) belong to the caller's trace.
     traceparent: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
@@ -57,6 +68,7 @@ impl Client {
             .max_encoding_message_size(64 * 1024 * 1024);
         Ok(Client {
             inner,
+            leaders: std::sync::Arc::default(),
             traceparent: None,
         })
     }
@@ -90,8 +102,7 @@ impl Client {
         accounts: Vec<pb::Account>,
     ) -> Result<Vec<pb::AccountResult>, Error> {
         let request = pb::CreateAccountsRequest { accounts };
-        retry(|| {
-            let mut c = self.inner.clone();
+        self.retry(|mut c| {
             let request = self.request(request.clone());
             async move { c.create_accounts(request).await }
         })
@@ -100,10 +111,12 @@ impl Client {
     }
 
     pub async fn get_accounts(&self, ids: Vec<String>) -> Result<pb::GetAccountsResponse, Error> {
-        let mut c = self.inner.clone();
-        Ok(c.get_accounts(self.request(pb::GetAccountsRequest { ids }))
-            .await?
-            .into_inner())
+        let request = pb::GetAccountsRequest { ids };
+        self.retry(|mut c| {
+            let request = self.request(request.clone());
+            async move { c.get_accounts(request).await }
+        })
+        .await
     }
 
     pub async fn create_transfers(
@@ -111,8 +124,7 @@ impl Client {
         transfers: Vec<pb::Transfer>,
     ) -> Result<Vec<pb::TransferResult>, Error> {
         let request = pb::CreateTransfersRequest { transfers };
-        retry(|| {
-            let mut c = self.inner.clone();
+        self.retry(|mut c| {
             let request = self.request(request.clone());
             async move { c.create_transfers(request).await }
         })
@@ -121,8 +133,7 @@ impl Client {
     }
 
     pub async fn transfer(&self, transfer: pb::Transfer) -> Result<pb::TransferResult, Error> {
-        retry(|| {
-            let mut c = self.inner.clone();
+        self.retry(|mut c| {
             let transfer = self.request(transfer.clone());
             async move { c.transfer(transfer).await }
         })
@@ -130,20 +141,23 @@ impl Client {
     }
 
     pub async fn get_transfers(&self, ids: Vec<String>) -> Result<pb::GetTransfersResponse, Error> {
-        let mut c = self.inner.clone();
-        Ok(
-            c.get_transfers(self.request(pb::GetTransfersRequest { ids }))
-                .await?
-                .into_inner(),
-        )
+        let request = pb::GetTransfersRequest { ids };
+        self.retry(|mut c| {
+            let request = self.request(request.clone());
+            async move { c.get_transfers(request).await }
+        })
+        .await
     }
 
     pub async fn balance(&self, account_id: &str) -> Result<pb::Balance, Error> {
-        let mut c = self.inner.clone();
         let request = pb::GetBalanceRequest {
             account_id: account_id.to_string(),
         };
-        Ok(c.get_balance(self.request(request)).await?.into_inner())
+        self.retry(|mut c| {
+            let request = self.request(request.clone());
+            async move { c.get_balance(request).await }
+        })
+        .await
     }
 
     /// One page of an account's statement.
@@ -177,24 +191,68 @@ impl Client {
     }
 }
 
-async fn retry<T, F, Fut>(mut call: F) -> Result<T, Error>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
-{
-    let mut backoff = RETRY_BACKOFF_START;
-    let mut tries = 0;
-    loop {
-        match call().await {
-            Ok(response) => return Ok(response.into_inner()),
-            Err(status) if status.code() == Code::Unavailable && tries < RETRIES_MAX => {
-                tries += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(2));
+impl Client {
+    /// Makes a call, retrying on `UNAVAILABLE` (after a growing pause) and following a
+    /// `NOT_LEADER` hint to the leader's address (at once), at most [`RETRIES_MAX`] times.
+    async fn retry<T, F, Fut>(&self, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(LedgerServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let mut target = self.inner.clone();
+        let mut backoff = RETRY_BACKOFF_START;
+        let mut tries = 0;
+        loop {
+            match call(target.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if status.code() == Code::Unavailable && tries < RETRIES_MAX => {
+                    tries += 1;
+                    match leader_hint(&status).and_then(|address| self.channel_to(&address)) {
+                        Some(leader) => target = leader,
+                        None => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(2));
+                        }
+                    }
+                }
+                Err(status) => return Err(status.into()),
             }
-            Err(status) => return Err(status.into()),
         }
     }
+
+    /// A client of the node at `address` (kept for the next hint; connecting on first use).
+    fn channel_to(&self, address: &str) -> Option<LedgerServiceClient<Channel>> {
+        let mut leaders = self
+            .leaders
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, client)) = leaders.iter().find(|(a, _)| a == address) {
+            return Some(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(uri_of(address))
+            .ok()?
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(30));
+        let client = LedgerServiceClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        if leaders.len() >= LEADERS_CACHED_MAX {
+            leaders.remove(0);
+        }
+        leaders.push((address.to_string(), client.clone()));
+        Some(client)
+    }
+}
+
+/// The leader's client address a `NOT_LEADER` answer names (`google.rpc.ErrorInfo`, domain
+/// `ledger`, metadata `leader_address`), if it names one.
+pub fn leader_hint(status: &Status) -> Option<String> {
+    use tonic_types::StatusExt;
+    let details = status.get_error_details();
+    let info = details.error_info()?;
+    (info.domain == "ledger" && info.reason == "NOT_LEADER")
+        .then(|| info.metadata.get("leader_address").cloned())
+        .flatten()
 }
 
 /// The innermost cause of an error ("Connection refused (os error 111)" rather than tonic's

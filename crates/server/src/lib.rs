@@ -5,7 +5,7 @@
 mod calls;
 pub mod config;
 mod data_dir;
-mod error;
+pub mod error;
 pub mod peer;
 pub mod prometheus;
 mod router;
