@@ -270,16 +270,21 @@ fn main() -> ExitCode {
                         .map
                         .node(&opened.node)
                         .expect("the node is in its map");
+                    let (nodes, regions) = (opened.map.nodes.len(), opened.map.regions.len());
+                    let cluster = if nodes == 1 {
+                        "a single node".to_string()
+                    } else {
+                        let plural = if regions == 1 { "" } else { "s" };
+                        format!("{nodes} nodes in {regions} region{plural}")
+                    };
                     println!(
-                        "initialised {}: node {} in region {}, {} of {} shards, map version {} ({} nodes in {} regions)",
+                        "initialised {}: node {} in region {}, {} of {} shards, map version {} ({cluster})",
                         config.data_dir.display(),
                         node.id,
                         node.region,
                         opened.map.shards_of(&node.id).len(),
                         opened.meta.shard_count,
                         opened.map.version,
-                        opened.map.nodes.len(),
-                        opened.map.regions.len(),
                     );
                     ExitCode::SUCCESS
                 }
