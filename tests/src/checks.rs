@@ -17,10 +17,21 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// The stores of every shard, shard `i` at index `i`.
     pub fn read(stores: &[&dyn Store]) -> Snapshot {
+        let shards: Vec<(ShardId, &dyn Store)> = stores
+            .iter()
+            .enumerate()
+            .map(|(i, store)| (ShardId(i as u32), *store))
+            .collect();
+        Self::read_shards(&shards)
+    }
+
+    /// The stores of every shard of a cluster, each with its shard id.
+    pub fn read_shards(stores: &[(ShardId, &dyn Store)]) -> Snapshot {
         let mut s = Snapshot::default();
-        for (i, store) in stores.iter().enumerate() {
-            let shard = ShardId(i as u32);
+        for (shard, store) in stores {
+            let shard = *shard;
             for account in read::all_accounts(*store, shard).expect("accounts") {
                 let entries =
                     read::entries(*store, shard, account.id(), 1, usize::MAX).expect("entries");

@@ -3,7 +3,8 @@
 
 use std::sync::Arc;
 
-use ledger_domain::{NewAccount, Placement, ShardId};
+use ledger_domain::cluster::{ClusterMap, NodeInfo};
+use ledger_domain::{NewAccount, ShardId};
 use ledger_shard::engine::Reply;
 use ledger_shard::node::Node;
 use ledger_shard::runtime::ShardHandle;
@@ -12,15 +13,23 @@ use ledger_store::Store;
 
 /// Starts a one-shard node on `store` and opens accounts "a" and "b" on it.
 pub async fn with_two_accounts(store: Arc<dyn Store>, options: Options) -> (Node, ShardHandle) {
+    let me = NodeInfo {
+        id: "test".into(),
+        region: "local".into(),
+        client_address: "127.0.0.1:0".into(),
+        peer_address: String::new(),
+    };
+    let map = ClusterMap::single_node(1, 4, me).unwrap();
     let node = Node::start(
         "test",
-        Placement::new(1, 4),
-        vec![store],
+        map,
+        vec![(ShardId(0), store)],
         options,
         Arc::new(SystemClock),
+        None,
     )
     .unwrap();
-    let shard = node.handle(ShardId(0)).clone();
+    let shard = node.handle(ShardId(0)).expect("led here").clone();
     for id in ["a", "b"] {
         let account = NewAccount {
             id: id.into(),

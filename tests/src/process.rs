@@ -31,7 +31,7 @@ impl InProcess {
             let shutdown = async {
                 let _ = stopped.await;
             };
-            ledger_server::run(config, listener, shutdown, move |_| {
+            ledger_server::run(config, Some(listener), shutdown, move |_| {
                 let _ = ready_tx.send(());
             })
             .await

@@ -595,7 +595,7 @@ async fn unusable_data_directories_are_refused_clearly() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("notes.txt"), "not a ledger").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = ledger_server::run(test_config(dir.path(), 2), listener, async {}, |_| {})
+    let err = ledger_server::run(test_config(dir.path(), 2), Some(listener), async {}, |_| {})
         .await
         .unwrap_err();
     assert!(err.to_string().contains("is not empty"), "{err}");
@@ -603,7 +603,7 @@ async fn unusable_data_directories_are_refused_clearly() {
     let file = dir.path().join("file");
     std::fs::write(&file, "x").unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = ledger_server::run(test_config(&file, 2), listener, async {}, |_| {})
+    let err = ledger_server::run(test_config(&file, 2), Some(listener), async {}, |_| {})
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not a directory"), "{err}");
@@ -634,7 +634,7 @@ async fn a_data_directory_in_a_newer_format_is_refused() {
 
     set_format(&meta, Some(ledger_server::DATA_FORMAT + 1));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = ledger_server::run(test_config(dir.path(), 2), listener, async {}, |_| {})
+    let err = ledger_server::run(test_config(dir.path(), 2), Some(listener), async {}, |_| {})
         .await
         .unwrap_err();
     let text = err.to_string();
@@ -647,7 +647,7 @@ async fn a_data_directory_in_a_newer_format_is_refused() {
     // ... and so is one in a format this build no longer reads.
     set_format(&meta, Some(0));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let err = ledger_server::run(test_config(dir.path(), 2), listener, async {}, |_| {})
+    let err = ledger_server::run(test_config(dir.path(), 2), Some(listener), async {}, |_| {})
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no longer reads"), "{err}");

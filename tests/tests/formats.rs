@@ -40,7 +40,7 @@ fn fixture() -> Vec<WriteBatch> {
 }
 
 fn locate() -> Locate {
-    Arc::new(|id: &str| if id.starts_with("s1") { S1 } else { S0 })
+    Arc::new(|id: &str| Some(if id.starts_with("s1") { S1 } else { S0 }))
 }
 
 fn balances(store: &dyn Store, shard: ShardId, id: &str) -> (u64, u64, u64, u64, u64) {

@@ -105,7 +105,7 @@ impl Harness {
             prepared_query_ms: 0,
             ..Options::default()
         };
-        let mut sim = Sim::new(2, Arc::new(shard_of), options);
+        let mut sim = Sim::new(2, Arc::new(|id: &str| Some(shard_of(id))), options);
         let mut reference = Reference::default();
         reference.now_ms = sim.now_ms;
         for (id, ledger, no_overdraft) in ACCOUNTS {

@@ -44,21 +44,38 @@ impl Placement {
 
     pub fn new(shard_count: u32, vnodes_per_shard: u32) -> Self {
         assert!(shard_count > 0, "a cluster needs at least one shard");
+        let all: Vec<ShardId> = (0..shard_count).map(ShardId).collect();
+        Self::of_shards(&all, vnodes_per_shard)
+    }
+
+    /// The ring of some shards only (one region's): each shard keeps the points it has on the
+    /// ring of every shard, so a region that holds every shard places keys exactly as
+    /// [`Placement::new`] does.
+    pub fn of_shards(shards: &[ShardId], vnodes_per_shard: u32) -> Self {
+        assert!(!shards.is_empty(), "a ring needs at least one shard");
         assert!(
             vnodes_per_shard > 0,
             "a shard needs at least one virtual node"
         );
         let mut ring = HashRing::new();
         ring.batch_add(
-            (0..shard_count)
+            shards
+                .iter()
                 .flat_map(|shard| {
-                    (0..vnodes_per_shard).map(move |replica| VNode { shard, replica })
+                    (0..vnodes_per_shard).map(move |replica| VNode {
+                        shard: shard.0,
+                        replica,
+                    })
                 })
                 .collect(),
         );
-        Self { ring, shard_count }
+        Self {
+            ring,
+            shard_count: shards.len() as u32,
+        }
     }
 
+    /// How many shards the ring holds.
     pub fn shard_count(&self) -> u32 {
         self.shard_count
     }
@@ -99,6 +116,30 @@ mod tests {
             counts.iter().all(|&c| (500..1600).contains(&c)),
             "{counts:?}"
         );
+    }
+
+    #[test]
+    fn a_region_of_every_shard_places_as_the_whole_ring() {
+        let all: Vec<ShardId> = (0..16).map(ShardId).collect();
+        let whole = Placement::new(16, Placement::VNODES_PER_SHARD_DEFAULT);
+        let region = Placement::of_shards(&all, Placement::VNODES_PER_SHARD_DEFAULT);
+        for i in 0..1_000 {
+            let key = format!("acct:{i}");
+            assert_eq!(region.shard_of(&key), whole.shard_of(&key), "{key}");
+        }
+    }
+
+    #[test]
+    fn a_region_places_only_on_its_shards() {
+        let region = [ShardId(3), ShardId(7), ShardId(11)];
+        let p = Placement::of_shards(&region, Placement::VNODES_PER_SHARD_DEFAULT);
+        let mut seen = std::collections::BTreeSet::new();
+        for i in 0..3_000 {
+            let shard = p.shard_of(&format!("acct:{i}"));
+            assert!(region.contains(&shard), "{shard}");
+            seen.insert(shard);
+        }
+        assert_eq!(seen.len(), 3, "every shard of the region gets keys");
     }
 
     #[test]

@@ -49,7 +49,26 @@ pub fn new_account(a: pb::Account) -> Result<NewAccount, InvalidInput> {
     })
 }
 
-pub fn account(a: &Account, shard: u32) -> pb::Account {
+/// The wire form of an account to create in `region` (what a node forwards to the account's
+/// home shard's node).
+pub fn new_account_to_wire(a: &NewAccount, region: &str) -> pb::Account {
+    pb::Account {
+        id: a.id.clone(),
+        ledger: a.ledger.clone(),
+        flags: Some(pb::AccountFlags {
+            debits_must_not_exceed_credits: a.flags.debits_must_not_exceed_credits,
+            credits_must_not_exceed_debits: a.flags.credits_must_not_exceed_debits,
+        }),
+        placement_key: a.placement_key.clone(),
+        metadata: a.metadata.clone().into_iter().collect(),
+        credit_limit: (a.credit_limit > 0).then_some(a.credit_limit),
+        region: region.to_string(),
+        ..Default::default()
+    }
+}
+
+/// An account as stored on `shard`, a shard of `region`.
+pub fn account(a: &Account, shard: u32, region: &str) -> pb::Account {
     let s = &a.spec;
     pb::Account {
         id: s.id.clone(),
@@ -68,6 +87,7 @@ pub fn account(a: &Account, shard: u32) -> pb::Account {
         version: a.version,
         created_at_unix_ms: a.created_at_ms,
         shard,
+        region: region.to_string(),
     }
 }
 
@@ -80,6 +100,26 @@ pub fn balance(a: &Account) -> pb::Balance {
         credits_pending: a.balances.credits_pending,
         credits_posted: a.balances.credits_posted,
         available: a.balances.available(a.spec.credit_limit),
+        version: a.version,
+    }
+}
+
+/// The balance of an account in its wire form (as read from another node).
+pub fn balance_of_wire(a: &pb::Account) -> pb::Balance {
+    let balances = ledger_domain::Balances {
+        debits_pending: a.debits_pending,
+        debits_posted: a.debits_posted,
+        credits_pending: a.credits_pending,
+        credits_posted: a.credits_posted,
+    };
+    pb::Balance {
+        account_id: a.id.clone(),
+        ledger: a.ledger.clone(),
+        debits_pending: a.debits_pending,
+        debits_posted: a.debits_posted,
+        credits_pending: a.credits_pending,
+        credits_posted: a.credits_posted,
+        available: balances.available(a.credit_limit.unwrap_or(0)),
         version: a.version,
     }
 }

@@ -37,6 +37,37 @@ pub struct Config {
     pub store_overlay_bytes: usize,
     pub shard: ShardOptions,
     pub telemetry: crate::telemetry::TelemetryConfig,
+    pub peer: PeerConfig,
+}
+
+/// The node-to-node API of a cluster node (`[peer]`); a single node has no peers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeerConfig {
+    /// Engine messages queued for one peer; past it new ones are dropped (and counted): the
+    /// two-phase commit resends what is not answered.
+    pub outbox_messages_max: usize,
+    /// Engine messages in one `Deliver` call at most.
+    pub deliver_batch_max: usize,
+    /// Calls to one peer in flight at most (forwarded commands, reads, lookups); more wait.
+    pub calls_in_flight_max: usize,
+    /// How long a call to another node may take before it counts as unanswered.
+    pub call_timeout_ms: u64,
+    /// A simulated one-way delay on every message and call to a node of another region, to
+    /// try a multi-region cluster on one machine. 0: none. Logged at start when set.
+    pub wan_delay_ms: u64,
+}
+
+impl Default for PeerConfig {
+    fn default() -> Self {
+        Self {
+            outbox_messages_max: 65_536,
+            deliver_batch_max: 4_096,
+            calls_in_flight_max: 256,
+            call_timeout_ms: 5_000,
+            wan_delay_ms: 0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -66,6 +97,7 @@ impl Default for Config {
             store_overlay_bytes: 128 << 20,
             shard: ShardOptions::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
+            peer: PeerConfig::default(),
         }
     }
 }
@@ -139,6 +171,17 @@ impl Config {
             return invalid(
                 "shard.retry_ms",
                 "retry_ms must be > 0 and lease_ms >= 3".into(),
+            );
+        }
+        let p = &self.peer;
+        if p.outbox_messages_max == 0
+            || p.deliver_batch_max == 0
+            || p.calls_in_flight_max == 0
+            || p.call_timeout_ms == 0
+        {
+            return invalid(
+                "peer",
+                "outbox_messages_max, deliver_batch_max, calls_in_flight_max and call_timeout_ms must be > 0".into(),
             );
         }
         Ok(())

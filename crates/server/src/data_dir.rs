@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use ledger_domain::Placement;
 use ledger_domain::cluster::{ClusterFile, ClusterMap, MapError, NodeInfo};
+use ledger_domain::{Placement, ShardId};
 use ledger_shard::codec;
 use ledger_store::{Embedded, Expect, Memory, Store, WriteBatch};
 
@@ -77,17 +77,6 @@ pub enum StartError {
         #[source]
         source: MapError,
     },
-    /// The data directory belongs to a node of a cluster of several nodes: this build serves
-    /// a single node's directory only.
-    #[error(
-        "data directory {path} is node {node:?} of a cluster of {nodes} nodes (map version {version}); serving a cluster is not built yet, so start a single node's directory"
-    )]
-    ClusterNotServed {
-        path: String,
-        node: String,
-        nodes: usize,
-        version: u64,
-    },
 }
 
 /// What `open` and `init` found or made: the metadata, the cluster map and this node's id.
@@ -98,12 +87,16 @@ pub struct Opened {
     pub node: String,
 }
 
-pub fn open(config: &Config, now_ms: u64) -> Result<(Opened, Vec<Arc<dyn Store>>), StartError> {
+/// The stores of the shards this node leads, with their shard ids.
+pub type Stores = Vec<(ShardId, Arc<dyn Store>)>;
+
+pub fn open(config: &Config, now_ms: u64) -> Result<(Opened, Stores), StartError> {
     let opened = match config.store {
         StoreKind::Memory => {
             let map = single_node_map(config, config.shards, Placement::VNODES_PER_SHARD_DEFAULT)?;
             let meta = meta_of(&map, config, now_ms);
-            let stores = (0..meta.shard_count).map(|_| Arc::new(Memory::new()) as Arc<dyn Store>);
+            let stores = (0..meta.shard_count)
+                .map(|shard| (ShardId(shard), Arc::new(Memory::new()) as Arc<dyn Store>));
             return Ok((
                 Opened {
                     meta,
@@ -115,15 +108,13 @@ pub fn open(config: &Config, now_ms: u64) -> Result<(Opened, Vec<Arc<dyn Store>>
         }
         StoreKind::Embedded => open_meta(config, None, now_ms)?,
     };
-    if opened.map.nodes.len() > 1 {
-        return Err(StartError::ClusterNotServed {
-            path: config.data_dir.display().to_string(),
-            node: opened.node.clone(),
-            nodes: opened.map.nodes.len(),
-            version: opened.map.version,
-        });
-    }
-    let stores = open_stores(config, &opened.meta)?;
+    let led: Vec<u32> = opened
+        .map
+        .shards_of(&opened.node)
+        .iter()
+        .map(|s| s.0)
+        .collect();
+    let stores = open_stores(config, &led)?;
     Ok((opened, stores))
 }
 
@@ -275,30 +266,27 @@ fn open_meta(config: &Config, map: Option<ClusterMap>, now_ms: u64) -> Result<Op
     Ok(opened)
 }
 
-/// Opens the shard stores of an opened directory.
-fn open_stores(config: &Config, meta: &ClusterMeta) -> Result<Vec<Arc<dyn Store>>, StartError> {
+/// Opens the stores of the shards this node leads.
+fn open_stores(config: &Config, led: &[u32]) -> Result<Stores, StartError> {
     let dir = &config.data_dir;
     // A floor keeps tiny configurations usable.
-    let shards = meta.shard_count as usize;
+    let shards = led.len().max(1);
     let limits = ledger_store::Limits {
         cache_bytes: (config.store_cache_bytes / shards).max(4 << 20),
         overlay_bytes: (config.store_overlay_bytes / shards).max(1 << 20),
         ..ledger_store::Limits::default()
     };
     // Entries (statement lines) are written once, in version order: checkpoints pack them.
-    let stores = ledger_store::open_shards(
-        dir,
-        meta.shard_count,
-        limits,
-        Some(ledger_shard::keys::entry_group),
-    )
-    .map_err(|e| StartError::DataDir {
-        path: dir.display().to_string(),
-        reason: e.to_string(),
-    })?
-    .into_iter()
-    .map(|s| Arc::new(s) as Arc<dyn Store>)
-    .collect();
+    let stores =
+        ledger_store::open_shards_of(dir, led, limits, Some(ledger_shard::keys::entry_group))
+            .map_err(|e| StartError::DataDir {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            })?
+            .into_iter()
+            .zip(led)
+            .map(|(s, shard)| (ShardId(*shard), Arc::new(s) as Arc<dyn Store>))
+            .collect();
     Ok(stores)
 }
 

@@ -52,6 +52,13 @@ pub enum ApiError {
         shard: u32,
         leader: Option<LeaderHint>,
     },
+    /// Another node the call needs did not answer (down, partitioned, or too slow): nothing
+    /// was applied there for this call. Retry (same transfer ids).
+    #[error("node {node} did not answer: {reason}; retry with the same ids")]
+    NodeUnavailable { node: String, reason: String },
+    /// Another node refused what this node forwarded to it: its answer, passed on as it is.
+    #[error("node {node}: {}", status.message())]
+    Peer { node: String, status: Status },
     /// A bug or a failure of this node (a store that cannot be read, say).
     #[error("internal error: {0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -64,20 +71,26 @@ impl ApiError {
         match self {
             ApiError::Invalid(_) => INVALID_REQUEST,
             ApiError::NotFound { .. } => NOT_FOUND,
-            ApiError::Unavailable(_) => UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::NodeUnavailable { .. } => UNAVAILABLE,
             ApiError::NotLeader { .. } => NOT_LEADER,
-            ApiError::Internal(_) => INTERNAL,
+            ApiError::Peer { .. } | ApiError::Internal(_) => INTERNAL,
         }
     }
 }
 
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Status {
+        if let ApiError::Peer { status, .. } = e {
+            // The owner's answer, details and all (a NOT_LEADER hint, a field named).
+            return status;
+        }
         let code = match &e {
             ApiError::Invalid(_) => Code::InvalidArgument,
             ApiError::NotFound { .. } => Code::NotFound,
-            ApiError::Unavailable(_) | ApiError::NotLeader { .. } => Code::Unavailable,
-            ApiError::Internal(_) => Code::Internal,
+            ApiError::Unavailable(_)
+            | ApiError::NotLeader { .. }
+            | ApiError::NodeUnavailable { .. } => Code::Unavailable,
+            ApiError::Peer { .. } | ApiError::Internal(_) => Code::Internal,
         };
         let mut metadata = HashMap::new();
         let mut details = ErrorDetails::new();
@@ -100,7 +113,10 @@ impl From<ApiError> for Status {
                     metadata.insert("leader_address".into(), leader.address.clone());
                 }
             }
-            ApiError::Unavailable(_) | ApiError::Internal(_) => {}
+            ApiError::NodeUnavailable { node, .. } => {
+                metadata.insert("node".to_string(), node.clone());
+            }
+            ApiError::Unavailable(_) | ApiError::Peer { .. } | ApiError::Internal(_) => {}
         }
         details.set_error_info(e.reason(), ERROR_DOMAIN, metadata);
         Status::with_error_details(code, e.to_string(), details)

@@ -5,6 +5,7 @@
 mod calls;
 pub mod config;
 mod data_dir;
+pub mod demo;
 pub mod error;
 pub mod peer;
 pub mod prometheus;
@@ -18,9 +19,11 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
-use ledger_domain::Placement;
+use futures::FutureExt;
+
+use ledger_proto::ledger::internal::v1::peer_service_server::PeerServiceServer;
 use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
-use ledger_shard::node::Node;
+use ledger_shard::node::{Node, Remote};
 use ledger_shard::{Clock, SystemClock};
 
 pub use config::{Config, ConfigError, StoreKind};
@@ -30,7 +33,15 @@ pub use data_dir::{ClusterMeta, DATA_FORMAT, Opened, ShardInfo, StartError};
 #[derive(Clone, Debug)]
 pub struct Started {
     pub listen: std::net::SocketAddr,
+    /// The node-to-node API's address (a node of a cluster of several nodes).
+    pub peer_listen: Option<std::net::SocketAddr>,
     pub meta: ClusterMeta,
+    pub node: String,
+    pub region: String,
+    /// The shards this node leads, and the nodes of its map.
+    pub shards_led: usize,
+    pub nodes: usize,
+    pub map_version: u64,
 }
 
 /// Initialises an empty data directory (cluster metadata and map; the shard files come at the
@@ -45,29 +56,75 @@ pub fn init(config: &Config, cluster: Option<&std::path::Path>) -> Result<Opened
     data_dir::init(config, cluster, SystemClock.now_ms())
 }
 
-/// Opens the data directory, starts every shard leader and serves gRPC on `listener` until
-/// `shutdown` resolves. Leaders finish their current batch before it returns.
+/// Opens the data directory, starts the leaders of the shards this node leads and serves gRPC
+/// until `shutdown` resolves: the client API on `listener` (`None`: the node's client address
+/// in its map, or `listen` for a single node), and for a node of a cluster, the node-to-node
+/// API on its peer address. Leaders finish their current batch before it returns.
 pub async fn run(
     config: Config,
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_started: impl FnOnce(Started) + Send,
 ) -> Result<(), StartError> {
     config.validate()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let (opened, stores) = data_dir::open(&config, clock.now_ms())?;
-    let meta = opened.meta;
-    let placement = Placement::new(meta.shard_count, meta.vnodes_per_shard);
+    let Opened { meta, map, node } = opened;
+    let me = map
+        .node(&node)
+        .cloned()
+        .ok_or_else(|| StartError::DataDir {
+            path: config.data_dir.display().to_string(),
+            reason: format!("its node id {node:?} is not in its cluster map"),
+        })?;
+    let cluster = map.nodes.len() > 1;
+    let serve_err = |e: Box<dyn std::error::Error + Send + Sync>| StartError::Serve(e);
+    let bind = |address: &str, what: &str| {
+        let what = what.to_string();
+        let address = address.to_string();
+        async move {
+            TcpListener::bind(&address)
+                .await
+                .map_err(|e| serve_err(format!("cannot listen on {address} ({what}): {e}").into()))
+        }
+    };
+    let listener = match listener {
+        Some(listener) => listener,
+        None if cluster => bind(&me.client_address, "client address").await?,
+        None => bind(&config.listen.to_string(), "listen").await?,
+    };
+    let peer_listener = if cluster {
+        Some(bind(&me.peer_address, "peer address").await?)
+    } else {
+        None
+    };
+    let peers = if cluster {
+        let peers =
+            peer::PeerClients::start(&map, &node, &config.peer).map_err(|e| serve_err(e.into()))?;
+        if config.peer.wan_delay_ms > 0 {
+            tracing::info!(
+                wan_delay_ms = config.peer.wan_delay_ms,
+                "simulated one-way delay to nodes of other regions"
+            );
+        }
+        Some(peers)
+    } else {
+        None
+    };
+    let remote = peers.clone().map(|p| Arc::new(p) as Arc<dyn Remote>);
+    let shards_led = stores.len();
+    let node_id = node.clone();
     let node = Node::start(
-        &config.node_id,
-        placement,
+        &node,
+        map.clone(),
         stores,
         config.shard.clone(),
         clock,
+        remote,
     )?;
     let node = Arc::new(node);
-    let router = router::Router::new(Arc::clone(&node), config.batch_size_max);
-    let ledger = LedgerServiceServer::new(service::Ledger::new(router))
+    let router = router::Router::new(Arc::clone(&node), peers, config.batch_size_max);
+    let ledger = LedgerServiceServer::new(service::Ledger::new(router.clone()))
         .max_decoding_message_size(config.message_size_max_bytes)
         .max_encoding_message_size(config.message_size_max_bytes);
 
@@ -89,18 +146,47 @@ pub async fn run(
     let listen = listener
         .local_addr()
         .map_err(|e| StartError::Serve(e.into()))?;
-    on_started(Started { listen, meta });
-    let served = tonic::transport::Server::builder()
+    let peer_listen = match &peer_listener {
+        Some(l) => Some(l.local_addr().map_err(|e| StartError::Serve(e.into()))?),
+        None => None,
+    };
+    on_started(Started {
+        listen,
+        peer_listen,
+        meta,
+        node: node_id,
+        region: me.region.clone(),
+        shards_led,
+        nodes: map.nodes.len(),
+        map_version: map.version,
+    });
+    let shutdown = shutdown.shared();
+    let client_api = tonic::transport::Server::builder()
         .trace_fn(telemetry::request_span)
         .timeout(std::time::Duration::from_millis(config.request_timeout_ms))
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ledger)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone());
+    let peer_api = async {
+        let Some(peer_listener) = peer_listener else {
+            return Ok(());
+        };
+        let api = PeerServiceServer::new(peer::PeerApi::new(router))
+            .max_decoding_message_size(config.message_size_max_bytes)
+            .max_encoding_message_size(config.message_size_max_bytes);
+        tonic::transport::Server::builder()
+            .trace_fn(telemetry::request_span)
+            .timeout(std::time::Duration::from_millis(config.request_timeout_ms))
+            .add_service(api)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), shutdown)
+            .await
+    };
+    let (served, peer_served) = tokio::join!(client_api, peer_api);
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown().await;
     }
-    served.map_err(|e| StartError::Serve(e.into()))
+    served.map_err(|e| StartError::Serve(e.into()))?;
+    peer_served.map_err(|e| StartError::Serve(e.into()))
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use ledger_server::{Config, StoreKind, telemetry};
+use ledger_server::{Config, StoreKind, demo, telemetry};
 
 /// mimalloc instead of the system allocator: the request path allocates per call (gRPC frames,
 /// codec buffers, overlay keys) from many threads, and glibc's malloc spent about a fifth of
@@ -101,6 +101,35 @@ enum Command {
     Init(InitSettings),
     /// Validate the configuration (file, environment, flags) and print it.
     CheckConfig(Settings),
+    /// Run a multi-region cluster on this machine, one ledgerd process per node, until
+    /// interrupted (initialised on the first run; later runs reuse its data).
+    Demo(DemoArgs),
+}
+
+/// `ledgerd demo`.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// The regions, comma-separated; `eu:2` gives a region its own node count.
+    #[arg(long, default_value = "eu,us,ap")]
+    regions: String,
+    /// Nodes in each region without a count of its own.
+    #[arg(long, default_value_t = 1)]
+    nodes_per_region: usize,
+    /// Shards each node leads.
+    #[arg(long, default_value_t = 4)]
+    shards_per_node: u32,
+    /// Simulated one-way delay between regions, in milliseconds (0: none).
+    #[arg(long, default_value_t = 0)]
+    wan_delay_ms: u64,
+    /// Where the cluster file, the node configs and the nodes' data go [default: ./demo-data]
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// OTLP/gRPC endpoint every node exports traces to [default: none]
+    #[arg(long)]
+    otlp_endpoint: Option<String>,
+    /// Give each node a Prometheus endpoint on a free port (shown in its log).
+    #[arg(long)]
+    metrics: bool,
 }
 
 /// What `ledgerd init` uses: where the data goes and what is fixed at initialisation. Each
@@ -236,10 +265,14 @@ fn main() -> ExitCode {
     // Before the runtime starts its threads.
     tune_allocator();
     let cli = Cli::parse();
+    if let Command::Demo(args) = &cli.command {
+        return demo(args);
+    }
     let (init, mode, resolved) = match &cli.command {
         Command::Start(s) => (&s.init, Mode::Start, s.resolve()),
         Command::Init(s) => (s, Mode::Init, s.resolve()),
         Command::CheckConfig(s) => (&s.init, Mode::CheckConfig, s.resolve()),
+        Command::Demo(_) => unreachable!("handled above"),
     };
     let filter = init.log.clone().unwrap_or_else(|| "info".into());
     let config = match resolved {
@@ -317,13 +350,6 @@ fn main() -> ExitCode {
 
 async fn serve(config: Config) -> ExitCode {
     {
-        let listener = match tokio::net::TcpListener::bind(config.listen).await {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("ledgerd: cannot listen on {}: {e}", config.listen);
-                return ExitCode::from(1);
-            }
-        };
         let shutdown = async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -351,15 +377,27 @@ async fn serve(config: Config) -> ExitCode {
                 config.telemetry.otlp_endpoint, config.telemetry.sampling_ratio
             )
         };
-        let result = ledger_server::run(config, listener, shutdown, |started| {
+        let result = ledger_server::run(config, None, shutdown, |started| {
             let store = match store {
                 StoreKind::Embedded => format!("embedded (redb) in {}", data_dir.display()),
                 StoreKind::Memory => "memory (NOT durable)".into(),
             };
             // One summary line, also on stdout so scripts can wait for it.
+            let cluster = match started.peer_listen {
+                Some(peer) => format!(
+                    "node {} in region {} (peers on {peer}), leading {} of {} shards, {} nodes, map version {}",
+                    started.node,
+                    started.region,
+                    started.shards_led,
+                    started.meta.shard_count,
+                    started.nodes,
+                    started.map_version
+                ),
+                None => started.meta.cluster_id.clone(),
+            };
             println!(
-                "ledgerd listening on {} | store: {store} | shards: {} | cluster: {} | traces: {traces} | metrics: {metrics}",
-                started.listen, started.meta.shard_count, started.meta.cluster_id
+                "ledgerd listening on {} | store: {store} | shards: {} | cluster: {cluster} | traces: {traces} | metrics: {metrics}",
+                started.listen, started.meta.shard_count
             );
         })
         .await;
@@ -373,6 +411,141 @@ async fn serve(config: Config) -> ExitCode {
                 ExitCode::from(1)
             }
         }
+    }
+}
+
+/// `ledgerd demo`: prepares the cluster, starts one child per node, prints a line per node,
+/// and stops them all when interrupted. A child that dies is not restarted.
+fn demo(args: &DemoArgs) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("LEDGER_LOG").unwrap_or_else(|_| "info".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .init();
+    let regions = match demo::parse_regions(&args.regions, args.nodes_per_region) {
+        Ok(regions) => regions,
+        Err(e) => {
+            eprintln!("ledgerd demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.shards_per_node == 0 {
+        eprintln!("ledgerd demo: --shards-per-node must be at least 1");
+        return ExitCode::from(2);
+    }
+    let plan = demo::DemoPlan {
+        regions,
+        shards_per_node: args.shards_per_node,
+        wan_delay_ms: args.wan_delay_ms,
+        otlp_endpoint: args.otlp_endpoint.clone().unwrap_or_default(),
+        metrics: args.metrics,
+        dir: args.data_dir.clone().unwrap_or_else(demo::default_dir),
+    };
+    let nodes = match demo::prepare(&plan) {
+        Ok(nodes) => nodes,
+        Err(e) => {
+            eprintln!("ledgerd demo: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if plan.wan_delay_ms > 0 {
+        tracing::info!(
+            wan_delay_ms = plan.wan_delay_ms,
+            "simulated one-way delay between regions"
+        );
+    }
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(e) => {
+            eprintln!("ledgerd demo: cannot find this program to start the nodes: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mut children = Vec::new();
+    for node in &nodes {
+        let mut child = match std::process::Command::new(&exe)
+            .arg("start")
+            .arg("--config")
+            .arg(&node.config)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                eprintln!("ledgerd demo: cannot start node {}: {e}", node.id);
+                stop_all(&mut children);
+                return ExitCode::from(1);
+            }
+        };
+        // Its first line says it is serving; the rest of its output is passed through.
+        let stdout = child.stdout.take().expect("piped");
+        let mut reader = std::io::BufReader::new(stdout);
+        let mut line = String::new();
+        let started = std::io::BufRead::read_line(&mut reader, &mut line).is_ok_and(|n| n > 0);
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut reader, &mut std::io::stdout());
+        });
+        if !started {
+            eprintln!(
+                "ledgerd demo: node {} did not start (its error is above)",
+                node.id
+            );
+            children.push(child);
+            stop_all(&mut children);
+            return ExitCode::from(1);
+        }
+        println!(
+            "node={} region={} addr={} pid={} config={}",
+            node.id,
+            node.region,
+            node.client_address,
+            child.id(),
+            node.config.display()
+        );
+        children.push(child);
+    }
+    println!(
+        "demo cluster running: {} nodes in {} regions; Ctrl-C stops it",
+        nodes.len(),
+        plan.regions.len()
+    );
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    });
+    stop_all(&mut children);
+    println!("demo cluster stopped");
+    ExitCode::SUCCESS
+}
+
+/// SIGTERM to every child still running, then waits for each (SIGKILL after 10 s).
+fn stop_all(children: &mut [std::process::Child]) {
+    for child in children.iter_mut() {
+        if child.try_wait().ok().flatten().is_some() {
+            continue; // Already gone (and now reaped).
+        }
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+    }
+    for child in children.iter_mut() {
+        for _ in 0..200 {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 

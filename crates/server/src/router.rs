@@ -1,10 +1,11 @@
-//! Routing: every call is split by shard and sent to the shard leaders. This is the one seam
-//! where a later multi-node version forwards to another node instead of a local queue.
+//! Routing: every call is split by shard, and each part goes to the shard's leader: through
+//! its queue when this node leads it, else in one call per node to the node that does (one
+//! hop; a forwarded call is never forwarded again). Reads of committed state go straight to
+//! the shards' stores, here or on their nodes (docs/design/0002-cluster.md, Routing).
 //!
-//! Writes go through the leaders' queues; reads go straight to the shards' stores, which hold
-//! only committed (durable) state.
+//! Writes go through the leaders' queues; reads see only committed (durable) state.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -12,32 +13,65 @@ use futures::future::join_all;
 use tracing::Instrument;
 
 use ledger_domain::{
-    Account, Entry, HoldStatus, InvalidInput, NewAccount, Rejection, ShardId, Transfer,
-    TransferKind, TransferRecord,
+    HoldStatus, InvalidInput, NewAccount, Rejection, ShardId, Transfer, TransferKind,
+    TransferRecord,
 };
+use ledger_proto::ledger::internal::v1 as ipb;
+use ledger_proto::{self as wire, pb};
 use ledger_shard::engine::{Reply, TransferReply};
 use ledger_shard::node::Node;
 use ledger_shard::read;
 use ledger_shard::trace::TraceParent;
+use ledger_shard::{codec, keys};
 
 use crate::error::ApiError;
+use crate::peer::PeerClients;
 
 /// Entries per ListEntries page when the client does not say.
 pub const PAGE_SIZE_DEFAULT: u32 = 100;
 pub const PAGE_SIZE_MAX: u32 = 1_000;
 
+/// Who made a call: a client (whose commands may be forwarded once), or another node (whose
+/// forwarded commands are applied here or refused with `NOT_LEADER`, never forwarded again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    Client,
+    Forwarded,
+}
+
 #[derive(Clone)]
 pub struct Router {
     node: Arc<Node>,
+    peers: Option<PeerClients>,
     batch_size_max: usize,
+    /// This node's region: the home of accounts created without one.
+    region: String,
+}
+
+/// What a lookup by id found on every node: transfer records and holds, with their shards.
+#[derive(Default)]
+struct Found {
+    transfers: HashMap<String, (TransferRecord, Option<HoldStatus>, ShardId)>,
+    holds: HashMap<String, (HoldStatus, ShardId)>,
 }
 
 impl Router {
-    pub fn new(node: Arc<Node>, batch_size_max: usize) -> Self {
+    pub fn new(node: Arc<Node>, peers: Option<PeerClients>, batch_size_max: usize) -> Self {
+        let region = node
+            .map()
+            .node(node.id())
+            .map(|n| n.region.clone())
+            .unwrap_or_default();
         Self {
             node,
+            peers,
             batch_size_max,
+            region,
         }
+    }
+
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
     }
 
     pub fn check_batch(&self, field: &str, len: usize) -> Result<(), ApiError> {
@@ -51,49 +85,235 @@ impl Router {
         Ok(())
     }
 
-    /// Creates validated accounts, each on its home shard, and returns per-item outcomes.
+    /// The home region an account asks for: its own, else this node's. An unknown one is
+    /// refused, naming the regions there are.
+    pub fn region_for(&self, field: &str, region: String) -> Result<String, InvalidInput> {
+        if region.is_empty() {
+            return Ok(self.region.clone());
+        }
+        if self.node.map().regions.contains(&region) {
+            return Ok(region);
+        }
+        Err(InvalidInput::new(
+            field,
+            format!(
+                "is {region:?}, not a region of this cluster ({})",
+                self.node.map().regions.join(", ")
+            ),
+        ))
+    }
+
+    /// The region of a shard, for an account's wire form.
+    pub fn region_of(&self, shard: ShardId) -> &str {
+        &self.node.map().shards[shard.0 as usize].region
+    }
+
+    fn peers(&self) -> Result<&PeerClients, ApiError> {
+        self.peers.as_ref().ok_or_else(|| {
+            ApiError::Internal("a shard of another node, but this node has no peers".into())
+        })
+    }
+
+    fn owner(&self, shard: ShardId) -> &str {
+        &self.node.map().shards[shard.0 as usize].owner
+    }
+
+    /// The error for a forwarded command whose shard this node does not lead.
+    pub fn not_leader(&self, shard: ShardId) -> ApiError {
+        let owner = self.owner(shard);
+        ApiError::NotLeader {
+            shard: shard.0,
+            leader: self
+                .node
+                .map()
+                .node(owner)
+                .map(|n| ledger_shard::runtime::LeaderHint {
+                    node: n.id.clone(),
+                    address: n.client_address.clone(),
+                }),
+        }
+    }
+
+    // ---- accounts ------------------------------------------------------------------------
+
+    /// Creates validated accounts, each in its home region (`region`, checked), and returns
+    /// per-item outcomes in order. An id is reserved on its directory shard first when the
+    /// account lives on another shard.
     pub async fn create_accounts(
         &self,
-        accounts: Vec<NewAccount>,
-    ) -> Result<Vec<(Result<Account, Rejection>, ShardId)>, ApiError> {
-        let calls = accounts.into_iter().map(|a| self.create_account(a));
+        accounts: Vec<(NewAccount, String)>,
+    ) -> Result<Vec<pb::AccountResult>, ApiError> {
+        let rings = self.node.rings();
+        let mut out: Vec<Option<pb::AccountResult>> = vec![None; accounts.len()];
+        let homes: Vec<ShardId> = accounts
+            .iter()
+            .map(|(a, region)| {
+                rings
+                    .home(region, &a.placement_key)
+                    .expect("the region was checked")
+            })
+            .collect();
+        // 1. Reserve ids on their directory shards, grouped by the node that leads them.
+        let mut reservations: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, (account, _)) in accounts.iter().enumerate() {
+            let directory = rings.directory(&account.id);
+            if homes[i] != directory {
+                reservations
+                    .entry(self.owner(directory).to_string())
+                    .or_default()
+                    .push(i);
+            }
+        }
+        let calls = reservations.into_iter().map(|(node, items)| {
+            let (accounts, homes) = (&accounts, &homes);
+            async move {
+                let results = self.reserve(&node, &items, accounts, homes).await?;
+                Ok::<_, ApiError>(items.into_iter().zip(results))
+            }
+        });
+        for result in join_all(calls).await {
+            for (i, rejection) in result? {
+                if let Some(rejection) = rejection {
+                    out[i] = Some(account_rejected(&accounts[i].0.id, rejection));
+                }
+            }
+        }
+        // 2. Create each account on its home shard, grouped by the node that leads it.
+        let mut creations: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for i in (0..accounts.len()).filter(|i| out[*i].is_none()) {
+            creations
+                .entry(self.owner(homes[i]).to_string())
+                .or_default()
+                .push(i);
+        }
+        let calls = creations.into_iter().map(|(node, items)| {
+            let accounts = &accounts;
+            async move {
+                let results = if node == self.node.id() {
+                    let here = items.iter().map(|i| accounts[*i].clone()).collect();
+                    self.create_accounts_here(here).await?
+                } else {
+                    let wire = items
+                        .iter()
+                        .map(|i| wire::new_account_to_wire(&accounts[*i].0, &accounts[*i].1))
+                        .collect();
+                    self.peers()?.forward_accounts(&node, wire).await?
+                };
+                Ok::<_, ApiError>(items.into_iter().zip(results))
+            }
+        });
+        for result in join_all(calls).await {
+            for (i, result) in result? {
+                if let Some(pb::account_result::Outcome::Account(a)) = &result.outcome {
+                    self.node.remember_home(&a.id, ShardId(a.shard));
+                }
+                out[i] = Some(result);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|r| r.expect("every account answered"))
+            .collect())
+    }
+
+    /// Reserves the ids of `items` on their directory shards, which `node` leads.
+    async fn reserve(
+        &self,
+        node: &str,
+        items: &[usize],
+        accounts: &[(NewAccount, String)],
+        homes: &[ShardId],
+    ) -> Result<Vec<Option<pb::Rejection>>, ApiError> {
+        if node != self.node.id() {
+            let reservations = items
+                .iter()
+                .map(|i| ipb::Reservation {
+                    account_id: accounts[*i].0.id.clone(),
+                    placement_key: accounts[*i].0.placement_key.clone(),
+                    home_shard: homes[*i].0,
+                })
+                .collect();
+            return self.peers()?.reserve_ids(node, reservations).await;
+        }
+        let calls = items.iter().map(|i| {
+            let account = &accounts[*i].0;
+            self.reserve_here(account.id.clone(), account.placement_key.clone(), homes[*i])
+        });
         join_all(calls).await.into_iter().collect()
     }
 
-    async fn create_account(
+    /// Reserves `id` on its directory shard, which this node leads; `Some`: refused.
+    pub async fn reserve_here(
         &self,
-        account: NewAccount,
-    ) -> Result<(Result<Account, Rejection>, ShardId), ApiError> {
-        let placement = self.node.placement();
-        let home = placement.shard_of(&account.placement_key);
-        let directory = placement.shard_of(&account.id);
-        if home != directory {
-            // The id's directory shard decides whether the id is free, first.
-            let reply = self
-                .node
-                .handle(directory)
-                .reserve_forward(account.id.clone(), account.placement_key.clone(), home)
-                .await?;
-            match reply {
-                Reply::Forward(Ok(())) => self.node.remember_forward(&account.id, home),
-                Reply::Forward(Err(reason)) => return Ok((Err(reason), home)),
-                other => return Err(unexpected(&other)),
+        id: String,
+        placement_key: String,
+        home: ShardId,
+    ) -> Result<Option<pb::Rejection>, ApiError> {
+        let directory = self.node.rings().directory(&id);
+        let handle = self
+            .node
+            .handle(directory)
+            .ok_or_else(|| self.not_leader(directory))?;
+        match handle
+            .reserve_forward(id.clone(), placement_key, home)
+            .await?
+        {
+            Reply::Forward(Ok(())) => {
+                self.node.remember_home(&id, home);
+                Ok(None)
             }
-        }
-        match self.node.handle(home).create_account(account).await? {
-            Reply::Account(result) => Ok((result, home)),
+            Reply::Forward(Err(reason)) => Ok(Some(wire::rejection(reason))),
             other => Err(unexpected(&other)),
         }
     }
 
-    /// Applies validated transfers; one outcome per item, in order. Items are grouped by shard
-    /// so each shard gets one command (and sends one reply) per request.
+    /// Creates accounts in their regions on their home shards, which this node leads (ids
+    /// already reserved).
+    pub async fn create_accounts_here(
+        &self,
+        accounts: Vec<(NewAccount, String)>,
+    ) -> Result<Vec<pb::AccountResult>, ApiError> {
+        let calls = accounts.into_iter().map(|(account, region)| async move {
+            let home = self
+                .node
+                .rings()
+                .home(&region, &account.placement_key)
+                .expect("a region of the map");
+            let handle = self
+                .node
+                .handle(home)
+                .ok_or_else(|| self.not_leader(home))?;
+            let id = account.id.clone();
+            let outcome =
+                match handle.create_account(account).await? {
+                    Reply::Account(Ok(account)) => pb::account_result::Outcome::Account(
+                        wire::account(&account, home.0, self.region_of(home)),
+                    ),
+                    Reply::Account(Err(reason)) => {
+                        pb::account_result::Outcome::Rejection(wire::rejection(reason))
+                    }
+                    other => return Err(unexpected(&other)),
+                };
+            Ok(pb::AccountResult {
+                id,
+                outcome: Some(outcome),
+            })
+        });
+        join_all(calls).await.into_iter().collect()
+    }
+
+    // ---- transfers -----------------------------------------------------------------------
+
+    /// Applies validated transfers; one result per item, in order. Items are grouped by
+    /// coordinating shard, so each local shard gets one command per request and each other
+    /// node one forwarded call.
     pub async fn create_transfers(
         &self,
         transfers: Vec<Transfer>,
-    ) -> Result<Vec<TransferReply>, ApiError> {
+        origin: Origin,
+    ) -> Result<Vec<pb::TransferResult>, ApiError> {
         let span = route_span(transfers.len());
-        self.create_transfers_routed(transfers, &span)
+        self.create_transfers_routed(transfers, origin, &span)
             .instrument(span.clone())
             .await
     }
@@ -101,47 +321,73 @@ impl Router {
     async fn create_transfers_routed(
         &self,
         transfers: Vec<Transfer>,
+        origin: Origin,
         span: &tracing::Span,
-    ) -> Result<Vec<TransferReply>, ApiError> {
-        let mut out: Vec<Option<TransferReply>> = (0..transfers.len()).map(|_| None).collect();
-        // Homes first, so each shard's vectors are allocated once at their size (growing them
+    ) -> Result<Vec<pb::TransferResult>, ApiError> {
+        let mut out: Vec<Option<pb::TransferResult>> = vec![None; transfers.len()];
+        let coordinators = self.coordinators(&transfers).await?;
+        // Counts first, so each shard's vectors are allocated once at their size (growing them
         // by doubling copied every transfer several times in a request of thousands).
-        let homes = transfers
-            .iter()
-            .map(|t| self.home_of_transfer(t))
-            .collect::<Result<Vec<_>, _>>()?;
         let mut counts: HashMap<ShardId, usize> = HashMap::new();
-        for shard in homes.iter().flatten() {
-            *counts.entry(*shard).or_default() += 1;
+        for shard in coordinators.iter().filter_map(Coordinator::shard) {
+            *counts.entry(shard).or_default() += 1;
         }
         let mut by_shard: HashMap<ShardId, (Vec<usize>, Vec<Transfer>)> = counts
             .into_iter()
             .map(|(shard, n)| (shard, (Vec::with_capacity(n), Vec::with_capacity(n))))
             .collect();
-        for ((i, transfer), home) in transfers.into_iter().enumerate().zip(homes) {
-            match home {
-                Some(shard) => {
+        for ((i, transfer), coordinator) in transfers.into_iter().enumerate().zip(coordinators) {
+            match coordinator {
+                Coordinator::Shard(shard) => {
                     let (indices, items) = by_shard.entry(shard).or_default();
                     indices.push(i);
                     items.push(transfer);
                 }
-                None => out[i] = Some(self.hold_missing(transfer)?),
+                Coordinator::HoldMissing(reason) => {
+                    out[i] = Some(transfer_result(hold_missing(transfer, reason)));
+                }
             }
         }
         span.record("shards", by_shard.len());
-        let calls = by_shard
+        // Shards of other nodes: one call per node.
+        let mut remote: BTreeMap<String, (Vec<usize>, Vec<Transfer>)> = BTreeMap::new();
+        let mut local = Vec::new();
+        for (shard, (indices, items)) in by_shard {
+            if self.node.is_local(shard) {
+                local.push((shard, indices, items));
+            } else if origin == Origin::Forwarded {
+                return Err(self.not_leader(shard));
+            } else {
+                let (all_indices, all_items) =
+                    remote.entry(self.owner(shard).to_string()).or_default();
+                all_indices.extend(indices);
+                all_items.extend(items);
+            }
+        }
+        let local_calls = local.into_iter().map(|(shard, indices, items)| async move {
+            let handle = self.node.handle(shard).expect("led here");
+            let replies = handle.create_transfers(items).await?;
+            let results = replies
+                .into_iter()
+                .map(|reply| match reply {
+                    Reply::Transfer(reply) => Ok(transfer_result(reply)),
+                    other => Err(reply_error(other)),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, ApiError>((indices, results))
+        });
+        let remote_calls = remote
             .into_iter()
-            .map(|(shard, (indices, items))| async move {
-                let replies = self.node.handle(shard).create_transfers(items).await?;
-                Ok::<_, ApiError>((indices, replies))
+            .map(|(node, (indices, items))| async move {
+                let wire = items.into_iter().map(forwarded_wire).collect();
+                let results = self.peers()?.forward_transfers(&node, wire).await?;
+                Ok::<_, ApiError>((indices, results))
             });
-        for result in join_all(calls).await {
-            let (indices, replies) = result?;
-            for (i, reply) in indices.into_iter().zip(replies) {
-                match reply {
-                    Reply::Transfer(reply) => out[i] = Some(reply),
-                    other => return Err(unexpected(&other)),
-                }
+        let (local, remote) = futures::join!(join_all(local_calls), join_all(remote_calls));
+        for result in local.into_iter().chain(remote) {
+            let (indices, results) = result?;
+            for (i, result) in indices.into_iter().zip(results) {
+                out[i] = Some(result);
             }
         }
         Ok(out
@@ -150,118 +396,443 @@ impl Router {
             .collect())
     }
 
-    /// A post/void whose hold exists nowhere. Not recorded: the hold may yet be created.
-    fn hold_missing(&self, transfer: Transfer) -> Result<TransferReply, ApiError> {
-        let reason = if self.transfer(&transfer.pending_id)?.is_some() {
-            Rejection::PendingTransferNotPending
-        } else {
-            Rejection::PendingTransferNotFound
-        };
-        metrics::counter!(
-            "ledger_transfers_total",
-            "shard" => "none",
-            "outcome" => "rejected",
-            "reason" => reason.name()
-        )
-        .increment(1);
-        let record = TransferRecord {
-            request: transfer,
-            result: Err(reason),
-        };
-        Ok(TransferReply::new(record, None))
-    }
-
     /// Not an `async fn`: one would hold the transfer and the instrumented body that holds it
     /// again, and a small call's futures are moved into a box per request.
     pub fn create_transfer(
         &self,
         transfer: Transfer,
-    ) -> impl Future<Output = Result<TransferReply, ApiError>> + Send + '_ {
+    ) -> impl Future<Output = Result<pb::TransferResult, ApiError>> + Send + '_ {
         let span = route_span(1);
         async move {
-            let Some(shard) = self.home_of_transfer(&transfer)? else {
-                return self.hold_missing(transfer);
-            };
-            tracing::Span::current().record("shards", 1);
-            match self.node.handle(shard).create_transfer(transfer).await? {
-                Reply::Transfer(reply) => Ok(reply),
-                other => Err(unexpected(&other)),
+            // The common case first: a new transfer whose debit account this node leads.
+            let plain = matches!(transfer.kind, TransferKind::Posted | TransferKind::Pending);
+            if plain
+                && let Some(shard) = self.node.home(&transfer.debit_account_id)
+                && let Some(handle) = self.node.handle(shard)
+            {
+                tracing::Span::current().record("shards", 1);
+                return match handle.create_transfer(transfer).await? {
+                    Reply::Transfer(reply) => Ok(transfer_result(reply)),
+                    other => Err(reply_error(other)),
+                };
             }
+            let mut results = self
+                .create_transfers_routed(vec![transfer], Origin::Client, &tracing::Span::current())
+                .await?;
+            Ok(results.pop().expect("one result"))
         }
         .instrument(span)
     }
 
-    /// The shard that coordinates a transfer: its debit account's. A post or void that leaves
-    /// the accounts empty inherits them from the hold, found by its id.
-    fn home_of_transfer(&self, transfer: &Transfer) -> Result<Option<ShardId>, ApiError> {
-        let resolves = matches!(
-            transfer.kind,
-            TransferKind::PostPending | TransferKind::VoidPending
-        );
-        if !resolves {
-            return Ok(Some(self.node.locate(&transfer.debit_account_id)));
+    /// The shard that coordinates each transfer: its debit account's. A post or void leaves
+    /// the accounts to its hold, found by id on whichever shard recorded it (as is a post or
+    /// void already recorded, answered where it was).
+    async fn coordinators(&self, transfers: &[Transfer]) -> Result<Vec<Coordinator>, ApiError> {
+        let resolves = |t: &Transfer| {
+            matches!(
+                t.kind,
+                TransferKind::PostPending | TransferKind::VoidPending
+            )
+        };
+        let mut found = Found::default();
+        if transfers.iter().any(resolves) {
+            let ids: Vec<String> = transfers
+                .iter()
+                .filter(|t| resolves(t))
+                .flat_map(|t| [t.id.clone(), t.pending_id.clone()])
+                .collect();
+            let holds = transfers
+                .iter()
+                .filter(|t| resolves(t))
+                .map(|t| t.pending_id.clone())
+                .collect();
+            found = self.find(ids, holds).await?;
         }
-        // Idempotency first: a post/void id already recorded is answered where it was recorded.
-        if let Some((_, _, shard)) = self.find_transfer(&transfer.id)? {
-            return Ok(Some(shard));
-        }
-        Ok(self
-            .find_hold(&transfer.pending_id)?
-            .map(|hold| self.node.locate(&hold.debit_account_id)))
+        // Debit accounts: each hold's, or the transfer's own.
+        let debits: Vec<Option<&str>> = transfers
+            .iter()
+            .map(|t| {
+                if !resolves(t) {
+                    return Some(t.debit_account_id.as_str());
+                }
+                if found.transfers.contains_key(&t.id) {
+                    return None;
+                }
+                found
+                    .holds
+                    .get(&t.pending_id)
+                    .map(|(hold, _)| hold.debit_account_id.as_str())
+            })
+            .collect();
+        let homes = self.homes(&debits).await?;
+        transfers
+            .iter()
+            .zip(&debits)
+            .zip(homes)
+            .map(|((t, debit), home)| match (debit, home) {
+                (Some(_), Some(home)) => Ok(Coordinator::Shard(home)),
+                (Some(debit), None) => Err(ApiError::Internal(
+                    format!("account {debit:?} was not located").into(),
+                )),
+                (None, _) => Ok(match found.transfers.get(&t.id) {
+                    Some((_, _, shard)) => Coordinator::Shard(*shard),
+                    None if found.transfers.contains_key(&t.pending_id) => {
+                        Coordinator::HoldMissing(Rejection::PendingTransferNotPending)
+                    }
+                    None => Coordinator::HoldMissing(Rejection::PendingTransferNotFound),
+                }),
+            })
+            .collect()
     }
 
-    fn find_hold(&self, pending_id: &str) -> Result<Option<HoldStatus>, ApiError> {
-        for i in 0..self.node.shard_count() {
-            let shard = ShardId(i);
-            if let Some(hold) = read::hold(&**self.node.store(shard), shard, pending_id)? {
-                return Ok(Some(hold));
+    /// The home shard of each account named (`None` where none is named), in order: known
+    /// here for most, the rest asked of other nodes in one call per node.
+    async fn homes(&self, ids: &[Option<&str>]) -> Result<Vec<Option<ShardId>>, ApiError> {
+        let mut homes: Vec<Option<ShardId>> = ids
+            .iter()
+            .map(|id| id.and_then(|id| self.node.home(id)))
+            .collect();
+        let unknown = ids
+            .iter()
+            .zip(&homes)
+            .filter(|(id, home)| id.is_some() && home.is_none())
+            .filter_map(|(id, _)| *id);
+        let located = self.locate_many(unknown).await?;
+        if !located.is_empty() {
+            for (id, home) in ids.iter().zip(&mut homes) {
+                if let Some(id) = id
+                    && home.is_none()
+                {
+                    *home = located.get(id).copied();
+                }
             }
         }
-        Ok(None)
+        Ok(homes)
     }
 
-    pub fn account(&self, id: &str) -> Result<Option<(Account, ShardId)>, ApiError> {
-        let shard = self.node.locate(id);
-        Ok(read::account(&**self.node.store(shard), shard, id)?.map(|a| (a, shard)))
-    }
-
-    /// A transfer is recorded on its debit account's shard; without knowing it, look on each.
-    pub fn transfer(
+    /// The home shards of accounts: known here, or asked of the nodes that lead their
+    /// directory shards (one call per node, for all of a request's ids at once).
+    async fn locate_many<'a>(
         &self,
-        id: &str,
-    ) -> Result<Option<(TransferRecord, Option<HoldStatus>)>, ApiError> {
-        Ok(self
-            .find_transfer(id)?
-            .map(|(record, hold, _)| (record, hold)))
-    }
-
-    fn find_transfer(
-        &self,
-        id: &str,
-    ) -> Result<Option<(TransferRecord, Option<HoldStatus>, ShardId)>, ApiError> {
-        for i in 0..self.node.shard_count() {
-            let shard = ShardId(i);
-            if let Some((record, hold)) = read::transfer(&**self.node.store(shard), shard, id)? {
-                return Ok(Some((record, hold, shard)));
+        ids: impl Iterator<Item = &'a str>,
+    ) -> Result<HashMap<&'a str, ShardId>, ApiError> {
+        let mut homes = HashMap::new();
+        let mut ask: BTreeMap<String, Vec<&'a str>> = BTreeMap::new();
+        for id in ids {
+            if homes.contains_key(id) {
+                continue;
+            }
+            match self.node.home(id) {
+                Some(home) => {
+                    homes.insert(id, home);
+                }
+                None => {
+                    let directory = self.node.rings().directory(id);
+                    let asked = ask.entry(self.owner(directory).to_string()).or_default();
+                    if !asked.contains(&id) {
+                        asked.push(id);
+                    }
+                }
             }
         }
-        Ok(None)
+        let calls = ask.into_iter().map(|(node, ids)| async move {
+            let owned = ids.iter().map(|id| id.to_string()).collect();
+            let locations = self.peers()?.locate(&node, owned).await?;
+            Ok::<_, ApiError>(ids.into_iter().zip(locations))
+        });
+        for result in join_all(calls).await {
+            for (id, location) in result? {
+                let home = ShardId(location.home_shard);
+                if location.exists {
+                    self.node.remember_home(id, home);
+                }
+                homes.insert(id, home);
+            }
+        }
+        Ok(homes)
     }
 
-    pub fn entries(
+    /// Transfers and holds by id, on every shard of every node: this node's stores, and one
+    /// call to each other node, all at once. A node that does not answer makes the lookup
+    /// unavailable (never a false "not found").
+    async fn find(
+        &self,
+        transfer_ids: Vec<String>,
+        hold_ids: Vec<String>,
+    ) -> Result<Found, ApiError> {
+        let mut found = Found::default();
+        let (transfer_ids, hold_ids) = (&transfer_ids, &hold_ids);
+        let remote = self.peers.iter().flat_map(|peers| {
+            peers.nodes().map(move |node| {
+                let (transfer_ids, hold_ids) = (transfer_ids.clone(), hold_ids.clone());
+                async move { peers.find_transfers(node, transfer_ids, hold_ids).await }
+            })
+        });
+        let remote = join_all(remote).await;
+        for shard in self.node.local_shards() {
+            let store = self.node.store(shard).expect("led here");
+            for id in transfer_ids {
+                if let Some((record, hold)) = read::transfer(&**store, shard, id)? {
+                    found.transfers.insert(id.clone(), (record, hold, shard));
+                }
+            }
+            for id in hold_ids {
+                if let Some(hold) = read::hold(&**store, shard, id)? {
+                    found.holds.insert(id.clone(), (hold, shard));
+                }
+            }
+        }
+        for answer in remote {
+            let answer = answer?;
+            for f in answer.transfers {
+                let record = codec::decode("transfer", &f.record).map_err(internal)?;
+                let hold = if f.hold.is_empty() {
+                    None
+                } else {
+                    Some(codec::decode("hold", &f.hold).map_err(internal)?)
+                };
+                found
+                    .transfers
+                    .insert(f.id, (record, hold, ShardId(f.shard)));
+            }
+            for f in answer.holds {
+                let hold = codec::decode("hold", &f.record).map_err(internal)?;
+                found.holds.insert(f.id, (hold, ShardId(f.shard)));
+            }
+        }
+        Ok(found)
+    }
+
+    /// What this node's shards hold of `transfer_ids` and `hold_ids`, as stored (for another
+    /// node's lookup).
+    pub fn find_here(
+        &self,
+        transfer_ids: &[String],
+        hold_ids: &[String],
+    ) -> Result<ipb::FindTransfersResponse, ApiError> {
+        let mut response = ipb::FindTransfersResponse::default();
+        for shard in self.node.local_shards() {
+            let store = self.node.store(shard).expect("led here");
+            for id in transfer_ids {
+                let stored = store.get(&keys::transfer(shard, id)).map_err(internal)?;
+                if let Some(record) = stored {
+                    let hold = store.get(&keys::hold(shard, id)).map_err(internal)?;
+                    response.transfers.push(ipb::Found {
+                        id: id.clone(),
+                        shard: shard.0,
+                        record,
+                        hold: hold.unwrap_or_default(),
+                    });
+                }
+            }
+            for id in hold_ids {
+                if let Some(record) = store.get(&keys::hold(shard, id)).map_err(internal)? {
+                    response.holds.push(ipb::Found {
+                        id: id.clone(),
+                        shard: shard.0,
+                        record,
+                        hold: Vec::new(),
+                    });
+                }
+            }
+        }
+        Ok(response)
+    }
+
+    // ---- reads ---------------------------------------------------------------------------
+
+    /// Accounts by id, in order; `None` for an id no account has.
+    pub async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<pb::Account>>, ApiError> {
+        let named: Vec<Option<&str>> = ids.iter().map(|id| Some(id.as_str())).collect();
+        let homes: Vec<ShardId> = self
+            .homes(&named)
+            .await?
+            .into_iter()
+            .zip(ids)
+            .map(|(home, id)| {
+                home.ok_or_else(|| {
+                    ApiError::Internal(format!("account {id:?} was not located").into())
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let mut out = vec![None; ids.len()];
+        let mut remote: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            let shard = homes[i];
+            match self.node.store(shard) {
+                Some(store) => {
+                    out[i] = read::account(&**store, shard, id)?
+                        .map(|a| wire::account(&a, shard.0, self.region_of(shard)));
+                }
+                None => remote
+                    .entry(self.owner(shard).to_string())
+                    .or_default()
+                    .push(i),
+            }
+        }
+        let calls = remote.into_iter().map(|(node, items)| {
+            let homes = &homes;
+            let wanted = items
+                .iter()
+                .map(|i| ipb::AccountAt {
+                    account_id: ids[*i].clone(),
+                    shard: homes[*i].0,
+                })
+                .collect();
+            async move { self.peers()?.read_accounts(&node, wanted).await }
+        });
+        for accounts in join_all(calls).await {
+            for account in accounts? {
+                if let Some(i) = ids.iter().position(|id| *id == account.id) {
+                    out[i] = Some(account);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One account, or `None`.
+    pub async fn account(&self, id: &str) -> Result<Option<pb::Account>, ApiError> {
+        let mut accounts = self.accounts(&[id.to_string()]).await?;
+        Ok(accounts.pop().flatten())
+    }
+
+    /// Accounts of shards this node leads, for another node's read.
+    pub fn accounts_here(&self, wanted: &[ipb::AccountAt]) -> Result<Vec<pb::Account>, ApiError> {
+        let mut out = Vec::new();
+        for at in wanted {
+            let shard = ShardId(at.shard);
+            let store = self
+                .node
+                .store(shard)
+                .ok_or_else(|| self.not_leader(shard))?;
+            if let Some(account) = read::account(&**store, shard, &at.account_id)? {
+                out.push(wire::account(&account, shard.0, self.region_of(shard)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A transfer by id, with its hold if it made one.
+    pub async fn transfers(
+        &self,
+        ids: &[String],
+    ) -> Result<Vec<Option<(TransferRecord, Option<HoldStatus>)>>, ApiError> {
+        let mut found = self.find(ids.to_vec(), Vec::new()).await?;
+        Ok(ids
+            .iter()
+            .map(|id| {
+                found
+                    .transfers
+                    .remove(id)
+                    .map(|(record, hold, _)| (record, hold))
+            })
+            .collect())
+    }
+
+    /// Up to `limit` entries of an account on `shard` from `from_version` on.
+    pub async fn entries(
         &self,
         account_id: &str,
+        shard: ShardId,
         from_version: u64,
         limit: usize,
-    ) -> Result<Vec<Entry>, ApiError> {
-        let shard = self.node.locate(account_id);
-        Ok(read::entries(
-            &**self.node.store(shard),
-            shard,
-            account_id,
+    ) -> Result<Vec<pb::Entry>, ApiError> {
+        if self.node.is_local(shard) {
+            return self.entries_here(account_id, shard, from_version, limit);
+        }
+        let request = ipb::ReadEntriesRequest {
+            caller: None,
+            account: Some(ipb::AccountAt {
+                account_id: account_id.to_string(),
+                shard: shard.0,
+            }),
             from_version,
-            limit,
-        )?)
+            limit: limit as u32,
+        };
+        self.peers()?.read_entries(self.owner(shard), request).await
+    }
+
+    pub fn entries_here(
+        &self,
+        account_id: &str,
+        shard: ShardId,
+        from_version: u64,
+        limit: usize,
+    ) -> Result<Vec<pb::Entry>, ApiError> {
+        let store = self
+            .node
+            .store(shard)
+            .ok_or_else(|| self.not_leader(shard))?;
+        Ok(
+            read::entries(&**store, shard, account_id, from_version, limit)?
+                .iter()
+                .map(wire::entry)
+                .collect(),
+        )
+    }
+}
+
+/// Where a transfer goes: its coordinating shard, or, for a post or void whose hold exists
+/// nowhere, straight to its rejection.
+enum Coordinator {
+    Shard(ShardId),
+    HoldMissing(Rejection),
+}
+
+impl Coordinator {
+    fn shard(&self) -> Option<ShardId> {
+        match self {
+            Coordinator::Shard(shard) => Some(*shard),
+            Coordinator::HoldMissing(_) => None,
+        }
+    }
+}
+
+/// A post/void whose hold exists nowhere. Not recorded: the hold may yet be created.
+fn hold_missing(transfer: Transfer, reason: Rejection) -> TransferReply {
+    metrics::counter!(
+        "ledger_transfers_total",
+        "shard" => "none",
+        "outcome" => "rejected",
+        "reason" => reason.name()
+    )
+    .increment(1);
+    let record = TransferRecord {
+        request: transfer,
+        result: Err(reason),
+    };
+    TransferReply::new(record, None)
+}
+
+/// A transfer as forwarded to another node: the request alone (its trace id travels in the
+/// call's trace context, and the node that applies it records its own).
+fn forwarded_wire(mut transfer: Transfer) -> pb::Transfer {
+    transfer.trace_id.clear();
+    wire::transfer_into_wire(transfer)
+}
+
+/// The wire form of a shard's answer to a transfer.
+pub fn transfer_result(reply: TransferReply) -> pb::TransferResult {
+    let mut result = wire::transfer_result(reply.record, reply.hold.as_ref());
+    result.replayed = reply.replayed;
+    if !reply.differing.is_empty()
+        && let Some(pb::transfer_result::Outcome::Rejection(rejection)) = &mut result.outcome
+    {
+        rejection.message = format!(
+            "{}: it differs in {}",
+            rejection.message,
+            reply.differing.join(", ")
+        );
+        rejection.differing_fields = reply.differing.iter().map(|f| f.to_string()).collect();
+    }
+    result
+}
+
+fn account_rejected(id: &str, rejection: pb::Rejection) -> pb::AccountResult {
+    pb::AccountResult {
+        id: id.to_string(),
+        outcome: Some(pb::account_result::Outcome::Rejection(rejection)),
     }
 }
 
@@ -276,6 +847,19 @@ fn route_span(items: usize) -> tracing::Span {
     }
 }
 
+fn reply_error(reply: Reply) -> ApiError {
+    match reply {
+        Reply::Unavailable(reason) => {
+            ApiError::Unavailable(ledger_shard::runtime::ShardError::Unreachable(reason))
+        }
+        other => unexpected(&other),
+    }
+}
+
 fn unexpected(reply: &Reply) -> ApiError {
     ApiError::Internal(format!("unexpected reply from a shard: {reply:?}").into())
+}
+
+fn internal(e: impl std::error::Error + Send + Sync + 'static) -> ApiError {
+    ApiError::Internal(Box::new(e))
 }

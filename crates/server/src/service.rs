@@ -5,14 +5,14 @@ use std::future::Future;
 
 use tonic::{Request, Response, Status};
 
+use ledger_domain::ShardId;
 use ledger_domain::{InvalidInput, Transfer, validate_id};
 use ledger_proto::pb::ledger_service_server::LedgerService;
 use ledger_proto::{self as wire, pb};
-use ledger_shard::engine::TransferReply;
 
 use crate::calls::{Calls, Method};
 use crate::error::ApiError;
-use crate::router::{PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Router};
+use crate::router::{Origin, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Router};
 use crate::telemetry;
 
 pub struct Ledger {
@@ -38,22 +38,6 @@ fn decode_transfer(t: pb::Transfer, index: usize) -> Result<Transfer, ApiError> 
     Ok(t)
 }
 
-fn transfer_result(reply: TransferReply) -> pb::TransferResult {
-    let mut result = wire::transfer_result(reply.record, reply.hold.as_ref());
-    result.replayed = reply.replayed;
-    if !reply.differing.is_empty()
-        && let Some(pb::transfer_result::Outcome::Rejection(rejection)) = &mut result.outcome
-    {
-        rejection.message = format!(
-            "{}: it differs in {}",
-            rejection.message,
-            reply.differing.join(", ")
-        );
-        rejection.differing_fields = reply.differing.iter().map(|f| f.to_string()).collect();
-    }
-    result
-}
-
 fn check_ids(router: &Router, field: &str, ids: &[String]) -> Result<(), ApiError> {
     router.check_batch(field, ids.len())?;
     for (i, id) in ids.iter().enumerate() {
@@ -74,27 +58,18 @@ impl Ledger {
             .into_iter()
             .enumerate()
             .map(|(i, a)| {
-                wire::new_account(a)
+                let field = format!("accounts[{i}]");
+                let region = self
+                    .router
+                    .region_for(&format!("{field}.region"), a.region.clone())?;
+                let account = wire::new_account(a)
                     .and_then(ledger_domain::NewAccount::normalize)
-                    .map_err(|e| e.within(&format!("accounts[{i}]")))
+                    .map_err(|e| e.within(&field))?;
+                Ok((account, region))
             })
             .collect::<Result<Vec<_>, InvalidInput>>()
             .map_err(ApiError::from)?;
-        let ids: Vec<String> = accounts.iter().map(|a| a.id.clone()).collect();
         let results = self.router.create_accounts(accounts).await?;
-        let results = ids
-            .into_iter()
-            .zip(results)
-            .map(|(id, (result, shard))| pb::AccountResult {
-                id,
-                outcome: Some(match result {
-                    Ok(account) => {
-                        pb::account_result::Outcome::Account(wire::account(&account, shard.0))
-                    }
-                    Err(reason) => pb::account_result::Outcome::Rejection(wire::rejection(reason)),
-                }),
-            })
-            .collect();
         Ok(Response::new(pb::CreateAccountsResponse { results }))
     }
 
@@ -105,9 +80,10 @@ impl Ledger {
         let ids = request.into_inner().ids;
         check_ids(&self.router, "ids", &ids)?;
         let mut response = pb::GetAccountsResponse::default();
-        for id in ids {
-            match self.router.account(&id)? {
-                Some((account, shard)) => response.accounts.push(wire::account(&account, shard.0)),
+        let found = self.router.accounts(&ids).await?;
+        for (id, account) in ids.into_iter().zip(found) {
+            match account {
+                Some(account) => response.accounts.push(account),
                 None => response.not_found.push(id),
             }
         }
@@ -130,8 +106,10 @@ impl Ledger {
                 Ok(t)
             })
             .collect::<Result<Vec<_>, ApiError>>()?;
-        let replies = self.router.create_transfers(transfers).await?;
-        let results = replies.into_iter().map(transfer_result).collect();
+        let results = self
+            .router
+            .create_transfers(transfers, Origin::Client)
+            .await?;
         let mut response = Response::new(pb::CreateTransfersResponse { results });
         telemetry::set_response_traceparent(&mut response);
         Ok(response)
@@ -151,8 +129,8 @@ impl Ledger {
         });
         async move {
             let transfer = decoded.map_err(ApiError::from)?;
-            let reply = self.router.create_transfer(transfer).await?;
-            let mut response = Response::new(transfer_result(reply));
+            let result = self.router.create_transfer(transfer).await?;
+            let mut response = Response::new(result);
             telemetry::set_response_traceparent(&mut response);
             Ok(response)
         }
@@ -165,8 +143,9 @@ impl Ledger {
         let ids = request.into_inner().ids;
         check_ids(&self.router, "ids", &ids)?;
         let mut response = pb::GetTransfersResponse::default();
-        for id in ids {
-            match self.router.transfer(&id)? {
+        let found = self.router.transfers(&ids).await?;
+        for (id, found) in ids.into_iter().zip(found) {
+            match found {
                 Some((record, hold)) if record.result.is_ok() => {
                     let t = wire::committed_transfer(&record, hold.as_ref());
                     response.transfers.extend(t);
@@ -184,8 +163,8 @@ impl Ledger {
     ) -> Result<Response<pb::Balance>, Status> {
         let id = request.into_inner().account_id;
         validate_id("account_id", &id).map_err(ApiError::from)?;
-        match self.router.account(&id)? {
-            Some((account, _)) => Ok(Response::new(wire::balance(&account))),
+        match self.router.account(&id).await? {
+            Some(account) => Ok(Response::new(wire::balance_of_wire(&account))),
             None => Err(ApiError::NotFound {
                 what: "account",
                 id: id.clone(),
@@ -225,23 +204,28 @@ impl Ledger {
                     ))
                 })?
         };
-        if self.router.account(&r.account_id)?.is_none() {
+        let Some(account) = self.router.account(&r.account_id).await? else {
             return Err(ApiError::NotFound {
                 what: "account",
                 id: r.account_id.clone(),
             }
             .into());
-        }
+        };
         let mut entries = self
             .router
-            .entries(&r.account_id, from_version, page_size + 1)?;
+            .entries(
+                &r.account_id,
+                ShardId(account.shard),
+                from_version,
+                page_size + 1,
+            )
+            .await?;
         let next_page_token = if entries.len() > page_size {
             entries.truncate(page_size);
             (entries.last().expect("non-empty").version + 1).to_string()
         } else {
             String::new()
         };
-        let entries = entries.iter().map(wire::entry).collect();
         Ok(Response::new(pb::ListEntriesResponse {
             entries,
             next_page_token,

@@ -6,11 +6,14 @@
 //!   because both need the shard's account locks.
 //! - [`runtime`]: the thread that owns an engine: takes the lease (epoch), drains the queue,
 //!   group-commits each batch durably, and only then replies and sends messages.
-//! - [`node`]: all shards of this process, their queues, and message delivery between them.
+//! - [`node`]: the shards this process leads, their queues, and message delivery between
+//!   shards, here or on other nodes.
+//! - [`directory`]: where an account lives (home and directory shards, forward records).
 //! - [`read`]: reads of committed state (balances, statements, transfers) straight from the
 //!   store, without going through the leader.
 
 pub mod codec;
+pub mod directory;
 pub mod engine;
 pub mod keys;
 pub mod metrics;

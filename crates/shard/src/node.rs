@@ -1,73 +1,115 @@
-//! All shards of this process: their stores, queues and leader tasks, message delivery
-//! between them, and where each account lives.
+//! The shards this process leads: their stores, queues and leader tasks, message delivery
+//! between shards (here, or on another node through [`Remote`]), and where each account lives
+//! ([`Directory`]).
 //!
-//! Where an account lives: `placement.shard_of(placement_key)`. Clients name accounts by id, so
-//! an account whose placement key is not its id (and hashes elsewhere) gets a directory record
-//! ("forward") on the shard its id hashes to, written before the account itself; that shard is
-//! the one place that decides whether an id is taken. The forwards are small and loaded into
-//! memory at start.
+//! A single node leads every shard of its map and never needs another node. A node of a
+//! cluster leads the shards its map gives it; messages to other shards, and directory lookups
+//! for ids whose directory shard is elsewhere, go through the [`Remote`] the server gives it
+//! (docs/design/0002-cluster.md).
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
-// Seeded per process like the engine's maps, and cheaper than SipHash on short ids: every call
-// locates its accounts here (docs/benchmarks.md).
 use foldhash::HashMap;
 
-use ledger_domain::{Placement, ShardId};
+use ledger_domain::ShardId;
+use ledger_domain::cluster::ClusterMap;
 use ledger_store::Store;
 
 use crate::ReadError;
+use crate::directory::{Directory, Forward, Located, Rings};
 use crate::engine::Locate;
 use crate::protocol::Message;
-use crate::runtime::{Peers, Runtime, ShardHandle, channel};
+use crate::runtime::{BoxFuture, Peers, Runtime, ShardHandle, channel};
 use crate::{Clock, Options, codec, keys};
 
-/// Delivers messages to shards of this process through their queues.
-struct LocalPeers {
-    handles: Vec<ShardHandle>,
+/// What a node asks of the other nodes (the server's peer transport).
+pub trait Remote: Send + Sync + 'static {
+    /// Sends a message to a shard another node leads. Best effort: the protocol resends.
+    fn send(&self, to: ShardId, from: ShardId, message: Message);
+
+    /// Asks the node that leads `directory` where account `id` lives. `None`: no answer.
+    fn locate(&self, directory: ShardId, id: String) -> BoxFuture<Option<Located>>;
 }
 
-impl Peers for LocalPeers {
+/// Delivers to the shards of this node through their queues, to others through the remote.
+struct NodePeers {
+    handles: Vec<Option<ShardHandle>>,
+    directory: Arc<Directory>,
+    remote: Option<Arc<dyn Remote>>,
+}
+
+impl Peers for NodePeers {
     fn send(&self, to: ShardId, from: ShardId, message: Message) {
-        self.handles[to.0 as usize].deliver(from, message);
+        match (&self.handles[to.0 as usize], &self.remote) {
+            (Some(handle), _) => handle.deliver(from, message),
+            (None, Some(remote)) => remote.send(to, from, message),
+            (None, None) => {
+                tracing::error!(%to, %from, "a message for a shard no node leads is dropped");
+            }
+        }
+    }
+
+    fn locate(&self, id: String) -> BoxFuture<Option<ShardId>> {
+        let directory = Arc::clone(&self.directory);
+        let remote = self.remote.clone();
+        Box::pin(async move { locate(&directory, remote.as_deref(), id).await })
     }
 }
 
+/// Where `id` lives: known here, or asked of the node that leads its directory shard.
+async fn locate(directory: &Directory, remote: Option<&dyn Remote>, id: String) -> Option<ShardId> {
+    if let Some(home) = directory.home(&id) {
+        return Some(home);
+    }
+    let located = remote?
+        .locate(directory.rings().directory(&id), id.clone())
+        .await?;
+    if located.exists {
+        directory.remember(&id, located.home);
+    }
+    Some(located.home)
+}
+
 pub struct Node {
-    placement: Placement,
-    forwards: Arc<RwLock<HashMap<String, ShardId>>>,
-    handles: Vec<ShardHandle>,
-    stores: Vec<Arc<dyn Store>>,
+    id: String,
+    map: ClusterMap,
+    directory: Arc<Directory>,
+    remote: Option<Arc<dyn Remote>>,
+    /// Indexed by shard; `None` for a shard another node leads.
+    handles: Vec<Option<ShardHandle>>,
+    stores: Vec<Option<Arc<dyn Store>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
-            .field("shards", &self.handles.len())
+            .field("id", &self.id)
+            .field("shards", &self.handles.iter().flatten().count())
             .finish_non_exhaustive()
     }
 }
 
 impl Node {
-    /// Starts one leader task per store (store `i` holds shard `i`) on the current tokio
-    /// runtime: call it from within one. Leaders share the runtime's threads with the gRPC
-    /// server, so a call reaches its shard and gets its answer without a thread switch.
+    /// Starts one leader task per store on the current tokio runtime: call it from within
+    /// one. `stores` are the shards this node leads by the map; `remote` reaches the others
+    /// (none for a single node). Leaders share the runtime's threads with the gRPC server, so
+    /// a call reaches its shard and gets its answer without a thread switch.
     pub fn start(
         node_id: &str,
-        placement: Placement,
-        stores: Vec<Arc<dyn Store>>,
+        map: ClusterMap,
+        stores: Vec<(ShardId, Arc<dyn Store>)>,
         options: Options,
         clock: Arc<dyn Clock>,
+        remote: Option<Arc<dyn Remote>>,
     ) -> Result<Node, ReadError> {
-        assert_eq!(
-            stores.len(),
-            placement.shard_count() as usize,
-            "one store per shard"
-        );
+        let rings = Rings::of_map(&map);
+        let count = map.shard_count() as usize;
+        let mut local_stores: Vec<Option<Arc<dyn Store>>> = vec![None; count];
         let mut forwards = HashMap::default();
-        for (i, store) in stores.iter().enumerate() {
-            let (start, end) = keys::forwards(ShardId(i as u32));
+        for (shard, store) in stores {
+            assert!((shard.0 as usize) < count, "shard {shard} is in the map");
+            let (start, end) = keys::forwards(shard);
             for (key, value) in store.scan(&start, &end, usize::MAX)? {
                 let (id, _) = ledger_store::key::read_str(&key, 6).ok_or_else(|| {
                     ReadError::Decode(codec::DecodeError {
@@ -75,25 +117,38 @@ impl Node {
                         reason: format!("{key:?}"),
                     })
                 })?;
-                let placement_key: String = codec::decode("forward", &value)?;
-                forwards.insert(id, placement.shard_of(&placement_key));
+                let forward = Forward::decode(&value)?;
+                forwards.insert(id, forward.home_on(&rings.all));
+            }
+            local_stores[shard.0 as usize] = Some(store);
+        }
+        let local: Vec<bool> = local_stores.iter().map(Option::is_some).collect();
+        let directory = Arc::new(Directory::new(rings, local, forwards));
+        let mut handles: Vec<Option<ShardHandle>> = vec![None; count];
+        let mut receivers = Vec::new();
+        for (i, store) in local_stores.iter().enumerate() {
+            if store.is_some() {
+                let (handle, rx) = channel(ShardId(i as u32), options.queue_capacity);
+                handles[i] = Some(handle);
+                receivers.push((i, rx));
             }
         }
-        let forwards = Arc::new(RwLock::new(forwards));
-        let (handles, receivers): (Vec<_>, Vec<_>) = (0..placement.shard_count())
-            .map(|i| channel(ShardId(i), options.queue_capacity))
-            .unzip();
-        let peers: Arc<dyn Peers> = Arc::new(LocalPeers {
+        let peers: Arc<dyn Peers> = Arc::new(NodePeers {
             handles: handles.clone(),
+            directory: Arc::clone(&directory),
+            remote: remote.clone(),
         });
-        let locate = locate_fn(placement.clone(), Arc::clone(&forwards));
+        let locate: Locate = {
+            let directory = Arc::clone(&directory);
+            Arc::new(move |id: &str| directory.home(id))
+        };
         let mut tasks = Vec::new();
-        for (i, rx) in receivers.into_iter().enumerate() {
+        for (i, rx) in receivers {
             let runtime = Runtime {
                 shard: ShardId(i as u32),
                 node: node_id.to_string(),
                 options: options.clone(),
-                store: Arc::clone(&stores[i]),
+                store: Arc::clone(local_stores[i].as_ref().expect("led here")),
                 clock: Arc::clone(&clock),
                 peers: Arc::clone(&peers),
                 locate: Arc::clone(&locate),
@@ -102,65 +157,102 @@ impl Node {
             tasks.push(tokio::spawn(runtime.run()));
         }
         Ok(Node {
-            placement,
-            forwards,
+            id: node_id.to_string(),
+            map,
+            directory,
+            remote,
             handles,
-            stores,
+            stores: local_stores,
             tasks,
         })
     }
 
-    pub fn placement(&self) -> &Placement {
-        &self.placement
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn map(&self) -> &ClusterMap {
+        &self.map
+    }
+
+    pub fn rings(&self) -> &Rings {
+        self.directory.rings()
     }
 
     pub fn shard_count(&self) -> u32 {
-        self.placement.shard_count()
+        self.map.shard_count()
     }
 
-    /// The shard an account id lives on.
-    pub fn locate(&self, account_id: &str) -> ShardId {
-        locate(&self.placement, &self.forwards, account_id)
+    /// The shards this node leads.
+    pub fn local_shards(&self) -> impl Iterator<Item = ShardId> + '_ {
+        self.handles
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.is_some())
+            .map(|(i, _)| ShardId(i as u32))
     }
 
-    /// Records (in memory) that `id` lives on `home`; call after the directory shard accepted it.
-    pub fn remember_forward(&self, id: &str, home: ShardId) {
-        self.forwards
-            .write()
-            .expect("poisoned")
-            .insert(id.to_string(), home);
+    pub fn is_local(&self, shard: ShardId) -> bool {
+        self.directory.is_local(shard)
     }
 
-    pub fn handle(&self, shard: ShardId) -> &ShardHandle {
-        &self.handles[shard.0 as usize]
+    /// The shard an account id lives on, if known without asking another node.
+    pub fn home(&self, account_id: &str) -> Option<ShardId> {
+        self.directory.home(account_id)
     }
 
-    pub fn store(&self, shard: ShardId) -> &Arc<dyn Store> {
-        &self.stores[shard.0 as usize]
+    /// The shard an account id lives on, asking the node that leads its directory shard if
+    /// need be (once: the answer is kept). `None`: that node did not answer.
+    pub async fn locate(&self, account_id: &str) -> Option<ShardId> {
+        locate(
+            &self.directory,
+            self.remote.as_deref(),
+            account_id.to_string(),
+        )
+        .await
+    }
+
+    /// The directory's answer for an id whose directory shard this node leads; `None` if
+    /// another node leads it. `exists` says whether the account is known to exist (a forward
+    /// record, or the account on the directory shard itself).
+    pub fn located_here(&self, id: &str) -> Result<Option<Located>, ReadError> {
+        let directory = self.directory.rings().directory(id);
+        let Some(store) = self.store(directory) else {
+            return Ok(None);
+        };
+        if let Some(home) = self.directory.forward(id) {
+            return Ok(Some(Located { home, exists: true }));
+        }
+        let exists = crate::read::account(&**store, directory, id)?.is_some();
+        Ok(Some(Located {
+            home: directory,
+            exists,
+        }))
+    }
+
+    /// Records that `id` lives on `home`: after its directory shard accepted it, or another
+    /// node said so.
+    pub fn remember_home(&self, id: &str, home: ShardId) {
+        self.directory.remember(id, home);
+    }
+
+    /// The queue of a shard this node leads.
+    pub fn handle(&self, shard: ShardId) -> Option<&ShardHandle> {
+        self.handles.get(shard.0 as usize).and_then(Option::as_ref)
+    }
+
+    /// The store of a shard this node leads.
+    pub fn store(&self, shard: ShardId) -> Option<&Arc<dyn Store>> {
+        self.stores.get(shard.0 as usize).and_then(Option::as_ref)
     }
 
     /// Stops every leader after its current batch, and waits for them.
     pub async fn shutdown(self) {
-        for handle in &self.handles {
+        for handle in self.handles.iter().flatten() {
             handle.stop().await;
         }
         for task in self.tasks {
             let _ = task.await;
         }
     }
-}
-
-fn locate(placement: &Placement, forwards: &RwLock<HashMap<String, ShardId>>, id: &str) -> ShardId {
-    let forwards = forwards.read().expect("poisoned");
-    // Most clusters place every account by its id: skip hashing the id for an empty map.
-    if !forwards.is_empty()
-        && let Some(shard) = forwards.get(id)
-    {
-        return *shard;
-    }
-    placement.shard_of(id)
-}
-
-fn locate_fn(placement: Placement, forwards: Arc<RwLock<HashMap<String, ShardId>>>) -> Locate {
-    Arc::new(move |id: &str| locate(&placement, &forwards, id))
 }

@@ -219,7 +219,10 @@ pub(crate) fn fetch(engine: &mut Engine, store: &dyn Store) {
         let values: Vec<_> = wanted
             .into_iter()
             .map(|read| {
-                let value = store.get(&read.key(engine.shard())).expect("read");
+                let key = read
+                    .key(engine.shard())
+                    .expect("a Sim's locate knows every id");
+                let value = store.get(&key).expect("read");
                 (read, value)
             })
             .collect();

@@ -23,7 +23,7 @@ mod memory;
 
 use std::sync::Arc;
 
-pub use embedded::{Embedded, GroupOf, Limits, open_shards};
+pub use embedded::{Embedded, GroupOf, Limits, open_shards, open_shards_of};
 pub use memory::Memory;
 
 /// What a key must hold for a commit to go ahead.

@@ -517,7 +517,8 @@ impl Engine {
         let work = c.record.work.clone();
         match work {
             Work::Transfer(transfer) => {
-                let plan = self.plan(&transfer, Some(pending))?;
+                let credit_shard = self.coordination(op).record.plan.credit_shard;
+                let plan = self.plan(&transfer, Some(pending), Some(credit_shard))?;
                 debug_assert_eq!(plan, self.coordination(op).record.plan);
                 Ok(())
             }

@@ -53,6 +53,7 @@ use ledger_domain::{
 use ledger_store::{Expect, Write, WriteBatch};
 
 use crate::codec::{self, DecodeError};
+use crate::directory::Forward;
 use crate::metrics::EngineMetrics;
 use crate::protocol::Message;
 use crate::trace::{self, Role, TraceParent};
@@ -66,8 +67,10 @@ pub use participant::PreparedRecord;
 /// Identifies a waiting caller; the runtime maps it to a reply channel.
 pub type Token = u64;
 
-/// Finds the shard of an account id (placement plus the directory of custom placement keys).
-pub type Locate = Arc<dyn Fn(&str) -> ShardId + Send + Sync>;
+/// Finds the shard of an account id from what the node knows without asking another node
+/// (`crate::directory::Directory::home`); `None`: only a directory lookup can say, and the
+/// engine waits for it as for a stored value ([`Read::Locate`]).
+pub type Locate = Arc<dyn Fn(&str) -> Option<ShardId> + Send + Sync>;
 
 #[derive(Clone, Debug)]
 pub enum Input {
@@ -97,6 +100,9 @@ pub enum Reply {
     Account(Result<Account, Rejection>),
     Forward(Result<(), Rejection>),
     Transfer(TransferReply),
+    /// Nothing was applied or recorded, for a reason that passes (another node did not
+    /// answer): the same request may succeed later.
+    Unavailable(String),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -218,6 +224,9 @@ struct TransferReads {
     recorded_hold: Option<HoldStatus>,
     /// For a post or void: its hold.
     pending: Option<PendingHold>,
+    /// For a new transfer that gets as far as its credit account: that account's shard
+    /// (`Some(None)`: the directory lookup failed).
+    credit_shard: Option<Option<ShardId>>,
 }
 
 /// The writes, replies and messages of the batch being built.
@@ -229,8 +238,8 @@ struct Batch {
     /// Transfer records written in this batch (read before the store): id -> its write.
     transfers: HashMap<String, usize>,
     holds: HashMap<String, HoldStatus>,
-    /// Directory records written in this batch: id -> placement key.
-    forwards: HashMap<String, String>,
+    /// Directory records written in this batch.
+    forwards: HashMap<String, Forward>,
     /// Participant attempts decided in this batch: their done markers are among its writes,
     /// not yet in the store.
     done: HashSet<String>,
@@ -724,16 +733,37 @@ impl Engine {
         Ok(self.known(found, || Read::Hold(pending_id.to_string())))
     }
 
-    /// The placement key of the directory record this shard holds for account `id`, if any: in
-    /// this batch or in the store. Kept in the store, not in memory: only creating an account
-    /// asks, and a node with a million accounts placed by key held about 100 MiB of them
-    /// (docs/benchmarks.md).
-    fn lookup_forward(&mut self, id: &str) -> Result<Known<String>, Fatal> {
-        if let Some(key) = self.batch.forwards.get(id) {
-            return Ok(Known::Yes(Some(key.clone())));
+    /// The directory record this shard holds for account `id`, if any: in this batch or in
+    /// the store. Kept in the store, not in memory: only creating an account asks, and a node
+    /// with a million accounts placed by key held about 100 MiB of them (docs/benchmarks.md).
+    fn lookup_forward(&mut self, id: &str) -> Result<Known<Forward>, Fatal> {
+        if let Some(forward) = self.batch.forwards.get(id) {
+            return Ok(Known::Yes(Some(forward.clone())));
         }
-        let found = reads::decoded(self.fetched.forward(id), "forward")?;
+        let found = self
+            .fetched
+            .forward(id)
+            .map(|value| value.as_deref().map(Forward::decode).transpose())
+            .transpose()?;
         Ok(self.known(found, || Read::Forward(id.to_string())))
+    }
+
+    /// The shard of account `id`: this one if it holds the account, else what the node's
+    /// directory knows, else a directory lookup the runtime makes (`Known::Yes(None)`: the
+    /// lookup failed, the directory shard's node did not answer).
+    fn lookup_location(&mut self, id: &str) -> Known<ShardId> {
+        if self.accounts.get(id).is_some() {
+            debug_assert!(
+                (self.locate)(id).is_none_or(|shard| shard == self.shard),
+                "{id} is held here"
+            );
+            return Known::Yes(Some(self.shard));
+        }
+        if let Some(shard) = (self.locate)(id) {
+            return Known::Yes(Some(shard));
+        }
+        let found = self.fetched.location(id).map(reads::location);
+        self.known(found, || Read::Locate(id.to_string()))
     }
 
     /// Whether a participant attempt is decided (applied or released), in this batch or in the
@@ -777,6 +807,23 @@ impl Engine {
         let (Some(recorded), Some(pending)) = (recorded, pending) else {
             return Ok(None);
         };
+        // A new transfer's credit account: where it lives decides the path.
+        let credit_shard = match (&recorded, transfer.kind, &pending) {
+            (Some(_), _, _) => None,
+            (None, TransferKind::Posted | TransferKind::Pending, _) => {
+                match self.lookup_location(&transfer.credit_account_id) {
+                    Known::Yes(shard) => Some(shard),
+                    Known::Wanted => return Ok(None),
+                }
+            }
+            (None, _, Some(PendingHold::Found(hold))) => {
+                match self.lookup_location(&hold.credit_account_id) {
+                    Known::Yes(shard) => Some(shard),
+                    Known::Wanted => return Ok(None),
+                }
+            }
+            (None, _, _) => None,
+        };
         // A replayed committed hold is answered with its status.
         let recorded_hold = match &recorded {
             Some(record)
@@ -793,6 +840,7 @@ impl Engine {
             recorded,
             recorded_hold,
             pending,
+            credit_shard,
         }))
     }
 
@@ -1086,7 +1134,7 @@ impl Engine {
             self.stall(Task::Input(input));
             return Ok(());
         };
-        if forward.is_some_and(|key| key != spec.placement_key) {
+        if forward.is_some_and(|f| !f.matches(&spec.placement_key, self.shard)) {
             self.reply(
                 token,
                 Reply::Account(Err(Rejection::ExistsWithDifferentFields)),
@@ -1114,7 +1162,7 @@ impl Engine {
     ) -> Result<(), Fatal> {
         debug_assert_ne!(home, self.shard, "a forward points elsewhere");
         let taken_by = match self.accounts.get(&id) {
-            Some(account) => Some(account.spec.placement_key.clone()),
+            Some(account) => Some(Forward::new(account.spec.placement_key.clone(), self.shard)),
             None => match self.lookup_forward(&id)?.known() {
                 Some(forward) => forward,
                 None => {
@@ -1130,13 +1178,14 @@ impl Engine {
             },
         };
         let reply = match taken_by {
-            Some(key) if key == placement_key => Ok(()),
+            Some(forward) if forward.matches(&placement_key, home) => Ok(()),
             Some(_) => Err(Rejection::ExistsWithDifferentFields),
             None => {
                 let key = keys::forward(self.shard, &id);
+                let forward = Forward::new(placement_key, home);
                 self.batch.writes.expect(key.clone(), Expect::Absent);
-                self.batch.writes.put(key, codec::encode(&placement_key));
-                self.batch.forwards.insert(id, placement_key);
+                self.batch.writes.put(key, forward.encode());
+                self.batch.forwards.insert(id, forward);
                 Ok(())
             }
         };
@@ -1180,7 +1229,13 @@ impl Engine {
             self.reply(token, Reply::Transfer(reply));
             return Ok(());
         }
-        let plan = match self.plan(&transfer, reads.pending) {
+        if reads.credit_shard == Some(None) {
+            // Not recorded: the same id succeeds once the directory shard's node answers.
+            let reason = "the credit account's directory shard did not answer".to_string();
+            self.reply(token, Reply::Unavailable(reason));
+            return Ok(());
+        }
+        let plan = match self.plan(&transfer, reads.pending, reads.credit_shard.flatten()) {
             Ok(plan) => plan,
             Err(reason) => {
                 self.reject(token, transfer, reason);
@@ -1226,7 +1281,12 @@ impl Engine {
     /// Works out what a transfer would do and checks everything local. The credit side is
     /// checked here only when the credit account is on this shard. `pending`: a post's or
     /// void's hold ([`Engine::pending_reads`]).
-    fn plan(&self, transfer: &Transfer, pending: Option<PendingHold>) -> Result<Plan, Rejection> {
+    fn plan(
+        &self,
+        transfer: &Transfer,
+        pending: Option<PendingHold>,
+        credit_shard: Option<ShardId>,
+    ) -> Result<Plan, Rejection> {
         let (debit_id, credit_id, ledger, amount, debit, credit, hold) = match transfer.kind {
             TransferKind::Posted | TransferKind::Pending => {
                 let (debit, credit) = transfer.new_changes();
@@ -1259,19 +1319,8 @@ impl Engine {
             }
         };
         self.check_change(&debit_id, &ledger, &debit, transfer.expected_debit_version)?;
-        // An account in this leader's table lives on this shard: only an account it does not
-        // hold is looked up in the node's directory (a lock and a hash of the id per transfer).
         let credit_account = self.accounts.get(&credit_id);
-        let credit_shard = if credit_account.is_some() {
-            debug_assert_eq!(
-                (self.locate)(&credit_id),
-                self.shard,
-                "{credit_id} is held here"
-            );
-            self.shard
-        } else {
-            (self.locate)(&credit_id)
-        };
+        let credit_shard = credit_shard.expect("transfer_reads located the credit account");
         if credit_shard == self.shard {
             check_account(
                 credit_account,
@@ -1405,8 +1454,16 @@ impl Engine {
         if hold.state != HoldState::Pending {
             return Ok(());
         }
+        let credit_shard = match self.lookup_location(&hold.credit_account_id) {
+            Known::Yes(Some(shard)) => shard,
+            // The directory shard's node did not answer: tried again next tick.
+            Known::Yes(None) => return Ok(()),
+            Known::Wanted => {
+                self.stall(Task::Expire(pending_id));
+                return Ok(());
+            }
+        };
         let (debit, credit) = hold.expiry_changes();
-        let credit_shard = (self.locate)(&hold.credit_account_id);
         if credit_shard != self.shard {
             return self.start_expiry(pending_id, hold, credit_shard);
         }

@@ -37,18 +37,36 @@ pub enum Read {
     Forward(String),
     /// A participant attempt's done marker (`keys::done`).
     Done(String),
+    /// Where an account lives, when the node's directory does not know without asking the
+    /// node that leads the account's directory shard. Its value is [`location_value`]'s.
+    Locate(String),
 }
 
 impl Read {
-    /// The store key of this value in `shard`.
-    pub fn key(&self, shard: ShardId) -> Vec<u8> {
-        match self {
+    /// The store key of this value in `shard`; `None` for a location, which is not in this
+    /// shard's store.
+    pub fn key(&self, shard: ShardId) -> Option<Vec<u8>> {
+        Some(match self {
             Read::Transfer(id) => keys::transfer(shard, id),
             Read::Hold(id) => keys::hold(shard, id),
             Read::Forward(id) => keys::forward(shard, id),
             Read::Done(attempt) => keys::done(shard, attempt),
-        }
+            Read::Locate(_) => return None,
+        })
     }
+}
+
+/// A location as the engine is handed it: the shard, or `None` if the lookup failed.
+pub fn location_value(shard: Option<ShardId>) -> Value {
+    shard.map(|shard| shard.0.to_be_bytes().to_vec())
+}
+
+/// The shard in a [`location_value`].
+pub(super) fn location(value: &Value) -> Option<ShardId> {
+    value.as_deref().map(|bytes| {
+        let bytes = <[u8; 4]>::try_from(bytes).expect("a location is four bytes");
+        ShardId(u32::from_be_bytes(bytes))
+    })
 }
 
 /// What a stored value turned out to be: its bytes, `None` if absent.
@@ -77,6 +95,7 @@ pub(super) struct Fetched {
     holds: HashMap<String, Value>,
     forwards: HashMap<String, Value>,
     done: HashMap<String, Value>,
+    locations: HashMap<String, Value>,
 }
 
 impl Fetched {
@@ -86,6 +105,7 @@ impl Fetched {
             Read::Hold(id) => self.holds.insert(id, value),
             Read::Forward(id) => self.forwards.insert(id, value),
             Read::Done(attempt) => self.done.insert(attempt, value),
+            Read::Locate(id) => self.locations.insert(id, value),
         };
     }
 
@@ -106,12 +126,17 @@ impl Fetched {
         self.done.get(attempt)
     }
 
+    pub(super) fn location(&self, id: &str) -> Option<&Value> {
+        self.locations.get(id)
+    }
+
     /// Forgets every value, keeping the maps' room for the next batch.
     pub(super) fn clear(&mut self) {
         self.transfers.clear();
         self.holds.clear();
         self.forwards.clear();
         self.done.clear();
+        self.locations.clear();
     }
 }
 

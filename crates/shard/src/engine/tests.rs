@@ -21,7 +21,7 @@ fn sim() -> Sim {
 }
 
 fn sim_with(options: Options) -> Sim {
-    Sim::new(2, Arc::new(shard_of), options)
+    Sim::new(2, Arc::new(|id: &str| Some(shard_of(id))), options)
 }
 
 fn shard_of(id: &str) -> ShardId {
@@ -677,7 +677,7 @@ fn stale_epoch_commit_is_rejected_by_the_store() {
             S0,
             lease.epoch,
             Options::default(),
-            Arc::new(shard_of),
+            Arc::new(|id: &str| Some(shard_of(id))),
             recovered,
         )
     });
@@ -1032,7 +1032,7 @@ fn a_step_waiting_for_the_store_keeps_the_order_of_inputs() {
         "only the hold is not known"
     );
     let values = wanted.into_iter().map(|read| {
-        let value = sim.stores[0].get(&read.key(S0)).unwrap();
+        let value = sim.stores[0].get(&read.key(S0).unwrap()).unwrap();
         (read, value)
     });
     engine.supply(values.collect::<Vec<_>>()).unwrap();

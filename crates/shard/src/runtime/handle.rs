@@ -12,11 +12,20 @@ use crate::engine::Reply;
 use crate::protocol::Message;
 use crate::trace::TraceParent;
 
-/// Delivers messages between shards (in this process: their queues; later: gRPC).
+/// Delivers messages between shards (of this node: their queues; of another node: the
+/// node-to-node API), and asks other nodes where accounts live.
 pub trait Peers: Send + Sync + 'static {
     /// Best effort: the protocol retries, so a message may be dropped when a queue is full.
     fn send(&self, to: ShardId, from: ShardId, message: Message);
+
+    /// Where account `id` lives, for a location the engine waits for
+    /// ([`crate::engine::reads::Read::Locate`]): asks the node that leads the id's directory
+    /// shard. `None` if it did not answer.
+    fn locate(&self, id: String) -> BoxFuture<Option<ShardId>>;
 }
+
+/// A boxed future, as [`Peers`] returns them.
+pub type BoxFuture<T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// What callers put on a shard's queue.
 #[derive(Debug)]
@@ -51,6 +60,10 @@ pub enum ShardError {
     /// (with the same transfer id).
     #[error("shard {0} is unavailable (its leader is changing or stopping); retry")]
     Unavailable(ShardId),
+    /// Another node the operation needs did not answer; nothing was applied or recorded.
+    /// Retry (with the same transfer id).
+    #[error("{0}; retry with the same ids")]
+    Unreachable(String),
     /// This node does not lead the shard. Send the call to the leader the hint names (if one
     /// is known), with the same transfer ids.
     #[error("this node does not lead shard {shard}{}", leader.as_ref().map(|l| format!("; its leader is node {} at {}", l.node, l.address)).unwrap_or_default())]

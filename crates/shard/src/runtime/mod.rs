@@ -39,10 +39,11 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use ledger_domain::ShardId;
 use ledger_store::{Expect, Store, WriteBatch};
 
-pub use handle::{Command, LeaderHint, Peers, ShardError, ShardHandle, channel};
+pub use handle::{BoxFuture, Command, LeaderHint, Peers, ShardError, ShardHandle, channel};
 pub use lease::{Lease, LeaseError, acquire_lease};
 pub use recovery::load;
 
+use crate::engine::reads::{self, Read};
 use crate::engine::{Engine, Input, Locate, Output, Reply, id_filter};
 use crate::metrics::RuntimeMetrics;
 use crate::trace::TraceParent;
@@ -298,16 +299,34 @@ impl Runtime {
             if wanted.is_empty() {
                 return Ok(());
             }
-            metrics.store_reads.increment(wanted.len() as u64);
-            let keys = wanted.iter().map(|read| read.key(self.shard)).collect();
-            let values = self
-                .store
-                .get_many_async(keys)
-                .await
-                .map_err(|e| Term::SteppedDown(StepDown::Read(e)))?;
-            debug_assert_eq!(values.len(), wanted.len(), "one value per key");
+            // Locations come from the node's directory (another node, usually); the rest
+            // from this shard's store, both at once.
+            let (locations, stored): (Vec<Read>, Vec<Read>) = wanted
+                .into_iter()
+                .partition(|read| matches!(read, Read::Locate(_)));
+            metrics.store_reads.increment(stored.len() as u64);
+            let keys = stored
+                .iter()
+                .map(|read| read.key(self.shard).expect("a stored value has a key"))
+                .collect();
+            let lookups = locations.iter().map(|read| match read {
+                Read::Locate(id) => self.peers.locate(id.clone()),
+                _ => unreachable!("partitioned"),
+            });
+            let (values, located) = futures::join!(
+                self.store.get_many_async(keys),
+                futures::future::join_all(lookups)
+            );
+            let values = values.map_err(|e| Term::SteppedDown(StepDown::Read(e)))?;
+            debug_assert_eq!(values.len(), stored.len(), "one value per key");
+            let located = located.into_iter().map(reads::location_value);
             engine
-                .supply(wanted.into_iter().zip(values))
+                .supply(
+                    stored
+                        .into_iter()
+                        .zip(values)
+                        .chain(locations.into_iter().zip(located)),
+                )
                 .map_err(|e| Term::SteppedDown(StepDown::Engine(e)))?;
         }
         Ok(())

@@ -179,14 +179,27 @@ pub fn open_shards(
     limits_each: Limits,
     group_of: Option<GroupOf>,
 ) -> Result<Vec<Embedded>, Error> {
+    let all: Vec<u32> = (0..count).collect();
+    open_shards_of(dir, &all, limits_each, group_of)
+}
+
+/// As [`open_shards`], for some shards only (those a node of a cluster leads); the stores are
+/// in the order of `shards`.
+pub fn open_shards_of(
+    dir: &Path,
+    shards: &[u32],
+    limits_each: Limits,
+    group_of: Option<GroupOf>,
+) -> Result<Vec<Embedded>, Error> {
     let log_dir = dir.join("log");
     let log = Log::open(&log_dir).map_err(|e| Error::Open {
         path: log_dir.display().to_string(),
         source: e.into(),
     })?;
     let log = Arc::new(log);
-    (0..count)
-        .map(|shard| {
+    shards
+        .iter()
+        .map(|&shard| {
             let path = dir.join(format!("shard-{shard:04}.redb"));
             Embedded::open_in_log(&path, limits_each, Arc::clone(&log), shard, group_of)
         })

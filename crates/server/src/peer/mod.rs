@@ -1,7 +1,14 @@
-//! The node-to-node API's gate: every `ledger.internal.v1` call names its caller and the map
+//! The node-to-node API: its calling side ([`PeerClients`]), its answering side ([`PeerApi`]),
+//! and the gate: every `ledger.internal.v1` call names its caller and the map
 //! version it was made under, and is refused unless the caller is a node of this node's map
 //! and the versions agree (docs/design/0002-cluster.md, Transport). A refusal names both
 //! sides, so an operator sees which node holds which map.
+
+mod client;
+mod service;
+
+pub use client::PeerClients;
+pub use service::PeerApi;
 
 use ledger_domain::cluster::ClusterMap;
 use ledger_proto::ledger::internal::v1 as pb;

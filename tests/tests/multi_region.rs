@@ -1,0 +1,291 @@
+//! A multi-region cluster of real `ledgerd` processes (`ledgerd demo`: three regions, one of
+//! them with two nodes): accounts homed in each region, transfers of every path (same shard,
+//! cross-shard on one node, cross-node in one region, cross-region) entering at any node,
+//! reads from any node, a node killed and started again as an operator would, and the
+//! invariants checked over every node's stores once the cluster is stopped.
+
+use std::collections::BTreeMap;
+
+use ledger_client::{Client, pb};
+use ledger_store::Store;
+use ledger_tests::checks;
+use ledger_tests::cluster::Demo;
+use ledger_tests::wire::usd_transfer;
+
+const REGIONS: &str = "eu:2,us,ap";
+
+fn account(id: &str, region: &str, placement_key: &str) -> pb::Account {
+    pb::Account {
+        id: id.into(),
+        ledger: "USD".into(),
+        region: region.into(),
+        placement_key: placement_key.into(),
+        ..Default::default()
+    }
+}
+
+fn committed(result: &pb::TransferResult) -> &pb::Transfer {
+    match &result.outcome {
+        Some(pb::transfer_result::Outcome::Transfer(t)) => t,
+        other => panic!("not committed: {other:?}"),
+    }
+}
+
+async fn client(demo: &Demo, node: &str) -> Client {
+    Client::connect(&demo.node(node).addr).await.unwrap()
+}
+
+/// Every account's (region, shard, debits_posted, credits_posted), as one node answers.
+async fn balances(client: &Client, ids: &[String]) -> BTreeMap<String, (String, u32, u64, u64)> {
+    let response = client.get_accounts(ids.to_vec()).await.unwrap();
+    assert!(response.not_found.is_empty(), "{:?}", response.not_found);
+    response
+        .accounts
+        .into_iter()
+        .map(|a| {
+            (
+                a.id.clone(),
+                (a.region, a.shard, a.debits_posted, a.credits_posted),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transfers_of_every_path_between_regions_from_any_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start(dir.path(), REGIONS, 2, &[]);
+    assert_eq!(demo.nodes.len(), 4);
+    let map = demo.cluster_file().check().unwrap();
+    let eu1 = client(&demo, "eu-1").await;
+
+    // Accounts homed in each region, all created through eu-1; "eu-pair-*" share a shard.
+    let mut accounts = vec![
+        account("eu-pair-a", "eu", "eu-pair"),
+        account("eu-pair-b", "eu", "eu-pair"),
+    ];
+    for region in ["eu", "us", "ap"] {
+        for i in 0..4 {
+            accounts.push(account(&format!("{region}-{i}"), region, ""));
+        }
+    }
+    let results = eu1.create_accounts(accounts.clone()).await.unwrap();
+    for r in &results {
+        assert!(
+            matches!(r.outcome, Some(pb::account_result::Outcome::Account(_))),
+            "{r:?}"
+        );
+    }
+    let ids: Vec<String> = accounts.iter().map(|a| a.id.clone()).collect();
+
+    // Every account is on a shard of its region, and every node says the same.
+    let seen = balances(&eu1, &ids).await;
+    for (id, (region, shard, _, _)) in &seen {
+        assert!(id.starts_with(region.as_str()), "{id} is homed in {region}");
+        assert_eq!(&map.shards[*shard as usize].region, region, "{id}");
+    }
+    for node in ["eu-2", "us-1", "ap-1"] {
+        let other = client(&demo, node).await;
+        assert_eq!(balances(&other, &ids).await, seen, "as {node} sees them");
+    }
+    assert_eq!(
+        seen["eu-pair-a"].1, seen["eu-pair-b"].1,
+        "a shared placement key"
+    );
+
+    // A region not in the cluster is refused, naming the field.
+    let err = eu1
+        .create_accounts(vec![account("x", "sa", "")])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("accounts[0].region"), "{err}");
+
+    // One transfer per path, each entering at a node that leads neither account where possible.
+    let owner = |id: &str| map.shards[seen[id].1 as usize].owner.clone();
+    let same_node_other_shard = (0..4)
+        .map(|i| format!("eu-{i}"))
+        .find(|id| owner(id) == owner("eu-0") && seen[id].1 != seen["eu-0"].1);
+    let other_eu_node = (0..4)
+        .map(|i| format!("eu-{i}"))
+        .find(|id| owner(id) != owner("eu-0"));
+    let mut paths = vec![
+        (
+            "same-shard",
+            "eu-pair-a".to_string(),
+            "eu-pair-b".to_string(),
+            "ap-1",
+        ),
+        (
+            "cross-region",
+            "eu-0".to_string(),
+            "us-0".to_string(),
+            "ap-1",
+        ),
+        (
+            "cross-region-2",
+            "us-1".to_string(),
+            "ap-1".to_string(),
+            "eu-2",
+        ),
+        (
+            "cross-region-3",
+            "ap-2".to_string(),
+            "eu-1".to_string(),
+            "us-1",
+        ),
+    ];
+    if let Some(id) = same_node_other_shard {
+        paths.push(("cross-shard", "eu-0".into(), id, "us-1"));
+    }
+    if let Some(id) = other_eu_node {
+        paths.push(("cross-node", "eu-0".into(), id, "eu-1"));
+    }
+    let mut expected: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (n, (path, debit, credit, entry)) in paths.iter().enumerate() {
+        let via = client(&demo, entry).await;
+        let amount = 10 + n as u64;
+        let id = format!("t-{path}");
+        let result = via
+            .transfer(usd_transfer(&id, debit, credit, amount))
+            .await
+            .unwrap();
+        let t = committed(&result);
+        assert_eq!(t.amount, amount, "{path}");
+        expected.entry(debit.clone()).or_default().0 += amount;
+        expected.entry(credit.clone()).or_default().1 += amount;
+        // A retry with the same id through another node is answered, not applied again.
+        let again = eu1
+            .transfer(usd_transfer(&id, debit, credit, amount))
+            .await
+            .unwrap();
+        assert!(again.replayed, "{path}: {again:?}");
+    }
+
+    // A hold across regions, posted through a third node.
+    let hold = pb::Transfer {
+        flags: Some(pb::TransferFlags {
+            pending: true,
+            ..Default::default()
+        }),
+        ..usd_transfer("hold-1", "us-2", "ap-3", 70)
+    };
+    committed(&client(&demo, "eu-2").await.transfer(hold).await.unwrap());
+    let post = pb::Transfer {
+        id: "post-1".into(),
+        pending_id: "hold-1".into(),
+        amount: 50,
+        flags: Some(pb::TransferFlags {
+            post_pending: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let posted = client(&demo, "ap-1").await.transfer(post).await.unwrap();
+    assert_eq!(committed(&posted).amount, 50);
+    expected.entry("us-2".into()).or_default().0 += 50;
+    expected.entry("ap-3".into()).or_default().1 += 50;
+
+    // Balances from any node; lookups by id from any node.
+    for node in ["eu-1", "eu-2", "us-1", "ap-1"] {
+        let via = client(&demo, node).await;
+        let now = balances(&via, &ids).await;
+        for (id, (debits, credits)) in &expected {
+            assert_eq!(
+                (now[id].2, now[id].3),
+                (*debits, *credits),
+                "{id} seen from {node}"
+            );
+        }
+        let found = via
+            .get_transfers(vec![
+                "t-cross-region".into(),
+                "post-1".into(),
+                "nope".into(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(found.transfers.len(), 2, "from {node}: {found:?}");
+        assert_eq!(found.not_found, vec!["nope".to_string()]);
+        let entries = via.all_entries("us-0").await.unwrap();
+        assert_eq!(entries.len(), 1, "us-0's statement from {node}");
+    }
+
+    demo.stop();
+    let stores = Demo::open_stores_of(dir.path());
+    let refs: Vec<_> = stores
+        .iter()
+        .map(|(s, st)| (*s, st as &dyn Store))
+        .collect();
+    let snapshot = checks::Snapshot::read_shards(&refs);
+    let violations = checks::all(&snapshot);
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_down_takes_only_its_shards_and_in_flight_transfers_finish_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut demo = Demo::start(dir.path(), REGIONS, 2, &[]);
+    let eu1 = client(&demo, "eu-1").await;
+    let accounts: Vec<pb::Account> = ["eu-a", "eu-b", "us-a", "ap-a"]
+        .iter()
+        .map(|id| account(id, &id[..2], ""))
+        .collect();
+    eu1.create_accounts(accounts).await.unwrap();
+    committed(
+        &eu1.transfer(usd_transfer("warm", "eu-a", "us-a", 1))
+            .await
+            .unwrap(),
+    );
+
+    demo.kill9("us-1");
+    // What needs us-1 fails cleanly; nothing else notices.
+    let down = eu1.balance("us-a").await;
+    assert!(down.is_err(), "us-a's node is down: {down:?}");
+    committed(
+        &eu1.transfer(usd_transfer("eu-ap", "eu-a", "ap-a", 2))
+            .await
+            .unwrap(),
+    );
+    let across = eu1.transfer(usd_transfer("eu-us", "eu-a", "us-a", 3)).await;
+    let applied_before_restart = match &across {
+        Ok(result) => matches!(
+            result.outcome,
+            Some(pb::transfer_result::Outcome::Transfer(_))
+        ),
+        Err(_) => false,
+    };
+    assert!(
+        !applied_before_restart,
+        "committed with its participant down: {across:?}"
+    );
+
+    demo.restart("us-1");
+    // The same id again: applied once, whatever happened to the first try.
+    let retried = eu1
+        .transfer(usd_transfer("eu-us", "eu-a", "us-a", 3))
+        .await
+        .unwrap();
+    let outcome = match &retried.outcome {
+        Some(pb::transfer_result::Outcome::Transfer(_)) => "committed",
+        _ => "rejected",
+    };
+    let us = client(&demo, "us-1").await;
+    let balance = us.balance("us-a").await.unwrap();
+    let expected = if outcome == "committed" { 4 } else { 1 };
+    assert_eq!(balance.credits_posted, expected, "{retried:?}");
+    // No lock left on either account: a new transfer between them commits.
+    committed(
+        &eu1.transfer(usd_transfer("after", "us-a", "eu-a", 1))
+            .await
+            .unwrap(),
+    );
+
+    demo.stop();
+    let stores = Demo::open_stores_of(dir.path());
+    let refs: Vec<_> = stores
+        .iter()
+        .map(|(s, st)| (*s, st as &dyn Store))
+        .collect();
+    let violations = checks::all(&checks::Snapshot::read_shards(&refs));
+    assert!(violations.is_empty(), "{violations:#?}");
+}
