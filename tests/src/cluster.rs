@@ -22,6 +22,8 @@ pub struct Node {
     pub addr: String,
     pub pid: u32,
     pub config: PathBuf,
+    /// Its Prometheus endpoint, with `ledgerd demo --metrics`.
+    pub metrics: Option<String>,
 }
 
 /// A running `ledgerd demo`.
@@ -118,11 +120,17 @@ impl Demo {
             line.starts_with("ledgerd listening on"),
             "node {id} did not start again: {line:?}"
         );
+        let metrics = line
+            .split(" | ")
+            .find_map(|part| part.trim().strip_prefix("metrics: "))
+            .filter(|url| url.starts_with("http"))
+            .map(str::to_string);
         let pid = child.id();
         self.restarted.push((id.to_string(), child));
         for node in &mut self.nodes {
             if node.id == id {
                 node.pid = pid;
+                node.metrics.clone_from(&metrics);
             }
         }
     }
@@ -201,5 +209,6 @@ fn parse_node_line(line: &str) -> Option<Node> {
         addr: format!("http://{}", field("addr")?),
         pid: field("pid")?.parse().ok()?,
         config: PathBuf::from(field("config")?),
+        metrics: field("metrics"),
     })
 }

@@ -127,7 +127,7 @@ struct DemoArgs {
     /// OTLP/gRPC endpoint every node exports traces to [default: none]
     #[arg(long)]
     otlp_endpoint: Option<String>,
-    /// Give each node a Prometheus endpoint on a free port (shown in its log).
+    /// Give each node a Prometheus endpoint on a free port (shown on its line).
     #[arg(long)]
     metrics: bool,
 }
@@ -495,8 +495,15 @@ fn demo(args: &DemoArgs) -> ExitCode {
             stop_all(&mut children);
             return ExitCode::from(1);
         }
+        // With --metrics, where its Prometheus endpoint is (from its start-up line).
+        let metrics = line
+            .split(" | ")
+            .find_map(|part| part.trim().strip_prefix("metrics: "))
+            .filter(|url| url.starts_with("http"))
+            .map(|url| format!(" metrics={url}"))
+            .unwrap_or_default();
         println!(
-            "node={} region={} addr={} pid={} config={}",
+            "node={} region={} addr={} pid={} config={}{metrics}",
             node.id,
             node.region,
             node.client_address,
