@@ -16,6 +16,7 @@ use opentelemetry_proto::tonic::trace::v1::Span;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 
 use ledger_client::{Client, pb};
+use ledger_tests::cluster::Demo;
 use ledger_tests::process::{Ledgerd, metric, metrics_url, scrape, test_config};
 use ledger_tests::wire::{pay_from_first, traced, usd_account, usd_transfer};
 
@@ -399,4 +400,110 @@ async fn the_metrics_endpoint_reports_transfers_batches_commits_and_two_phase_co
         .unwrap();
     assert_eq!(got.transfers[0].trace_id, trace_id);
     ledgerd.terminate();
+}
+
+/// A transfer between accounts of two regions, entering at a node of a third, is one trace:
+/// the server spans of the node called and of the node it forwarded to, and the two-phase
+/// commit's spans on the coordinator's and the participant's nodes, each exported by its own
+/// process (`ledgerd demo`, four processes), all under the caller's trace id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_region_transfer_is_one_trace_over_every_node_it_touched() {
+    let (endpoint, received) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start(dir.path(), "eu:2,us,ap", 2, &["--otlp-endpoint", &endpoint]);
+    let ap = Client::connect(&demo.node("ap-1").addr).await.unwrap();
+    let accounts = [("eu-payer", "eu"), ("us-payee", "us")].map(|(id, region)| pb::Account {
+        region: region.into(),
+        ..usd_account(id)
+    });
+    for r in ap.create_accounts(accounts.to_vec()).await.unwrap() {
+        assert!(
+            matches!(r.outcome, Some(pb::account_result::Outcome::Account(_))),
+            "{r:?}"
+        );
+    }
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let parent_span = "b7ad6b7169203331";
+    let traced_client = ap
+        .clone()
+        .with_traceparent(&format!("00-{trace_id}-{parent_span}-01"))
+        .unwrap();
+    let result = traced_client
+        .transfer(usd_transfer("across", "eu-payer", "us-payee", 5))
+        .await
+        .unwrap();
+    let Some(pb::transfer_result::Outcome::Transfer(t)) = result.outcome else {
+        panic!("committed: {result:?}")
+    };
+    assert!(t.cross_shard);
+    assert_eq!(
+        t.trace_id, trace_id,
+        "the coordinator recorded the caller's trace"
+    );
+    // SIGTERM to every node: each flushes its exporter before it exits.
+    demo.stop();
+
+    let spans = received.lock().unwrap().clone();
+    let in_trace: Vec<&Received> = spans
+        .iter()
+        .filter(|r| hex(&r.span.trace_id) == trace_id)
+        .collect();
+    let node_of = |r: &Received| r.resource["service.instance.id"].clone();
+    let on = |name: &str| -> Vec<String> {
+        let mut nodes: Vec<String> = in_trace
+            .iter()
+            .filter(|r| r.span.name == name)
+            .map(|r| node_of(r))
+            .collect();
+        nodes.sort();
+        nodes
+    };
+    assert_eq!(
+        on("/ledger.v1.LedgerService/Transfer"),
+        ["ap-1"],
+        "the call entered at ap-1"
+    );
+    let forwarded = on("/ledger.internal.v1.PeerService/ForwardTransfers");
+    assert_eq!(forwarded.len(), 1, "forwarded once: {forwarded:?}");
+    let coordinator = &forwarded[0];
+    assert!(
+        coordinator.starts_with("eu-"),
+        "to the payer's node: {coordinator}"
+    );
+    let prepares: Vec<(String, String)> = in_trace
+        .iter()
+        .filter(|r| r.span.name == "2pc.prepare")
+        .map(|r| (attr(&r.span, "role"), node_of(r)))
+        .collect();
+    assert!(
+        prepares.contains(&("coordinator".into(), coordinator.clone())),
+        "{prepares:?}"
+    );
+    assert!(
+        prepares.contains(&("participant".into(), "us-1".into())),
+        "{prepares:?}"
+    );
+    // One tree: every span's parent is in the trace, except the caller's own span.
+    let ids: std::collections::HashSet<Vec<u8>> =
+        in_trace.iter().map(|r| r.span.span_id.clone()).collect();
+    for r in &in_trace {
+        let parent = hex(&r.span.parent_span_id);
+        assert!(
+            parent == parent_span || ids.contains(&r.span.parent_span_id),
+            "{} on {} hangs off {parent}, which is not in the trace",
+            r.span.name,
+            node_of(r)
+        );
+    }
+    let mut regions: Vec<String> = in_trace
+        .iter()
+        .map(|r| r.resource["cloud.region"].clone())
+        .collect();
+    regions.sort();
+    regions.dedup();
+    assert_eq!(
+        regions,
+        ["ap", "eu", "us"],
+        "spans from every region it touched"
+    );
 }

@@ -119,6 +119,10 @@ enum AccountCommand {
         /// Accounts sharing a placement key share a shard (defaults to the id).
         #[arg(long)]
         placement_key: Option<String>,
+        /// The account's home region, fixed once created (default: the region of the node
+        /// called).
+        #[arg(long)]
+        region: Option<String>,
         /// Metadata, key=value (repeatable).
         #[arg(long = "meta", value_parser = parse_kv)]
         metadata: Vec<(String, String)>,
@@ -252,10 +256,11 @@ impl NewTransfer {
 fn print_account(a: &pb::Account) {
     let flags = a.flags.unwrap_or_default();
     println!(
-        "account {} ledger={} shard={} version={} debits_pending={} debits_posted={} \
+        "account {} ledger={} region={} shard={} version={} debits_pending={} debits_posted={} \
          credits_pending={} credits_posted={} created_at={}{}{}",
         a.id,
         a.ledger,
+        a.region,
         a.shard,
         a.version,
         a.debits_pending,
@@ -401,6 +406,7 @@ async fn execute(client: &Client, command: Command) -> Result<Exit, ledger_clien
             credits_must_not_exceed_debits,
             credit_limit,
             placement_key,
+            region,
             metadata,
         }) => {
             let account = pb::Account {
@@ -411,6 +417,7 @@ async fn execute(client: &Client, command: Command) -> Result<Exit, ledger_clien
                     credits_must_not_exceed_debits,
                 }),
                 placement_key: placement_key.unwrap_or_default(),
+                region: region.unwrap_or_default(),
                 metadata: metadata.into_iter().collect(),
                 credit_limit,
                 ..Default::default()
