@@ -10,6 +10,7 @@ use ledger_client::{Client, pb};
 use ledger_store::Store;
 use ledger_tests::checks;
 use ledger_tests::cluster::Demo;
+use ledger_tests::process::ledger_bin;
 use ledger_tests::wire::usd_transfer;
 
 const REGIONS: &str = "eu:2,us,ap";
@@ -92,6 +93,23 @@ async fn transfers_of_every_path_between_regions_from_any_node() {
         seen["eu-pair-a"].1, seen["eu-pair-b"].1,
         "a shared placement key"
     );
+
+    // The operator's view from any node: every node reachable under map version 1, every
+    // shard led by its owner.
+    let status = client(&demo, "ap-1").await.cluster_status().await.unwrap();
+    assert_eq!(
+        (status.answered_by.as_str(), status.map_version),
+        ("ap-1", 1)
+    );
+    assert_eq!(status.regions, ["eu", "us", "ap"]);
+    for n in &status.nodes {
+        assert!(n.reachable && n.map_version == 1, "{n:?}");
+    }
+    assert_eq!(status.shards.len(), map.shards.len());
+    for s in &status.shards {
+        assert_eq!(s.leader, s.owner, "{s:?}");
+        assert!(s.epoch >= 1, "{s:?}");
+    }
 
     // A region not in the cluster is refused, naming the field.
     let err = eu1
@@ -238,6 +256,24 @@ async fn a_node_down_takes_only_its_shards_and_in_flight_transfers_finish_after_
     );
 
     demo.kill9("us-1");
+    // The operator sees it (and `ledger cluster status` exits with 4, unavailable).
+    let status = eu1.cluster_status().await.unwrap();
+    for n in &status.nodes {
+        assert_eq!(n.reachable, n.id != "us-1", "{n:?}");
+    }
+    for s in &status.shards {
+        assert_eq!(s.leader.is_empty(), s.owner == "us-1", "{s:?}");
+    }
+    let cli = std::process::Command::new(ledger_bin())
+        .args(["--addr", &demo.node("eu-1").addr, "cluster", "status"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert_eq!(cli.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains("node us-1 region=us") && text.contains("UNREACHABLE"),
+        "{text}"
+    );
     // What needs us-1 fails cleanly; nothing else notices.
     let down = eu1.balance("us-a").await;
     assert!(down.is_err(), "us-a's node is down: {down:?}");

@@ -10,6 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use ledger_proto::pb;
+use pb::admin_service_client::AdminServiceClient;
 use pb::ledger_service_client::LedgerServiceClient;
 
 /// How many times a call is retried on `UNAVAILABLE` before the error is returned.
@@ -44,6 +45,7 @@ pub const LEADERS_CACHED_MAX: usize = 64;
 #[derive(Clone, Debug)]
 pub struct Client {
     inner: LedgerServiceClient<Channel>,
+    admin: AdminServiceClient<Channel>,
     /// Channels to the leaders that hints named, by address, oldest first.
     leaders: std::sync::Arc<std::sync::Mutex<Leaders>>,
     /// W3C `traceparent` sent with every call, so the server's spans (and the transfers it
@@ -63,11 +65,13 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(30));
         let channel = endpoint.connect().await.map_err(|e| err(root_cause(&e)))?;
+        let admin = AdminServiceClient::new(channel.clone());
         let inner = LedgerServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);
         Ok(Client {
             inner,
+            admin,
             leaders: std::sync::Arc::default(),
             traceparent: None,
         })
@@ -147,6 +151,17 @@ impl Client {
             async move { c.get_transfers(request).await }
         })
         .await
+    }
+
+    /// The cluster as the node called sees it (`AdminService.ClusterStatus`).
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, Error> {
+        let request = self.request(pb::ClusterStatusRequest {});
+        Ok(self
+            .admin
+            .clone()
+            .cluster_status(request)
+            .await?
+            .into_inner())
     }
 
     pub async fn balance(&self, account_id: &str) -> Result<pb::Balance, Error> {

@@ -96,6 +96,16 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         page_size: u32,
     },
+    /// The cluster: nodes, shards, leaders.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// The map, each node's reachability and map version, each shard's leader and epoch and
+    /// its two-phase commits in flight, as the node called sees them.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -525,6 +535,43 @@ async fn execute(client: &Client, command: Command) -> Result<Exit, ledger_clien
                 b.version
             );
             Ok(Exit::Done)
+        }
+        Command::Cluster(ClusterCommand::Status) => {
+            let status = client.cluster_status().await?;
+            println!(
+                "cluster map version {} ({} regions: {}), answered by {}",
+                status.map_version,
+                status.regions.len(),
+                status.regions.join(", "),
+                status.answered_by
+            );
+            let mut exit = Exit::Done;
+            for n in &status.nodes {
+                if n.reachable {
+                    println!(
+                        "node {} region={} addr={} peer={} reachable map_version={}",
+                        n.id, n.region, n.client_address, n.peer_address, n.map_version
+                    );
+                } else {
+                    println!(
+                        "node {} region={} addr={} peer={} UNREACHABLE ({})",
+                        n.id, n.region, n.client_address, n.peer_address, n.error
+                    );
+                    exit = Exit::Unavailable;
+                }
+            }
+            for s in &status.shards {
+                let leader = if s.leader.is_empty() {
+                    "unknown".to_string()
+                } else {
+                    format!("{} epoch={}", s.leader, s.epoch)
+                };
+                println!(
+                    "shard {} region={} owner={} leader={leader} coordinating={} prepared={}",
+                    s.shard, s.region, s.owner, s.coordinating, s.prepared
+                );
+            }
+            Ok(exit)
         }
         Command::Statement {
             account_id,

@@ -2,6 +2,7 @@
 //! routing, and the gRPC services. The binary is a thin layer over [`run`], so tests start real
 //! servers on port 0.
 
+mod admin;
 mod calls;
 pub mod config;
 mod data_dir;
@@ -22,6 +23,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use futures::FutureExt;
 
 use ledger_proto::ledger::internal::v1::peer_service_server::PeerServiceServer;
+use ledger_proto::pb::admin_service_server::AdminServiceServer;
 use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
 use ledger_shard::node::{Node, Remote};
 use ledger_shard::{Clock, SystemClock};
@@ -168,6 +170,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ledger)
+        .add_service(AdminServiceServer::new(admin::Admin::new(router.clone())))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone());
     let peer_api = async {
         let Some(peer_listener) = peer_listener else {

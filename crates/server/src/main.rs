@@ -421,6 +421,7 @@ fn demo(args: &DemoArgs) -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::new(
             std::env::var("LEDGER_LOG").unwrap_or_else(|_| "info".into()),
         ))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let regions = match demo::parse_regions(&args.regions, args.nodes_per_region) {

@@ -108,7 +108,12 @@ impl Router {
         &self.node.map().shards[shard.0 as usize].region
     }
 
-    fn peers(&self) -> Result<&PeerClients, ApiError> {
+    /// The other nodes, for a node of a cluster.
+    pub fn peers(&self) -> Option<&PeerClients> {
+        self.peers.as_ref()
+    }
+
+    fn peers_or_err(&self) -> Result<&PeerClients, ApiError> {
         self.peers.as_ref().ok_or_else(|| {
             ApiError::Internal("a shard of another node, but this node has no peers".into())
         })
@@ -197,7 +202,7 @@ impl Router {
                         .iter()
                         .map(|i| wire::new_account_to_wire(&accounts[*i].0, &accounts[*i].1))
                         .collect();
-                    self.peers()?.forward_accounts(&node, wire).await?
+                    self.peers_or_err()?.forward_accounts(&node, wire).await?
                 };
                 Ok::<_, ApiError>(items.into_iter().zip(results))
             }
@@ -233,7 +238,7 @@ impl Router {
                     home_shard: homes[*i].0,
                 })
                 .collect();
-            return self.peers()?.reserve_ids(node, reservations).await;
+            return self.peers_or_err()?.reserve_ids(node, reservations).await;
         }
         let calls = items.iter().map(|i| {
             let account = &accounts[*i].0;
@@ -380,7 +385,7 @@ impl Router {
             .into_iter()
             .map(|(node, (indices, items))| async move {
                 let wire = items.into_iter().map(forwarded_wire).collect();
-                let results = self.peers()?.forward_transfers(&node, wire).await?;
+                let results = self.peers_or_err()?.forward_transfers(&node, wire).await?;
                 Ok::<_, ApiError>((indices, results))
             });
         let (local, remote) = futures::join!(join_all(local_calls), join_all(remote_calls));
@@ -537,7 +542,7 @@ impl Router {
         }
         let calls = ask.into_iter().map(|(node, ids)| async move {
             let owned = ids.iter().map(|id| id.to_string()).collect();
-            let locations = self.peers()?.locate(&node, owned).await?;
+            let locations = self.peers_or_err()?.locate(&node, owned).await?;
             Ok::<_, ApiError>(ids.into_iter().zip(locations))
         });
         for result in join_all(calls).await {
@@ -679,7 +684,7 @@ impl Router {
                     shard: homes[*i].0,
                 })
                 .collect();
-            async move { self.peers()?.read_accounts(&node, wanted).await }
+            async move { self.peers_or_err()?.read_accounts(&node, wanted).await }
         });
         for accounts in join_all(calls).await {
             for account in accounts? {
@@ -750,7 +755,9 @@ impl Router {
             from_version,
             limit: limit as u32,
         };
-        self.peers()?.read_entries(self.owner(shard), request).await
+        self.peers_or_err()?
+            .read_entries(self.owner(shard), request)
+            .await
     }
 
     pub fn entries_here(

@@ -54,6 +54,17 @@ pub fn entries(
         .collect()
 }
 
+/// The shard's lease: who leads it, under which epoch, until when.
+pub fn lease(
+    store: &dyn Store,
+    shard: ShardId,
+) -> Result<Option<crate::runtime::Lease>, ReadError> {
+    store
+        .get(&keys::lease(shard))?
+        .map(|bytes| crate::runtime::lease::decode_lease(&bytes))
+        .transpose()
+}
+
 /// Prepared records and coordinator log records still present (after recovery both should
 /// drain to none).
 pub fn in_flight(store: &dyn Store, shard: ShardId) -> Result<(usize, usize), ReadError> {

@@ -114,6 +114,7 @@ impl PeerClients {
                 config.deliver_batch_max,
                 call_timeout,
             ));
+            metrics::gauge!("ledger_peer_unreachable", "peer" => node.id.clone()).set(0.0);
             peers.insert(node.id.clone(), peer);
         }
         Ok(Self {
@@ -183,7 +184,7 @@ impl PeerClients {
         }
         match answer {
             Ok(response) => {
-                peer.unreachable.store(false, Ordering::Relaxed);
+                peer.answered(true, String::new);
                 Ok(response.into_inner())
             }
             Err(status) => Err(peer_error(peer, status)),
@@ -298,6 +299,17 @@ impl PeerClients {
         .await
     }
 
+    /// A peer's map version and the status of the shards it leads.
+    pub async fn status(&self, node: &str) -> Result<ipb::StatusResponse, ApiError> {
+        let request = ipb::StatusRequest {
+            caller: Some(self.caller.clone()),
+        };
+        self.call(node, "Status", request, |mut c, r| async move {
+            c.status(r).await
+        })
+        .await
+    }
+
     /// The other nodes, by id.
     pub fn nodes(&self) -> impl Iterator<Item = &str> {
         self.peers.keys().map(String::as_str)
@@ -338,6 +350,26 @@ fn check_count(node: &str, what: &str, sent: usize, got: usize) -> Result<(), Ap
     ))
 }
 
+impl Peer {
+    /// Records whether the peer answered; logs and counts the change to unreachable once.
+    fn answered(&self, answered: bool, error: impl FnOnce() -> String) {
+        let was_unreachable = self.unreachable.swap(!answered, Ordering::Relaxed);
+        if was_unreachable == !answered {
+            return;
+        }
+        metrics::gauge!("ledger_peer_unreachable", "peer" => self.id.clone()).set(if answered {
+            0.0
+        } else {
+            1.0
+        });
+        if answered {
+            tracing::info!(peer = %self.id, address = %self.address, "peer reachable again");
+        } else {
+            tracing::warn!(peer = %self.id, address = %self.address, error = %error(), "peer unreachable; what it was sent is resent by the protocol, calls fail with UNAVAILABLE");
+        }
+    }
+}
+
 /// A failed call: the peer's own refusal passes through as it is (a client sees the owner's
 /// answer: a rejection of its input, `NOT_LEADER`, ...); no answer makes the call unavailable.
 fn peer_error(peer: &Peer, status: Status) -> ApiError {
@@ -346,16 +378,14 @@ fn peer_error(peer: &Peer, status: Status) -> ApiError {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
     ) && status.details().is_empty();
     if unanswered {
-        if !peer.unreachable.swap(true, Ordering::Relaxed) {
-            tracing::warn!(peer = %peer.id, address = %peer.address, error = %status.message(), "peer unreachable");
-        }
+        peer.answered(false, || status.message().to_string());
         metrics::counter!("ledger_peer_unanswered_total", "peer" => peer.id.clone()).increment(1);
         return ApiError::NodeUnavailable {
             node: peer.id.clone(),
             reason: status.message().to_string(),
         };
     }
-    peer.unreachable.store(false, Ordering::Relaxed);
+    peer.answered(true, String::new);
     ApiError::Peer {
         node: peer.id.clone(),
         status,
@@ -447,19 +477,15 @@ async fn send_loop(
         match result {
             Ok(Ok(_)) => {
                 sent.increment(count);
-                peer.unreachable.store(false, Ordering::Relaxed);
+                peer.answered(true, String::new);
             }
             Ok(Err(status)) => {
                 dropped.increment(count);
-                if !peer.unreachable.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(peer = %peer.id, address = %peer.address, error = %status.message(), "peer unreachable; its messages are resent by the protocol");
-                }
+                peer.answered(false, || status.message().to_string());
             }
             Err(_) => {
                 dropped.increment(count);
-                if !peer.unreachable.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(peer = %peer.id, address = %peer.address, "peer did not answer in time; its messages are resent by the protocol");
-                }
+                peer.answered(false, || "no answer in time".to_string());
             }
         }
     }

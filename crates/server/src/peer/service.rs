@@ -181,6 +181,25 @@ impl PeerService for PeerApi {
         Ok(Response::new(ipb::ReadEntriesResponse { entries }))
     }
 
+    async fn status(
+        &self,
+        request: Request<ipb::StatusRequest>,
+    ) -> Result<Response<ipb::StatusResponse>, Status> {
+        let request = request.into_inner();
+        let node = self.router.node();
+        // Any map version: the answer shows the operator a mismatch. An unknown caller is
+        // still refused.
+        match super::check_caller(node.map(), node.id(), request.caller.as_ref()) {
+            Ok(()) | Err(super::CallerError::VersionMismatch { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Response::new(ipb::StatusResponse {
+            node_id: node.id().to_string(),
+            map_version: node.map().version,
+            shards: crate::admin::shards_here(node)?,
+        }))
+    }
+
     async fn find_transfers(
         &self,
         request: Request<ipb::FindTransfersRequest>,

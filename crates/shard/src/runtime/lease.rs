@@ -37,7 +37,7 @@ pub(super) fn encode_lease(lease: &Lease) -> Vec<u8> {
     out
 }
 
-fn decode_lease(bytes: &[u8]) -> Result<Lease, ReadError> {
+pub(crate) fn decode_lease(bytes: &[u8]) -> Result<Lease, ReadError> {
     let body = bytes.get(8..).ok_or_else(|| codec::DecodeError {
         what: "lease",
         reason: "shorter than its header".into(),

@@ -25,7 +25,7 @@
 //! `Unavailable` (retrying the same transfer id is safe), and a new term reloads from the store.
 
 mod handle;
-mod lease;
+pub(crate) mod lease;
 mod recovery;
 mod waiting;
 
