@@ -354,7 +354,8 @@ impl Peer {
     /// Records whether the peer answered; logs and counts the change to unreachable once.
     fn answered(&self, answered: bool, error: impl FnOnce() -> String) {
         let was_unreachable = self.unreachable.swap(!answered, Ordering::Relaxed);
-        if was_unreachable == !answered {
+        // Unchanged: it was unreachable and still is, or answered and still does.
+        if was_unreachable != answered {
             return;
         }
         metrics::gauge!("ledger_peer_unreachable", "peer" => self.id.clone()).set(if answered {
