@@ -5,6 +5,7 @@
 // Measuring wall-clock time is this tool's job; the injected-clock rule is for the engines.
 #![allow(clippy::disallowed_methods)]
 
+mod cluster;
 mod ledger;
 mod otlp_sink;
 mod postgres;
@@ -103,6 +104,17 @@ struct Args {
     /// (0.0-1.0), to a span-counting OTLP sink in the bench. Default: tracing off.
     #[arg(long)]
     trace_sampling: Option<f64>,
+    /// Measure a cluster instead: start `ledgerd demo --regions <REGIONS>` (e.g. `eu:2,us,ap`)
+    /// and measure each path a transfer can take (same shard, cross-shard, cross-node,
+    /// cross-region), `--duration` seconds each, with single-transfer calls.
+    #[arg(long, value_name = "REGIONS")]
+    cluster: Option<String>,
+    /// With --cluster: the simulated one-way delay between regions, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    wan_delay_ms: u64,
+    /// With --cluster: shards each node leads.
+    #[arg(long, default_value_t = 2)]
+    shards_per_node: u32,
 }
 
 fn knobs(args: &Args) -> Knobs {
@@ -317,8 +329,32 @@ async fn bench_postgres(args: &Args) -> Result<f64, String> {
     checked.map(|_| tally.transfers as f64 / elapsed.as_secs_f64())
 }
 
+fn cluster_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(regions) = &args.cluster {
+        let plan = cluster::Plan {
+            regions: regions.clone(),
+            shards_per_node: args.shards_per_node,
+            wan_delay_ms: args.wan_delay_ms,
+            clients: args.clients,
+            duration: Duration::from_secs(args.duration),
+            seed: args.seed,
+        };
+        return match cluster_runtime().block_on(cluster::run(plan)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("ledger-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     println!(
         "workload: accounts={} hot={}@{}% {} cross_shard={}% batch={} clients={} holds={}% duration<={}s count<={}",
         args.accounts,

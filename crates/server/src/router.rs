@@ -414,6 +414,7 @@ impl Router {
             if plain
                 && let Some(shard) = self.node.home(&transfer.debit_account_id)
                 && let Some(handle) = self.node.handle(shard)
+                && (self.peers.is_none() || self.node.home(&transfer.credit_account_id).is_some())
             {
                 tracing::Span::current().record("shards", 1);
                 return match handle.create_transfer(transfer).await? {
@@ -469,7 +470,26 @@ impl Router {
                     .map(|(hold, _)| hold.debit_account_id.as_str())
             })
             .collect();
-        let homes = self.homes(&debits).await?;
+        // Credit accounts too, when this node may not know them: the engine would otherwise
+        // wait for the lookup with its whole shard (`Read::Locate`); here only this call waits.
+        let credits: Vec<&str> = if self.peers.is_some() {
+            transfers
+                .iter()
+                .filter_map(|t| {
+                    if !resolves(t) {
+                        return Some(t.credit_account_id.as_str());
+                    }
+                    found
+                        .holds
+                        .get(&t.pending_id)
+                        .map(|(hold, _)| hold.credit_account_id.as_str())
+                })
+                .filter(|id| self.node.home(id).is_none())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let homes = self.homes(&debits, &credits).await?;
         transfers
             .iter()
             .zip(&debits)
@@ -491,8 +511,13 @@ impl Router {
     }
 
     /// The home shard of each account named (`None` where none is named), in order: known
-    /// here for most, the rest asked of other nodes in one call per node.
-    async fn homes(&self, ids: &[Option<&str>]) -> Result<Vec<Option<ShardId>>, ApiError> {
+    /// here for most, the rest asked of other nodes in one call per node, with `also` (ids to
+    /// learn the homes of, not returned).
+    async fn homes(
+        &self,
+        ids: &[Option<&str>],
+        also: &[&str],
+    ) -> Result<Vec<Option<ShardId>>, ApiError> {
         let mut homes: Vec<Option<ShardId>> = ids
             .iter()
             .map(|id| id.and_then(|id| self.node.home(id)))
@@ -501,7 +526,8 @@ impl Router {
             .iter()
             .zip(&homes)
             .filter(|(id, home)| id.is_some() && home.is_none())
-            .filter_map(|(id, _)| *id);
+            .filter_map(|(id, _)| *id)
+            .chain(also.iter().copied());
         let located = self.locate_many(unknown).await?;
         if !located.is_empty() {
             for (id, home) in ids.iter().zip(&mut homes) {
@@ -650,7 +676,7 @@ impl Router {
     pub async fn accounts(&self, ids: &[String]) -> Result<Vec<Option<pb::Account>>, ApiError> {
         let named: Vec<Option<&str>> = ids.iter().map(|id| Some(id.as_str())).collect();
         let homes: Vec<ShardId> = self
-            .homes(&named)
+            .homes(&named, &[])
             .await?
             .into_iter()
             .zip(ids)
