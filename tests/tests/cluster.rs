@@ -96,3 +96,89 @@ fn bad_cluster_files_are_refused_with_what_and_where() {
         );
     }
 }
+
+/// Two nodes initialised from files of different map versions: every call between them is
+/// refused, naming both nodes and both versions, and the operator sees the mismatch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_of_different_map_versions_refuse_each_other_naming_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let file = |version: u64, ports: &[u16; 4]| {
+        format!(
+            "version = {version}\nshards = 4\n[[regions]]\nname = \"eu\"\n[[regions]]\nname = \"us\"\n\
+             [[nodes]]\nid = \"eu-1\"\nregion = \"eu\"\nclient_address = \"127.0.0.1:{}\"\npeer_address = \"127.0.0.1:{}\"\n\
+             [[nodes]]\nid = \"us-1\"\nregion = \"us\"\nclient_address = \"127.0.0.1:{}\"\npeer_address = \"127.0.0.1:{}\"\n\
+             [[shard]]\nids = \"0-1\"\nregion = \"eu\"\nowner = \"eu-1\"\n[[shard]]\nids = \"2-3\"\nregion = \"us\"\nowner = \"us-1\"\n",
+            ports[0], ports[1], ports[2], ports[3]
+        )
+    };
+    let ports = [port(), port(), port(), port()];
+    let mut nodes = Vec::new();
+    for (node, version) in [("eu-1", 1), ("us-1", 2)] {
+        let cluster = dir.path().join(format!("cluster-{node}.toml"));
+        std::fs::write(&cluster, file(version, &ports)).unwrap();
+        let data = dir.path().join(node);
+        let status = Command::new(ledgerd_bin())
+            .args(["init", "--cluster"])
+            .arg(&cluster)
+            .args(["--node", node, "--data-dir"])
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut child = Command::new(ledgerd_bin())
+            .args(["start", "--data-dir"])
+            .arg(&data)
+            .env("LEDGER_LOG", "error")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert!(line.contains(&format!("map version {version}")), "{line}");
+        nodes.push(Killed(child));
+    }
+    let eu = ledger_client::Client::connect(&format!("127.0.0.1:{}", ports[0]))
+        .await
+        .unwrap();
+    let account = ledger_client::pb::Account {
+        id: "acct".into(),
+        ledger: "USD".into(),
+        region: "us".into(),
+        ..Default::default()
+    };
+    let err = eu
+        .create_accounts(vec![account])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(
+            "map versions differ: node \"eu-1\" called with map version 1, node \"us-1\" holds version 2"
+        ),
+        "{err}"
+    );
+    let status = eu.cluster_status().await.unwrap();
+    let us = status.nodes.iter().find(|n| n.id == "us-1").unwrap();
+    assert_eq!((us.reachable, us.map_version), (true, 2), "{us:?}");
+}
+
+/// A child process killed (and reaped) on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

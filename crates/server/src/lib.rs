@@ -101,8 +101,9 @@ pub async fn run(
         None
     };
     let peers = if cluster {
-        let peers =
-            peer::PeerClients::start(&map, &node, &config.peer).map_err(|e| serve_err(e.into()))?;
+        let forward_timeout = std::time::Duration::from_millis(config.request_timeout_ms);
+        let peers = peer::PeerClients::start(&map, &node, &config.peer, forward_timeout)
+            .map_err(|e| serve_err(e.into()))?;
         if config.peer.wan_delay_ms > 0 {
             tracing::info!(
                 wan_delay_ms = config.peer.wan_delay_ms,

@@ -710,13 +710,18 @@ impl Router {
                     shard: homes[*i].0,
                 })
                 .collect();
-            async move { self.peers_or_err()?.read_accounts(&node, wanted).await }
+            async move {
+                let found = self.peers_or_err()?.read_accounts(&node, wanted).await?;
+                Ok::<_, ApiError>((items, found))
+            }
         });
-        for accounts in join_all(calls).await {
-            for account in accounts? {
-                if let Some(i) = ids.iter().position(|id| *id == account.id) {
-                    out[i] = Some(account);
-                }
+        for answer in join_all(calls).await {
+            let (items, found) = answer?;
+            // The accounts found, by id; the ids asked may repeat.
+            let found: HashMap<String, pb::Account> =
+                found.into_iter().map(|a| (a.id.clone(), a)).collect();
+            for i in items {
+                out[i] = found.get(&ids[i]).cloned();
             }
         }
         Ok(out)

@@ -62,6 +62,9 @@ pub struct PeerClients {
     map: Arc<ClusterMap>,
     peers: Arc<BTreeMap<String, Arc<Peer>>>,
     call_timeout: Duration,
+    /// A forwarded command may wait for a two-phase commit on the peer: it gets as long as
+    /// the client's call could (`request_timeout_ms`).
+    forward_timeout: Duration,
 }
 
 impl std::fmt::Debug for PeerClients {
@@ -76,7 +79,12 @@ impl std::fmt::Debug for PeerClients {
 impl PeerClients {
     /// Connects (lazily: the first call connects, a failed one reconnects) to every other node
     /// of `map`, and starts one sender task per peer on the current tokio runtime.
-    pub fn start(map: &ClusterMap, local: &str, config: &PeerConfig) -> Result<Self, String> {
+    pub fn start(
+        map: &ClusterMap,
+        local: &str,
+        config: &PeerConfig,
+        forward_timeout: Duration,
+    ) -> Result<Self, String> {
         let region = map
             .node(local)
             .map(|n| n.region.clone())
@@ -123,6 +131,7 @@ impl PeerClients {
             map: Arc::new(map.clone()),
             peers: Arc::new(peers),
             call_timeout,
+            forward_timeout: forward_timeout.max(call_timeout),
         })
     }
 
@@ -147,7 +156,8 @@ impl PeerClients {
     }
 
     /// One call to `node`: waits for a permit, holds it back by the simulated delay, sends it
-    /// with the current trace context and a deadline, and counts it.
+    /// with the current trace context and a deadline, and counts it. A forwarded command's
+    /// deadline is the client's, and its running out says the peer is slow, not unreachable.
     async fn call<T, R, F, Fut>(
         &self,
         node: &str,
@@ -161,8 +171,14 @@ impl PeerClients {
     {
         let peer = self.peer(node)?;
         let _permit = peer.calls.acquire().await.expect("never closed");
+        let forwarded = method.starts_with("Forward");
+        let timeout = if forwarded {
+            self.forward_timeout
+        } else {
+            self.call_timeout
+        };
         let mut request = Request::new(message);
-        request.set_timeout(self.call_timeout);
+        request.set_timeout(timeout);
         if let Some(parent) = TraceParent::current()
             && let Ok(value) = parent.header().parse()
         {
@@ -174,7 +190,7 @@ impl PeerClients {
             tokio::time::sleep(peer.delay).await;
         }
         let started = Instant::now();
-        let answer = tokio::time::timeout(self.call_timeout, send(peer.client.clone(), request))
+        let answer = tokio::time::timeout(timeout, send(peer.client.clone(), request))
             .await
             .unwrap_or_else(|_| Err(Status::deadline_exceeded("no answer in time")));
         metrics::histogram!("ledger_peer_call_seconds", "peer" => peer.id.clone(), "method" => method)
@@ -187,7 +203,7 @@ impl PeerClients {
                 peer.answered(true, String::new);
                 Ok(response.into_inner())
             }
-            Err(status) => Err(peer_error(peer, status)),
+            Err(status) => Err(peer_error(peer, status, forwarded)),
         }
     }
 
@@ -373,13 +389,18 @@ impl Peer {
 
 /// A failed call: the peer's own refusal passes through as it is (a client sees the owner's
 /// answer: a rejection of its input, `NOT_LEADER`, ...); no answer makes the call unavailable.
-fn peer_error(peer: &Peer, status: Status) -> ApiError {
+fn peer_error(peer: &Peer, status: Status, forwarded: bool) -> ApiError {
     let unanswered = matches!(
         status.code(),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
     ) && status.details().is_empty();
     if unanswered {
-        peer.answered(false, || status.message().to_string());
+        // A forwarded command that ran out of time may be waiting for a two-phase commit
+        // there: the peer is slow to answer this one, not known to be unreachable.
+        let slow = forwarded && status.code() == Code::DeadlineExceeded;
+        if !slow {
+            peer.answered(false, || status.message().to_string());
+        }
         metrics::counter!("ledger_peer_unanswered_total", "peer" => peer.id.clone()).increment(1);
         return ApiError::NodeUnavailable {
             node: peer.id.clone(),

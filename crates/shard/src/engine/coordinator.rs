@@ -135,7 +135,20 @@ pub(crate) struct Coordination {
     last_sent_ms: u64,
     /// The reply for waiters once the participant has applied a commit.
     reply: Option<TransferReply>,
+    /// Why it was aborted, while the participant has yet to ack the abort (in memory only: a
+    /// coordination recovered as aborted has none).
+    aborted: Option<Rejection>,
     spans: Spans,
+}
+
+impl Coordination {
+    /// For an aborted coordination that waits only for the participant's ack: the reason to
+    /// answer a retry of its request with at once (a passing one: a final reason is recorded,
+    /// and the record answers first). A retry after the ack starts a new attempt.
+    pub(crate) fn abort_reason(&self) -> Option<Rejection> {
+        (self.record.decision == Some(Decision::Abort))
+            .then(|| self.aborted.unwrap_or(Rejection::LockTimeout))
+    }
 }
 
 /// The open spans of a coordination (sampled traces only) and when each phase began.
@@ -302,6 +315,7 @@ impl Engine {
             started_ms: self.now_ms,
             last_sent_ms: self.now_ms,
             reply: None,
+            aborted: None,
             spans: Spans::default(),
         };
         self.coordinations.insert(op, coordination);
@@ -357,6 +371,7 @@ impl Engine {
             started_ms: 0,
             last_sent_ms: 0,
             reply: None,
+            aborted: None,
             spans,
         };
         self.coordinations.insert(op, coordination);
@@ -630,6 +645,7 @@ impl Engine {
             self.begin_decide(op, Decision::Abort);
             let c = self.coordination(op);
             c.record.decision = Some(Decision::Abort);
+            c.aborted = Some(reason);
             c.step = Step::AwaitAck;
             c.last_sent_ms = now;
             let record = c.record.clone();
@@ -690,10 +706,24 @@ impl Engine {
                 self.batch
                     .writes
                     .delete(keys::coord(self.shard, &attempt.op));
-                if let Some(reply) = c.reply {
-                    for token in c.waiters {
-                        self.reply(token, Reply::Transfer(reply.clone()));
+                match (c.reply.take(), c.abort_reason(), &c.record.work) {
+                    (Some(reply), _, _) => {
+                        for token in c.waiters {
+                            self.reply(token, Reply::Transfer(reply.clone()));
+                        }
                     }
+                    // Nobody waits on an abort (a retry is answered at once), but were one to,
+                    // it gets the abort's reason rather than no answer at all.
+                    (None, Some(reason), Work::Transfer(transfer)) => {
+                        for token in c.waiters {
+                            let record = TransferRecord {
+                                request: transfer.clone(),
+                                result: Err(reason),
+                            };
+                            self.reply(token, Reply::Transfer(TransferReply::new(record, None)));
+                        }
+                    }
+                    _ => {}
                 }
             }
             (Message::QueryDecision { .. }, Some((_, Some(decision)))) => {

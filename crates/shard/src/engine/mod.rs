@@ -1219,10 +1219,19 @@ impl Engine {
         }
         if let Some(c) = self.coordinations.get_mut(&transfer.id) {
             let reply = match c.request() {
-                Some(in_flight) if in_flight.same_request(&transfer) => {
-                    c.waiters.push(token);
-                    return Ok(());
-                }
+                Some(in_flight) if in_flight.same_request(&transfer) => match c.abort_reason() {
+                    Some(reason) => {
+                        let record = TransferRecord {
+                            request: transfer,
+                            result: Err(reason),
+                        };
+                        TransferReply::new(record, None)
+                    }
+                    None => {
+                        c.waiters.push(token);
+                        return Ok(());
+                    }
+                },
                 Some(in_flight) => TransferReply::different_fields(transfer, in_flight),
                 None => unreachable!("an expiry's op is not a transfer id"),
             };

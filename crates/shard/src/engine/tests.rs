@@ -7,6 +7,7 @@ use ledger_domain::{
 };
 use ledger_store::Store;
 
+use super::reads::location_value;
 use super::{Input, Read, Reply};
 use crate::protocol::{Decision, Message};
 use crate::sim::Sim;
@@ -1050,6 +1051,92 @@ fn a_step_waiting_for_the_store_keeps_the_order_of_inputs() {
         .collect();
     assert_eq!(results, [(post_token, Some(10)), (spend_token, Some(10))]);
     assert_eq!(balance(&sim, "b"), (0, 0, 0, 10, 1));
+}
+
+/// A retry of a transfer whose cross-shard attempt was aborted, while the participant has yet
+/// to ack the abort, is answered at once with the abort's passing reason (it used to join the
+/// aborted attempt and never be answered); after the ack a retry starts a new attempt.
+#[test]
+fn a_retry_while_an_abort_awaits_its_ack_is_answered_at_once() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", false);
+    let first = submit(&mut sim, transfer("t", "a", "s1-b", 5));
+    sim.inbox.clear(); // The Prepare is lost: the participant is down.
+    sim.now_ms += sim.options.prepare_timeout_ms;
+    sim.tick_all();
+    assert!(matches!(outcome(&sim, first), Some(Err(r)) if r.is_retriable()));
+    sim.inbox.clear(); // And so is the abort decision.
+    let retry = submit(&mut sim, transfer("t", "a", "s1-b", 5));
+    assert!(
+        matches!(outcome(&sim, retry), Some(Err(r)) if r.is_retriable()),
+        "answered at once: {:?}",
+        sim.replies.get(&retry)
+    );
+    // The participant is back: the abort is resent and acked, and a retry commits.
+    sim.now_ms += sim.options.retry_ms;
+    sim.tick_all();
+    sim.deliver_grouped(10);
+    let last = submit(&mut sim, transfer("t", "a", "s1-b", 5));
+    sim.deliver_grouped(10);
+    assert_eq!(outcome(&sim, last), Some(Ok(5)));
+    assert_eq!(balance(&sim, "s1-b").3, 5);
+}
+
+/// A credit account the node's directory does not know is a location the engine waits for,
+/// as for a stored value, before it changes anything; supplied, the transfer goes to that
+/// shard. A lookup that failed answers the transfer `Unavailable` and records nothing.
+#[test]
+fn the_engine_waits_for_a_location_it_does_not_know() {
+    let mut sim = Sim::new(
+        2,
+        Arc::new(|id: &str| (!id.starts_with("far")).then(|| shard_of(id))),
+        Options::default(),
+    );
+    open(&mut sim, "a", false);
+    let engine = &mut sim.engines[0];
+    engine.begin(sim.now_ms);
+    let (found, lost) = (1_000, 1_001);
+    for (token, credit) in [(found, "far-1"), (lost, "far-2")] {
+        let input = Input::CreateTransfer {
+            token,
+            transfer: transfer(&format!("t-{credit}"), "a", credit, 5),
+            trace: None,
+        };
+        engine.handle(input).unwrap();
+    }
+    assert!(engine.is_stalled());
+    let mut wanted = engine.take_wanted();
+    wanted.sort();
+    assert_eq!(
+        wanted,
+        [Read::Locate("far-1".into()), Read::Locate("far-2".into())]
+    );
+    engine
+        .supply([
+            (Read::Locate("far-1".into()), location_value(Some(S1))),
+            (Read::Locate("far-2".into()), location_value(None)),
+        ])
+        .unwrap();
+    assert!(!engine.is_stalled());
+    let out = engine.finish();
+    assert!(
+        matches!(&out.messages[..], [(S1, Message::Prepare(leg))] if leg.account_id == "far-1"),
+        "{:?}",
+        out.messages
+    );
+    assert!(
+        matches!(&out.replies[..], [(token, Reply::Unavailable(_))] if *token == lost),
+        "{:?}",
+        out.replies
+    );
+    assert!(
+        !out.writes
+            .writes
+            .iter()
+            .any(|w| format!("{w:?}").contains("t-far-2")),
+        "nothing recorded for the transfer whose lookup failed"
+    );
 }
 
 /// Inputs that need no store read run at once; an engine that reads the store for a replay
