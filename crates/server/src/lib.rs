@@ -92,7 +92,16 @@ pub async fn run(
     };
     let listener = match listener {
         Some(listener) => listener,
-        None if cluster => bind(&me.client_address, "client address").await?,
+        None if cluster => {
+            if config.listen.to_string() != me.client_address {
+                tracing::warn!(
+                    listen = %config.listen,
+                    client_address = %me.client_address,
+                    "a node of a cluster serves on its map's client address; the listen setting is not used"
+                );
+            }
+            bind(&me.client_address, "client address").await?
+        }
         None => bind(&config.listen.to_string(), "listen").await?,
     };
     let peer_listener = if cluster {
