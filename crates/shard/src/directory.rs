@@ -179,14 +179,20 @@ impl Directory {
     /// The home of account `id` if this node knows it without asking another node: its
     /// directory shard is led here, or an earlier answer is cached.
     pub fn home(&self, id: &str) -> Option<ShardId> {
+        // A record first: it exists only for ids whose directory shard is led here, and
+        // answers without hashing the id onto the ring (every call locates its accounts).
+        {
+            let forwards = self.forwards.read().expect("poisoned");
+            if !forwards.is_empty()
+                && let Some(home) = forwards.get(id)
+            {
+                return Some(*home);
+            }
+        }
         let directory = self.rings.directory(id);
         if self.is_local(directory) {
-            let forwards = self.forwards.read().expect("poisoned");
-            // Most accounts are placed by their id in their directory's region: no record.
-            if forwards.is_empty() {
-                return Some(directory);
-            }
-            return Some(forwards.get(id).copied().unwrap_or(directory));
+            // No record: the account lives on its directory shard (or does not exist).
+            return Some(directory);
         }
         self.cache.lock().expect("poisoned").get(id).copied()
     }
