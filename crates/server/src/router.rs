@@ -316,7 +316,7 @@ impl Router {
         &self,
         transfers: Vec<Transfer>,
         origin: Origin,
-    ) -> Result<Vec<pb::TransferResult>, ApiError> {
+    ) -> Result<Vec<Answer>, ApiError> {
         let span = route_span(transfers.len());
         self.create_transfers_routed(transfers, origin, &span)
             .instrument(span.clone())
@@ -328,8 +328,8 @@ impl Router {
         transfers: Vec<Transfer>,
         origin: Origin,
         span: &tracing::Span,
-    ) -> Result<Vec<pb::TransferResult>, ApiError> {
-        let mut out: Vec<Option<pb::TransferResult>> = vec![None; transfers.len()];
+    ) -> Result<Vec<Answer>, ApiError> {
+        let mut out: Vec<Option<Answer>> = (0..transfers.len()).map(|_| None).collect();
         let coordinators = self.coordinators(&transfers).await?;
         // Counts first, so each shard's vectors are allocated once at their size (growing them
         // by doubling copied every transfer several times in a request of thousands).
@@ -349,7 +349,7 @@ impl Router {
                     items.push(transfer);
                 }
                 Coordinator::HoldMissing(reason) => {
-                    out[i] = Some(transfer_result(hold_missing(transfer, reason)));
+                    out[i] = Some(Answer::Here(hold_missing(transfer, reason)));
                 }
             }
         }
@@ -375,7 +375,7 @@ impl Router {
             let results = replies
                 .into_iter()
                 .map(|reply| match reply {
-                    Reply::Transfer(reply) => Ok(transfer_result(reply)),
+                    Reply::Transfer(reply) => Ok(Answer::Here(reply)),
                     other => Err(reply_error(other)),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -386,6 +386,7 @@ impl Router {
             .map(|(node, (indices, items))| async move {
                 let wire = items.into_iter().map(forwarded_wire).collect();
                 let results = self.peers_or_err()?.forward_transfers(&node, wire).await?;
+                let results: Vec<Answer> = results.into_iter().map(Answer::There).collect();
                 Ok::<_, ApiError>((indices, results))
             });
         let (local, remote) = futures::join!(join_all(local_calls), join_all(remote_calls));
@@ -406,7 +407,7 @@ impl Router {
     pub fn create_transfer(
         &self,
         transfer: Transfer,
-    ) -> impl Future<Output = Result<pb::TransferResult, ApiError>> + Send + '_ {
+    ) -> impl Future<Output = Result<Answer, ApiError>> + Send + '_ {
         let span = route_span(1);
         async move {
             // The common case first: a new transfer whose debit account this node leads.
@@ -418,7 +419,7 @@ impl Router {
             {
                 tracing::Span::current().record("shards", 1);
                 return match handle.create_transfer(transfer).await? {
-                    Reply::Transfer(reply) => Ok(transfer_result(reply)),
+                    Reply::Transfer(reply) => Ok(Answer::Here(reply)),
                     other => Err(reply_error(other)),
                 };
             }
@@ -850,8 +851,25 @@ fn forwarded_wire(mut transfer: Transfer) -> pb::Transfer {
     wire::transfer_into_wire(transfer)
 }
 
+/// A transfer's answer: a shard's here, or another node's (already in its wire form). Turned
+/// into the wire form by the service, after the request's shards have all answered.
+#[derive(Debug)]
+pub enum Answer {
+    Here(TransferReply),
+    There(pb::TransferResult),
+}
+
+impl Answer {
+    pub fn into_wire(self) -> pb::TransferResult {
+        match self {
+            Answer::Here(reply) => transfer_result(reply),
+            Answer::There(result) => result,
+        }
+    }
+}
+
 /// The wire form of a shard's answer to a transfer.
-pub fn transfer_result(reply: TransferReply) -> pb::TransferResult {
+fn transfer_result(reply: TransferReply) -> pb::TransferResult {
     let mut result = wire::transfer_result(reply.record, reply.hold.as_ref());
     result.replayed = reply.replayed;
     if !reply.differing.is_empty()

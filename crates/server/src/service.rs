@@ -12,7 +12,7 @@ use ledger_proto::{self as wire, pb};
 
 use crate::calls::{Calls, Method};
 use crate::error::ApiError;
-use crate::router::{Origin, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Router};
+use crate::router::{Answer, Origin, PAGE_SIZE_DEFAULT, PAGE_SIZE_MAX, Router};
 use crate::telemetry;
 
 pub struct Ledger {
@@ -109,7 +109,10 @@ impl Ledger {
         let results = self
             .router
             .create_transfers(transfers, Origin::Client)
-            .await?;
+            .await?
+            .into_iter()
+            .map(Answer::into_wire)
+            .collect();
         let mut response = Response::new(pb::CreateTransfersResponse { results });
         telemetry::set_response_traceparent(&mut response);
         Ok(response)
@@ -130,7 +133,7 @@ impl Ledger {
         async move {
             let transfer = decoded.map_err(ApiError::from)?;
             let result = self.router.create_transfer(transfer).await?;
-            let mut response = Response::new(result);
+            let mut response = Response::new(result.into_wire());
             telemetry::set_response_traceparent(&mut response);
             Ok(response)
         }

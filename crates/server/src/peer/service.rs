@@ -83,7 +83,10 @@ impl PeerService for PeerApi {
         let results = self
             .router
             .create_transfers(transfers, Origin::Forwarded)
-            .await?;
+            .await?
+            .into_iter()
+            .map(crate::router::Answer::into_wire)
+            .collect();
         Ok(Response::new(ipb::ForwardTransfersResponse { results }))
     }
 
