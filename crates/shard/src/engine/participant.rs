@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 
 use ledger_domain::ShardId;
 
-use super::{Engine, Fatal, Input, Lock, Task, lock_key_account};
-use crate::protocol::{Decision, Leg, Message};
+use super::{Engine, Fatal, Input, Lock, Parked, Task, lock_key_account};
+use crate::protocol::{Attempt, Decision, Leg, Message};
 use crate::trace::{self, Role, TraceParent};
 use crate::{codec, keys};
 
@@ -76,6 +76,9 @@ impl Engine {
                 return Ok(());
             }
         }
+        if self.supersede(&leg) {
+            return Ok(()); // A newer attempt of the operation is prepared here.
+        }
         let lock = lock_key_account(&leg.account_id);
         if self.is_locked(&lock) {
             let (trace, op) = (leg.trace, leg.attempt.op.clone());
@@ -124,6 +127,54 @@ impl Engine {
             },
         );
         Ok(())
+    }
+
+    /// A coordinator runs one attempt of an operation at a time, and starts another only once
+    /// the last is gone (a committed one never is followed by another: its outcome is
+    /// recorded). So a Prepare of a newer attempt says every older one was abandoned: an older
+    /// attempt prepared here is released as aborted (as its coordinator, asked, would answer)
+    /// and the older Prepares still queued behind the account's lock are dropped. Without it,
+    /// each resend of a Prepare parked behind a lock took the lock in turn once it ran, after
+    /// its attempt was abandoned, and a retried transfer could be refused `account_busy` for as
+    /// long as they kept coming. Returns whether this Prepare is the stale one.
+    fn supersede(&mut self, leg: &Leg) -> bool {
+        let same_op = format!("{}#", leg.attempt.op);
+        let mut older = Vec::new();
+        for (key, p) in self.prepared.range(same_op.clone()..) {
+            if !key.starts_with(&same_op) {
+                break;
+            }
+            let attempt = &p.record.leg.attempt;
+            if attempt.op != leg.attempt.op {
+                continue;
+            }
+            if newer_than(attempt, &leg.attempt) {
+                return true;
+            }
+            if *attempt != leg.attempt {
+                older.push(key.clone());
+            }
+        }
+        for key in older {
+            self.on_decide(&key, Decision::Abort, None);
+        }
+        if let Some(lock) = self.locks.get_mut(&lock_key_account(&leg.account_id)) {
+            lock.waiters.retain(|parked| match parked {
+                Parked::Input {
+                    input:
+                        Input::Peer {
+                            message: Message::Prepare(queued),
+                            ..
+                        },
+                    ..
+                } => {
+                    queued.attempt.op != leg.attempt.op
+                        || !newer_than(&leg.attempt, &queued.attempt)
+                }
+                _ => true,
+            });
+        }
+        false
     }
 
     fn hold_prepared(
@@ -229,4 +280,10 @@ impl Engine {
             }
         }
     }
+}
+
+/// Whether attempt `a` of an operation is newer than `b` of the same operation (one
+/// coordinator numbers them: epoch, then sequence).
+fn newer_than(a: &Attempt, b: &Attempt) -> bool {
+    (a.epoch, a.seq) > (b.epoch, b.seq)
 }

@@ -1083,6 +1083,76 @@ fn a_retry_while_an_abort_awaits_its_ack_is_answered_at_once() {
     assert_eq!(balance(&sim, "s1-b").3, 5);
 }
 
+/// The story: under contention, resends of a Prepare queued behind a locked account ran after
+/// their coordinator had given their attempt up, each taking the lock until the coordinator,
+/// asked, said abort; the retried transfer's newer attempt waited behind them, and with the
+/// queue full was refused `account_busy` for as long as they kept coming (found by
+/// `ledger-sim`, seed 1658, in a burst of concurrent transfers). A Prepare of a newer attempt
+/// now releases an older attempt of the same operation at once, and drops its queued resends.
+#[test]
+fn a_newer_attempt_releases_an_older_one_of_the_same_operation() {
+    let mut sim = sim();
+    open(&mut sim, "s1-b", false);
+    let leg = |seq| crate::protocol::Leg {
+        attempt: crate::protocol::Attempt {
+            op: "t".into(),
+            epoch: 1,
+            seq,
+        },
+        account_id: "s1-b".into(),
+        ledger: "USD".into(),
+        change: ledger_domain::Change {
+            side: ledger_domain::Side::Credit,
+            pending_add: 0,
+            pending_sub: 0,
+            posted_add: 5,
+        },
+        expected_version: None,
+        transfer_id: "t".into(),
+        entry_kind: ledger_domain::EntryKind::Posted,
+        code: 0,
+        trace: None,
+    };
+    let prepare = |seq| Input::Peer {
+        from: S0,
+        message: Message::Prepare(leg(seq)),
+    };
+    // Attempt 1 is prepared here; its coordinator has since given it up.
+    sim.batch(S1, vec![prepare(1)]);
+    assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (1, 0));
+    sim.inbox.clear();
+    // Attempt 2 of the same transfer is prepared at once; attempt 1 is released as aborted.
+    let out = sim.batch(S1, vec![prepare(2)]);
+    assert!(
+        matches!(&out.messages[..], [(S0, Message::Prepared { attempt, .. })] if attempt.seq == 2),
+        "{:?}",
+        out.messages
+    );
+    assert_eq!(
+        read::in_flight(&*sim.stores[1], S1).unwrap(),
+        (1, 0),
+        "attempt 2 alone is prepared"
+    );
+    // A late resend of attempt 1 changes nothing; attempt 2 commits.
+    let out = sim.batch(S1, vec![prepare(1)]);
+    assert!(out.messages.is_empty(), "{:?}", out.messages);
+    let decide = Message::Decide {
+        attempt: leg(2).attempt,
+        decision: Decision::Commit,
+        committed_at_ms: 0,
+        trace: None,
+    };
+    sim.batch(
+        S1,
+        vec![Input::Peer {
+            from: S0,
+            message: decide,
+        }],
+    );
+    assert_eq!(balance(&sim, "s1-b").3, 5);
+    assert_eq!(read::in_flight(&*sim.stores[1], S1).unwrap(), (0, 0));
+}
+
 /// A credit account the node's directory does not know is a location the engine waits for,
 /// as for a stored value, before it changes anything; supplied, the transfer goes to that
 /// shard. A lookup that failed answers the transfer `Unavailable` and records nothing.
