@@ -12,6 +12,8 @@
 //! - [`read`]: reads of committed state (balances, statements, transfers) straight from the
 //!   store, without going through the leader.
 
+#[cfg(feature = "sim-bugs")]
+pub mod bugs;
 pub mod codec;
 pub mod directory;
 pub mod engine;

@@ -71,8 +71,25 @@ struct Run {
     verbose: bool,
 }
 
-/// Runs one seed.
+/// Runs one seed. A panic of the engine (one of its assertions) is a violation too.
 pub fn run(seed: u64, verbose: bool) -> Outcome {
+    match std::panic::catch_unwind(|| run_seed(seed, verbose)) {
+        Ok(outcome) => outcome,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_default();
+            Outcome {
+                violations: vec![format!("the run panicked: {what}")],
+                ..Outcome::default()
+            }
+        }
+    }
+}
+
+fn run_seed(seed: u64, verbose: bool) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
     let shards = rng.random_range(2..=6u32);
     let retry_ms = [0, 10, 100][rng.random_range(0..3)];

@@ -36,3 +36,22 @@ fn a_seed_replays_bit_for_bit() {
         "another seed, another run"
     );
 }
+
+/// Each deliberately broken variant of the engine (`ledger_shard::bugs`) is caught within a
+/// bounded number of seeds: the simulation has teeth.
+#[test]
+fn every_broken_variant_is_caught_within_a_few_seeds() {
+    use ledger_shard::bugs::{self, Bug};
+    const WITHIN: u64 = 100;
+    for bug in [
+        Bug::ApplyDecisionTwice,
+        Bug::PresumeCommit,
+        Bug::ForgetRejections,
+    ] {
+        bugs::set(Some(bug));
+        let caught = (0..WITHIN).find(|seed| !run::run(*seed, false).violations.is_empty());
+        bugs::set(None);
+        assert!(caught.is_some(), "{bug:?} not caught in {WITHIN} seeds");
+        eprintln!("{bug:?} caught at seed {}", caught.unwrap());
+    }
+}

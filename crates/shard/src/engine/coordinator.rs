@@ -778,6 +778,16 @@ impl Engine {
             }
         }
         for op in timed_out {
+            #[cfg(feature = "sim-bugs")]
+            if crate::bugs::on(crate::bugs::Bug::PresumeCommit)
+                && self.coordination(&op).started_ms == 0
+                && matches!(self.coordination(&op).record.work, Work::Transfer(_))
+            {
+                let c = self.coordination(&op);
+                c.credit_version = Some(c.credit_version.unwrap_or(1));
+                self.decide_commit(&op)?;
+                continue;
+            }
             self.abort(&op, Rejection::LockTimeout)?;
         }
         Ok(())

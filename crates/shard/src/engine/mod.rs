@@ -1212,7 +1212,12 @@ impl Engine {
             return Ok(());
         };
         // Idempotency: the id's recorded outcome, or the cross-shard operation in flight.
-        if let Some(record) = reads.recorded {
+        let recorded = reads.recorded;
+        #[cfg(feature = "sim-bugs")]
+        let recorded = recorded.filter(|r| {
+            !(crate::bugs::on(crate::bugs::Bug::ForgetRejections) && r.result.is_err())
+        });
+        if let Some(record) = recorded {
             let reply = replay(record, reads.recorded_hold, &transfer);
             self.reply(token, Reply::Transfer(reply));
             return Ok(());

@@ -255,6 +255,16 @@ impl Engine {
                 leg.entry_kind,
                 leg.code,
             );
+            #[cfg(feature = "sim-bugs")]
+            if crate::bugs::on(crate::bugs::Bug::ApplyDecisionTwice) {
+                self.apply_change(
+                    &leg.account_id,
+                    &leg.change,
+                    &leg.transfer_id,
+                    leg.entry_kind,
+                    leg.code,
+                );
+            }
         }
         self.batch.writes.delete(keys::prepared(self.shard, key));
         self.batch
