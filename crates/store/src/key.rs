@@ -1,6 +1,11 @@
 //! Order-preserving key encoding (a small subset of the FoundationDB tuple layer), so range
 //! scans follow the logical order: integers big-endian, strings terminated by 0x00 with any
 //! 0x00 inside escaped as 0x00 0xFF.
+//!
+//! Unlike the tuple layer there are no type codes, so [`read_str`] takes a terminator followed
+//! by a 0xFF byte for an escaped 0x00: a string must not be followed by a field whose first
+//! byte is 0xFF. The ledger's keys never are (ids hold no 0x00, and the numbers after an id,
+//! entry versions, stay below 2^56); `tests/tests/decoders.rs` checks the rest round-trips.
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key(Vec<u8>);
