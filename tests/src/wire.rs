@@ -55,3 +55,34 @@ pub async fn pay_from_first(client: &Client, n: usize) -> (Vec<String>, Vec<pb::
     }
     (ids, committed)
 }
+
+/// The seed of a randomised test: `LEDGER_SEED`, else the clock (printed by the test, so a run
+/// can be reproduced).
+pub fn seed() -> u64 {
+    std::env::var("LEDGER_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            #[allow(clippy::disallowed_methods)] // a seed for the test, printed for reproduction
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            now.as_nanos() as u64
+        })
+}
+
+/// Sends a transfer until it gets a final answer, as a client would: the same id again after
+/// an error or a retriable rejection (safe: the id is the idempotency key), for at most 20 s.
+pub async fn settle(client: &Client, t: pb::Transfer) -> pb::TransferResult {
+    for _ in 0..200 {
+        match client.transfer(t.clone()).await {
+            Ok(r) => match &r.outcome {
+                Some(pb::transfer_result::Outcome::Rejection(rej)) if rej.retriable => {}
+                _ => return r,
+            },
+            Err(e) => eprintln!("retrying {}: {e}", t.id),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("{} never settled", t.id);
+}

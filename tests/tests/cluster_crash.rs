@@ -23,6 +23,7 @@ use ledger_store::Store;
 use ledger_tests::checks;
 use ledger_tests::cluster::Demo;
 use ledger_tests::process::{metric, scrape};
+use ledger_tests::wire::{seed, settle};
 
 const WORKERS: usize = 4;
 const REGIONS: [&str; 3] = ["eu", "us", "ap"];
@@ -65,19 +66,6 @@ fn accounts() -> Vec<pb::Account> {
     out
 }
 
-fn seed() -> u64 {
-    std::env::var("LEDGER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            #[allow(clippy::disallowed_methods)] // a seed for the test, printed for reproduction
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            now.as_nanos() as u64
-        })
-}
-
 async fn worker(addrs: Vec<String>, cycle: usize, w: usize, seed: u64, sent: Sent) {
     let mut rng = StdRng::seed_from_u64(seed);
     let ids: Vec<String> = accounts().into_iter().map(|a| a.id).collect();
@@ -116,21 +104,6 @@ async fn worker(addrs: Vec<String>, cycle: usize, w: usize, seed: u64, sent: Sen
             Err(_) => return,
         }
     }
-}
-
-/// Sends a transfer until it gets a definitive answer (retrying with the same id is safe).
-async fn settle(client: &Client, t: pb::Transfer) -> pb::TransferResult {
-    for _ in 0..200 {
-        match client.transfer(t.clone()).await {
-            Ok(r) => match &r.outcome {
-                Some(pb::transfer_result::Outcome::Rejection(rej)) if rej.retriable => {}
-                _ => return r,
-            },
-            Err(e) => eprintln!("retrying {}: {e}", t.id),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{} never settled", t.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

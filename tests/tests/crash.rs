@@ -19,6 +19,7 @@ use ledger_shard::read;
 use ledger_store::Store;
 use ledger_tests::checks;
 use ledger_tests::process::{Ledgerd, metric, metrics_url, open_shards, scrape, test_config};
+use ledger_tests::wire::{seed, settle};
 
 const SHARDS: u32 = 4;
 const WORKERS: usize = 8;
@@ -53,19 +54,6 @@ fn accounts() -> Vec<pb::Account> {
         ..Default::default()
     });
     out
-}
-
-fn seed() -> u64 {
-    std::env::var("LEDGER_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            #[allow(clippy::disallowed_methods)] // a seed for the test, printed for reproduction
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap();
-            now.as_nanos() as u64
-        })
 }
 
 async fn worker(addr: String, cycle: usize, w: usize, seed: u64, sent: Sent) {
@@ -105,21 +93,6 @@ async fn worker(addr: String, cycle: usize, w: usize, seed: u64, sent: Sent) {
             Err(_) => return, // the server died: the outcome is unknown
         }
     }
-}
-
-/// Sends a transfer until it gets a definitive answer (retrying with the same id is safe).
-async fn settle(client: &Client, t: pb::Transfer) -> pb::TransferResult {
-    for _ in 0..100 {
-        match client.transfer(t.clone()).await {
-            Ok(r) => match &r.outcome {
-                Some(pb::transfer_result::Outcome::Rejection(rej)) if rej.retriable => {}
-                _ => return r,
-            },
-            Err(e) => eprintln!("retrying {}: {e}", t.id),
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{} never settled", t.id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,27 @@ fn decode_transfer(t: pb::Transfer, index: usize) -> Result<Transfer, ApiError> 
     Ok(t)
 }
 
+/// Decodes and validates accounts to create (`accounts[i]` names one in an error), each with
+/// its home region (its own, checked, or this node's).
+pub(crate) fn decode_accounts(
+    router: &Router,
+    accounts: Vec<pb::Account>,
+) -> Result<Vec<(ledger_domain::NewAccount, String)>, ApiError> {
+    accounts
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let field = format!("accounts[{i}]");
+            let region = router.region_for(&format!("{field}.region"), a.region.clone())?;
+            let account = wire::new_account(a)
+                .and_then(ledger_domain::NewAccount::normalize)
+                .map_err(|e| e.within(&field))?;
+            Ok((account, region))
+        })
+        .collect::<Result<Vec<_>, InvalidInput>>()
+        .map_err(ApiError::from)
+}
+
 fn check_ids(router: &Router, field: &str, ids: &[String]) -> Result<(), ApiError> {
     router.check_batch(field, ids.len())?;
     for (i, id) in ids.iter().enumerate() {
@@ -54,21 +75,7 @@ impl Ledger {
     ) -> Result<Response<pb::CreateAccountsResponse>, Status> {
         let accounts = request.into_inner().accounts;
         self.router.check_batch("accounts", accounts.len())?;
-        let accounts = accounts
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| {
-                let field = format!("accounts[{i}]");
-                let region = self
-                    .router
-                    .region_for(&format!("{field}.region"), a.region.clone())?;
-                let account = wire::new_account(a)
-                    .and_then(ledger_domain::NewAccount::normalize)
-                    .map_err(|e| e.within(&field))?;
-                Ok((account, region))
-            })
-            .collect::<Result<Vec<_>, InvalidInput>>()
-            .map_err(ApiError::from)?;
+        let accounts = decode_accounts(&self.router, accounts)?;
         let results = self.router.create_accounts(accounts).await?;
         Ok(Response::new(pb::CreateAccountsResponse { results }))
     }

@@ -96,22 +96,7 @@ impl PeerService for PeerApi {
     ) -> Result<Response<ipb::ForwardAccountsResponse>, Status> {
         let request = request.into_inner();
         self.check(request.caller.as_ref())?;
-        let accounts = request
-            .accounts
-            .into_iter()
-            .enumerate()
-            .map(|(i, a)| {
-                let field = format!("accounts[{i}]");
-                let region = self
-                    .router
-                    .region_for(&format!("{field}.region"), a.region.clone())?;
-                let account = wire::new_account(a)
-                    .and_then(ledger_domain::NewAccount::normalize)
-                    .map_err(|e| e.within(&field))?;
-                Ok((account, region))
-            })
-            .collect::<Result<Vec<_>, InvalidInput>>()
-            .map_err(ApiError::from)?;
+        let accounts = crate::service::decode_accounts(&self.router, request.accounts)?;
         let results = self.router.create_accounts_here(accounts).await?;
         Ok(Response::new(ipb::ForwardAccountsResponse { results }))
     }
