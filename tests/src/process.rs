@@ -235,3 +235,23 @@ pub fn metrics_url(ledgerd: &Ledgerd) -> String {
         .map(|url| url.trim_end_matches([',', ';']).to_string())
         .unwrap_or_else(|| panic!("no metrics URL in {}", ledgerd.summary))
 }
+
+/// Polls the nodes' `/metrics` until none has a two-phase commit in flight
+/// (`ledger_2pc_in_flight`) or `limit` has passed; returns the count last seen (0: all done).
+pub async fn two_pc_in_flight_after(urls: &[String], limit: Duration) -> f64 {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let mut in_flight = 0.0;
+        for url in urls {
+            let url = url.clone();
+            let body = tokio::task::spawn_blocking(move || scrape(&url))
+                .await
+                .expect("scrape");
+            in_flight += metric(&body, "ledger_2pc_in_flight", &[]);
+        }
+        if in_flight == 0.0 || tokio::time::Instant::now() >= deadline {
+            return in_flight;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -22,7 +22,7 @@ use ledger_shard::read;
 use ledger_store::Store;
 use ledger_tests::checks;
 use ledger_tests::cluster::Demo;
-use ledger_tests::process::{metric, scrape};
+use ledger_tests::process::two_pc_in_flight_after;
 use ledger_tests::wire::{seed, settle};
 
 const WORKERS: usize = 4;
@@ -253,21 +253,12 @@ async fn kill_9_of_any_node_at_random_moments_loses_nothing_acknowledged() {
     );
 
     // Let recovery finish everywhere, then stop and inspect every node's disk.
-    let mut in_flight = f64::NAN;
-    for _ in 0..600 {
-        in_flight = 0.0;
-        for node in &demo.nodes {
-            let url = node.metrics.clone().expect("--metrics");
-            let body = tokio::task::spawn_blocking(move || scrape(&url))
-                .await
-                .unwrap();
-            in_flight += metric(&body, "ledger_2pc_in_flight", &[]);
-        }
-        if in_flight == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let urls: Vec<String> = demo
+        .nodes
+        .iter()
+        .map(|n| n.metrics.clone().expect("--metrics"))
+        .collect();
+    let in_flight = two_pc_in_flight_after(&urls, Duration::from_secs(60)).await;
     assert_eq!(
         in_flight, 0.0,
         "seed {seed}: two-phase commits in flight after 60 s"

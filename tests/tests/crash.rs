@@ -18,7 +18,9 @@ use ledger_client::{Client, pb};
 use ledger_shard::read;
 use ledger_store::Store;
 use ledger_tests::checks;
-use ledger_tests::process::{Ledgerd, metric, metrics_url, open_shards, scrape, test_config};
+use ledger_tests::process::{
+    Ledgerd, metrics_url, open_shards, test_config, two_pc_in_flight_after,
+};
 use ledger_tests::wire::{seed, settle};
 
 const SHARDS: u32 = 4;
@@ -245,20 +247,7 @@ async fn kill_9_at_random_moments_loses_nothing_acknowledged() {
     // decisions): wait until no shard has a two-phase commit in flight, then stop cleanly and
     // inspect the disk.
     let url = metrics_url(&node);
-    let mut in_flight = f64::NAN;
-    for _ in 0..1_200 {
-        let metrics = tokio::task::spawn_blocking({
-            let url = url.clone();
-            move || scrape(&url)
-        })
-        .await
-        .unwrap();
-        in_flight = metric(&metrics, "ledger_2pc_in_flight", &[]);
-        if in_flight == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let in_flight = two_pc_in_flight_after(&[url], Duration::from_secs(60)).await;
     assert_eq!(
         in_flight, 0.0,
         "seed {seed}: two-phase commits still in flight after 60 s"

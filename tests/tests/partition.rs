@@ -18,7 +18,7 @@ use std::time::Duration;
 use ledger_client::{Client, pb};
 use ledger_store::Store;
 use ledger_tests::checks;
-use ledger_tests::process::{ledgerd_bin, metric, scrape};
+use ledger_tests::process::{ledgerd_bin, two_pc_in_flight_after};
 use ledger_tests::wire::usd_transfer;
 
 /// The transfers sent across the cut, each with its answer once it came.
@@ -362,21 +362,8 @@ async fn a_partition_between_regions_fails_cleanly_and_everything_settles_after_
     );
 
     // Recovery finishes everywhere; then every node's stores pass the checkers.
-    let mut in_flight = f64::NAN;
-    for _ in 0..300 {
-        in_flight = 0.0;
-        for node in nodes.values() {
-            let url = node.metrics.clone();
-            let body = tokio::task::spawn_blocking(move || scrape(&url))
-                .await
-                .unwrap();
-            in_flight += metric(&body, "ledger_2pc_in_flight", &[]);
-        }
-        if in_flight == 0.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let urls: Vec<String> = nodes.values().map(|n| n.metrics.clone()).collect();
+    let in_flight = two_pc_in_flight_after(&urls, Duration::from_secs(30)).await;
     assert_eq!(
         in_flight, 0.0,
         "two-phase commits in flight 30 s after healing"
