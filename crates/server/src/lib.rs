@@ -31,6 +31,9 @@ use ledger_shard::{Clock, SystemClock};
 pub use config::{Config, ConfigError, StoreKind};
 pub use data_dir::{ClusterMeta, DATA_FORMAT, Opened, ShardInfo, StartError};
 
+/// How long a stopping node waits for its connections to finish before it stops anyway.
+pub const SHUTDOWN_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What `run` reports once it is serving (for the start-up summary and tests).
 #[derive(Clone, Debug)]
 pub struct Started {
@@ -173,6 +176,7 @@ pub async fn run(
         map_version: map.version,
     });
     let shutdown = shutdown.shared();
+    let stopping = shutdown.clone();
     let client_api = tonic::transport::Server::builder()
         .trace_fn(telemetry::request_span)
         .timeout(std::time::Duration::from_millis(config.request_timeout_ms))
@@ -196,7 +200,23 @@ pub async fn run(
             .serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), shutdown)
             .await
     };
-    let (served, peer_served) = tokio::join!(client_api, peer_api);
+    // Draining waits for open connections, and one to a peer behind a cut network would keep
+    // it waiting for minutes: past SHUTDOWN_DRAIN_MAX the servers are dropped as they are.
+    let drained = async { tokio::join!(client_api, peer_api) };
+    let forced = async {
+        stopping.await;
+        tokio::time::sleep(SHUTDOWN_DRAIN_MAX).await;
+    };
+    let (served, peer_served) = tokio::select! {
+        results = drained => results,
+        () = forced => {
+            tracing::warn!(
+                seconds = SHUTDOWN_DRAIN_MAX.as_secs(),
+                "connections still open after the drain limit; stopping without them"
+            );
+            (Ok(()), Ok(()))
+        }
+    };
     if let Ok(node) = Arc::try_unwrap(node) {
         node.shutdown().await;
     }
