@@ -91,13 +91,16 @@ impl Demo {
         let pid = self.node(id).pid.to_string();
         let status = Command::new("kill").args(["-9", &pid]).status().unwrap();
         assert!(status.success(), "kill -9 {pid}");
-        // The demo reaps its children; wait until the process is gone.
-        for _ in 0..100 {
-            if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(&pid) {
+        // The demo reaps its children; wait until the process is gone or is a zombie with no
+        // thread left. Its first thread turns zombie before the others have exited, and the
+        // last one to exit closes the files (and releases the stores' locks).
+        for _ in 0..500 {
+            if !Path::new(&format!("/proc/{pid}")).exists() || exited(&pid) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+        panic!("node {id} (pid {pid}) still running 10 s after kill -9");
     }
 
     /// Starts a killed node again with `ledgerd start --config <its config>`; returns once it
@@ -190,10 +193,16 @@ impl Drop for Demo {
     }
 }
 
-fn is_zombie(pid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+/// Whether every thread of `pid` has exited (a zombie whose only task left is its first
+/// thread's), or the process is gone.
+fn exited(pid: &str) -> bool {
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| s.split_whitespace().nth(2) == Some("Z"))
-        .unwrap_or(true)
+        .unwrap_or(true);
+    let threads_left = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    zombie && threads_left <= 1
 }
 
 /// `node=<id> region=<r> addr=<host:port> pid=<pid> config=<path>`.
