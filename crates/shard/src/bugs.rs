@@ -15,6 +15,9 @@ pub enum Bug {
     /// A retry of a rejected transfer is applied anew instead of answered with its recorded
     /// rejection.
     ForgetRejections,
+    /// A leader commits without the precondition on its epoch, so a deposed leader's commit
+    /// can land after another took the shard over.
+    SkipEpochCheck,
 }
 
 thread_local! {

@@ -2,18 +2,35 @@
 //! tests and simulation. Time is a number the test moves; messages wait in one ordered inbox
 //! until the test delivers them, so a test can drop, delay or reorder them, or "crash" a shard
 //! (rebuild its engine from its store, losing everything not committed).
+//!
+//! Leadership is the runtime's: each shard's leader holds the lease under its node's name
+//! (renewed with its batches as the runtime renews it) and every commit expects its epoch. A
+//! test can skew a shard's clock, fail a commit (a store fault: the leader steps down and
+//! starts again from its store), stall a commit midway, and let another node take a shard
+//! over once the lease has lapsed by that node's clock; the deposed leader may wake later and
+//! try to commit, which must be refused (I5: [`Sim::fenced_landed`] lists any that was not).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ledger_domain::ShardId;
 use ledger_store::{Memory, Store};
 
-use crate::Options;
 use crate::engine::id_filter::{self, IdFilter};
 use crate::engine::{Engine, Input, Locate, Output, Reply, Token};
 use crate::protocol::Message;
-use crate::runtime::{FETCH_ROUNDS_MAX, acquire_lease, load};
+use crate::runtime::lease::decode_lease;
+use crate::runtime::{FETCH_ROUNDS_MAX, LeaseError, acquire_lease, load, renew};
+use crate::{Options, keys};
+
+/// A leader that lost its shard to another node: its engine, and the batch it was committing
+/// when it stalled (if it was).
+pub struct Deposed {
+    pub shard: ShardId,
+    pub node: String,
+    pub engine: Engine,
+    pub stalled: Option<Output>,
+}
 
 pub struct Sim {
     pub engines: Vec<Engine>,
@@ -33,6 +50,26 @@ pub struct Sim {
     /// With `Some`, every batch's output (shard, writes, replies, messages, in order) is
     /// written down here: two runs of one scenario must write the same lines.
     pub journal: Option<Vec<String>>,
+    /// Per shard: the node whose engine leads it (the lease's holder), its clock's distance
+    /// from `now_ms`, and when it last renewed its lease (by its clock).
+    pub leaders: Vec<String>,
+    pub skew_ms: Vec<i64>,
+    renewed_at: Vec<u64>,
+    /// Per shard: the batch its leader is committing while the commit stalls. A stalled
+    /// leader takes no input: what reaches it is lost, as when a runtime steps down.
+    pub stalled: Vec<Option<Output>>,
+    /// Per shard: inputs that reached a stalled leader, for its next batch once the commit
+    /// goes on (lost if the shard is taken over or crashes first, as the runtime fails them).
+    held: Vec<Vec<Input>>,
+    /// Leaders that lost their shard to another node, not yet woken.
+    pub deposed: Vec<Deposed>,
+    /// Commits so far; those whose number is in `failing_commits` fail (a store fault).
+    pub commits: u64,
+    pub failing_commits: BTreeSet<u64>,
+    /// Leaders that stepped down because their commit failed.
+    pub step_downs: u64,
+    /// Commits that landed although the shard's lease had moved past their leader's epoch.
+    pub fenced_landed: Vec<String>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -52,7 +89,21 @@ impl Sim {
 
     /// A cluster whose shard `i` leads from `stores[i]` (holding what it holds: a restart).
     pub fn with_stores(stores: Vec<Arc<Memory>>, locate: Locate, options: Options) -> Self {
+        let leaders = vec![("sim".to_string(), 0); stores.len()];
+        Self::led_by(stores, locate, options, leaders)
+    }
+
+    /// A cluster whose shard `i` leads from `stores[i]`, led by node `leaders[i].0` whose
+    /// clock is `leaders[i].1` ms from the simulation's.
+    pub fn led_by(
+        stores: Vec<Arc<Memory>>,
+        locate: Locate,
+        options: Options,
+        leaders: Vec<(String, i64)>,
+    ) -> Self {
         let shards = stores.len() as u32;
+        assert_eq!(leaders.len(), stores.len(), "one leader per shard");
+        let (leaders, skew_ms): (Vec<String>, Vec<i64>) = leaders.into_iter().unzip();
         let mut sim = Sim {
             engines: Vec::new(),
             stores,
@@ -65,6 +116,16 @@ impl Sim {
             unfilled: Vec::new(),
             fill_later: false,
             journal: None,
+            leaders,
+            skew_ms,
+            renewed_at: vec![0; shards as usize],
+            stalled: (0..shards).map(|_| None).collect(),
+            held: (0..shards).map(|_| Vec::new()).collect(),
+            deposed: Vec::new(),
+            commits: 0,
+            failing_commits: BTreeSet::new(),
+            step_downs: 0,
+            fenced_landed: Vec::new(),
         };
         for i in 0..shards {
             let engine = sim.boot(ShardId(i));
@@ -73,10 +134,25 @@ impl Sim {
         sim
     }
 
-    fn boot(&self, shard: ShardId) -> Engine {
+    /// The time by `shard`'s leader's clock.
+    pub fn now_of(&self, shard: ShardId) -> u64 {
+        self.now_ms
+            .saturating_add_signed(self.skew_ms[shard.0 as usize])
+    }
+
+    fn boot(&mut self, shard: ShardId) -> Engine {
+        let i = shard.0 as usize;
+        let now = self.now_of(shard);
+        let engine = self
+            .boot_as(shard, &self.leaders[i].clone(), now)
+            .expect("a node takes its own lease over at once");
+        self.renewed_at[i] = now;
+        engine
+    }
+
+    fn boot_as(&self, shard: ShardId, node: &str, now: u64) -> Result<Engine, LeaseError> {
         let store: Arc<dyn Store> = self.stores[shard.0 as usize].clone();
-        let lease = acquire_lease(&*store, shard, "sim", self.now_ms, self.options.lease_ms)
-            .expect("lease");
+        let lease = acquire_lease(&*store, shard, node, now, self.options.lease_ms)?;
         let recovered = load(&*store, shard).expect("load");
         let engine = Engine::new(
             shard,
@@ -89,12 +165,97 @@ impl Sim {
         if let Some(ids) = engine.id_filter() {
             id_filter::fill(&*store, shard, &ids).expect("fill the transfer-id filter");
         }
-        engine
+        Ok(engine)
     }
 
-    /// Loses the shard's memory and rebuilds it from its store under a new epoch.
+    /// Loses the shard's memory (and a stalled commit) and rebuilds it from its store under a
+    /// new epoch, led by the same node.
     pub fn crash(&mut self, shard: ShardId) {
+        self.stalled[shard.0 as usize] = None;
+        self.held[shard.0 as usize].clear();
         self.engines[shard.0 as usize] = self.boot(shard);
+    }
+
+    /// `node`, whose clock is `skew_ms` from `now_ms`, takes `shard` over: refused while the
+    /// lease has not lapsed by that clock. The leader it replaces is deposed, not stopped: it
+    /// keeps its memory (and its stalled batch) until [`Sim::wake`].
+    pub fn take_over(
+        &mut self,
+        shard: ShardId,
+        node: &str,
+        skew_ms: i64,
+    ) -> Result<(), LeaseError> {
+        let i = shard.0 as usize;
+        let now = self.now_ms.saturating_add_signed(skew_ms);
+        let engine = self.boot_as(shard, node, now)?;
+        let old = std::mem::replace(&mut self.engines[i], engine);
+        self.deposed.push(Deposed {
+            shard,
+            node: std::mem::replace(&mut self.leaders[i], node.to_string()),
+            engine: old,
+            stalled: self.stalled[i].take(),
+        });
+        self.held[i].clear();
+        self.skew_ms[i] = skew_ms;
+        self.renewed_at[i] = now;
+        Ok(())
+    }
+
+    /// Runs a batch on `shard` up to its commit and stalls there: the batch is neither
+    /// durable nor answered until [`Sim::resume`] (or lost, if the shard is taken over or
+    /// crashes first).
+    pub fn stall(&mut self, shard: ShardId, inputs: Vec<Input>) {
+        let i = shard.0 as usize;
+        if self.stalled[i].is_some() {
+            return;
+        }
+        let now = self.now_of(shard);
+        let store = Arc::clone(&self.stores[i]);
+        let output = compute(&mut self.engines[i], &*store, now, inputs);
+        self.stalled[i] = Some(output);
+    }
+
+    /// The stalled commit of `shard`'s leader goes on; then what reached it meanwhile forms
+    /// its next batch.
+    pub fn resume(&mut self, shard: ShardId) {
+        let i = shard.0 as usize;
+        if let Some(output) = self.stalled[i].take() {
+            self.land(shard, output);
+            let held = std::mem::take(&mut self.held[i]);
+            if !held.is_empty() {
+                self.batch(shard, held);
+            }
+        }
+    }
+
+    /// A deposed leader wakes: it goes on with its stalled commit, or else runs a batch of
+    /// `inputs`, and steps down when the store refuses the commit (as it must: its epoch is
+    /// past). If the commit lands anyway, it is written down in `fenced_landed` and its
+    /// replies and messages go out as a leader's would.
+    pub fn wake(&mut self, which: usize, inputs: Vec<Input>) {
+        if which >= self.deposed.len() {
+            return;
+        }
+        let Deposed {
+            shard,
+            node,
+            mut engine,
+            stalled,
+        } = self.deposed.remove(which);
+        let output = match stalled {
+            Some(output) => output,
+            None => {
+                let store = Arc::clone(&self.stores[shard.0 as usize]);
+                compute(&mut engine, &*store, self.now_ms, inputs)
+            }
+        };
+        let epoch = engine.epoch();
+        if let Some(journal) = &mut self.journal {
+            journal.push(format!(
+                "{shard}: deposed leader {node} (epoch {epoch}) wakes"
+            ));
+        }
+        self.commit_and_send(shard, epoch, output);
     }
 
     /// Fills the bigger transfer-id filters waiting in `unfilled` from their stores.
@@ -113,27 +274,87 @@ impl Sim {
     /// Runs one batch on `shard`: the inputs, a tick, the commit, with the store reads the
     /// engine asks for in between, as a leader's runtime does. Returns the output (already
     /// committed; replies recorded; messages queued).
+    ///
+    /// A leader whose commit stalls keeps what reaches it for later ([`Sim::resume`]); one
+    /// whose commit fails steps down and starts again from its store (nothing of the batch is
+    /// answered).
     pub fn batch(&mut self, shard: ShardId, inputs: Vec<Input>) -> Output {
-        let store = Arc::clone(&self.stores[shard.0 as usize]);
-        let engine = &mut self.engines[shard.0 as usize];
-        engine.begin(self.now_ms);
-        for input in inputs {
-            engine.handle(input).expect("engine");
+        let i = shard.0 as usize;
+        if self.stalled[i].is_some() {
+            self.held[i].extend(inputs);
+            return Output::default();
         }
-        fetch(engine, &*store);
-        engine.tick().expect("tick");
-        fetch(engine, &*store);
-        let output = engine.finish();
+        let now = self.now_of(shard);
+        let store = Arc::clone(&self.stores[i]);
+        let mut output = compute(&mut self.engines[i], &*store, now, inputs);
+        if now.saturating_sub(self.renewed_at[i]) >= self.options.lease_ms / 3 {
+            renew(
+                &mut output.writes,
+                shard,
+                &self.leaders[i],
+                &self.engines[i],
+                now,
+                self.options.lease_ms,
+            );
+            self.renewed_at[i] = now;
+        }
+        self.land(shard, output)
+    }
+
+    /// Commits the current leader's batch and sends what it says; a failed commit makes the
+    /// leader step down and start a new term (as the runtime does). Returns what was sent.
+    fn land(&mut self, shard: ShardId, output: Output) -> Output {
+        let i = shard.0 as usize;
+        let epoch = self.engines[i].epoch();
+        match self.commit_and_send(shard, epoch, output) {
+            Some(output) => {
+                // As a leader's runtime does once the batch has committed (at once, unless
+                // told not to).
+                if let Some(bigger) = self.engines[i].take_id_filter_to_fill() {
+                    self.unfilled.push((shard, bigger));
+                    if !self.fill_later {
+                        self.fill_filters();
+                    }
+                }
+                output
+            }
+            None => {
+                // A new term of the same node, from what the store holds.
+                self.step_downs += 1;
+                self.engines[i] = self.boot(shard);
+                Output::default()
+            }
+        }
+    }
+
+    /// Commits `output` (from a leader at `epoch`) unless the commit is one that fails, and
+    /// on success records its replies and queues its messages. `None`: the commit failed.
+    fn commit_and_send(&mut self, shard: ShardId, epoch: u64, output: Output) -> Option<Output> {
+        let i = shard.0 as usize;
         if !output.writes.is_empty() {
-            self.stores[shard.0 as usize]
-                .commit(&output.writes)
-                .expect("commit");
-        }
-        // As a leader's runtime does once the batch has committed (at once, unless told not to).
-        if let Some(bigger) = engine.take_id_filter_to_fill() {
-            self.unfilled.push((shard, bigger));
-            if !self.fill_later {
-                self.fill_filters();
+            self.commits += 1;
+            if self.failing_commits.contains(&self.commits) {
+                if let Some(journal) = &mut self.journal {
+                    journal.push(format!("{shard}: commit {} fails", self.commits));
+                }
+                return None;
+            }
+            let leased = self.stores[i]
+                .get(&keys::lease(shard))
+                .ok()
+                .flatten()
+                .and_then(|bytes| decode_lease(&bytes).ok())
+                .map_or(0, |lease| lease.epoch);
+            if self.stores[i].commit(&output.writes).is_err() {
+                if let Some(journal) = &mut self.journal {
+                    journal.push(format!("{shard}: commit at epoch {epoch} refused"));
+                }
+                return None;
+            }
+            if leased > epoch {
+                self.fenced_landed.push(format!(
+                    "shard {shard}: a commit of epoch {epoch} landed after epoch {leased} took the lease"
+                ));
             }
         }
         if let Some(journal) = &mut self.journal {
@@ -158,7 +379,7 @@ impl Sim {
                 self.inbox.push_back((*to, shard, message.clone()));
             }
         }
-        output
+        Some(output)
     }
 
     /// Delivers queued messages (each in a batch of its own) until none are left or `max`
@@ -207,6 +428,19 @@ impl Sim {
             self.batch(ShardId(i as u32), Vec::new());
         }
     }
+}
+
+/// One batch of `engine` up to its commit: the inputs, the reads it asks for, a tick, more
+/// reads, `finish`, in the order of the runtime's `lead`.
+fn compute(engine: &mut Engine, store: &dyn Store, now_ms: u64, inputs: Vec<Input>) -> Output {
+    engine.begin(now_ms);
+    for input in inputs {
+        engine.handle(input).expect("engine");
+    }
+    fetch(engine, store);
+    engine.tick().expect("tick");
+    fetch(engine, store);
+    engine.finish()
 }
 
 /// Supplies what the engine wants from `store`, round after round, as the runtime does.

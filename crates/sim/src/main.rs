@@ -40,8 +40,15 @@ fn main() -> ExitCode {
     if let Some(seed) = args.seed {
         let outcome = run::run(seed, args.verbose);
         println!(
-            "seed {seed}: {} transfers, {} crashes, {} simulated ms, journal {:016x}",
-            outcome.transfers, outcome.crashes, outcome.simulated_ms, outcome.journal_hash
+            "seed {seed}: {} transfers, {} node crashes, {} partitions, {} takeovers, {} step-downs, {} simulated ms ({} waiting), journal {:016x}",
+            outcome.transfers,
+            outcome.crashes,
+            outcome.partitions,
+            outcome.takeovers,
+            outcome.step_downs,
+            outcome.simulated_ms,
+            outcome.waited_ms,
+            outcome.journal_hash
         );
         for v in &outcome.violations {
             println!("  violation: {v}");
@@ -54,10 +61,13 @@ fn main() -> ExitCode {
     }
     let started = Instant::now();
     let (mut violations, mut simulated_ms, mut transfers) = (0usize, 0u64, 0usize);
+    let (mut cut_short, mut waited_ms_max) = (0usize, 0u64);
     for seed in args.from..args.from + args.seeds {
         let outcome = run::run(seed, false);
         simulated_ms += outcome.simulated_ms;
         transfers += outcome.transfers;
+        cut_short += usize::from(outcome.cut_short);
+        waited_ms_max = waited_ms_max.max(outcome.waited_ms);
         if !outcome.violations.is_empty() {
             violations += outcome.violations.len();
             println!(
@@ -74,6 +84,10 @@ fn main() -> ExitCode {
         transfers,
         args.seeds as f64 / secs,
         simulated_ms as f64 / 1_000.0 / secs
+    );
+    println!(
+        "{cut_short} runs ended their workload early (waits past the bound); longest wait {} s",
+        waited_ms_max / 1_000
     );
     println!("seeds: {}, violations: {violations}", args.seeds);
     if violations == 0 {

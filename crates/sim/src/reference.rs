@@ -11,7 +11,7 @@ use ledger_domain::{
     Account, Balances, HoldState, HoldStatus, NewAccount, Rejection, Transfer, TransferKind,
 };
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Reference {
     pub accounts: BTreeMap<String, Account>,
     transfers: BTreeMap<String, (Transfer, Result<u64, Rejection>)>,
@@ -151,21 +151,55 @@ impl Reference {
 
     /// Moves time forward and expires every hold that is due.
     pub fn advance(&mut self, ms: u64) {
-        self.now_ms += ms;
-        let now = self.now_ms;
-        for hold in self.holds.values_mut() {
-            if hold.state == HoldState::Pending && hold.expires_at_ms.is_some_and(|at| at <= now) {
-                let (d, c) = hold.expiry_changes();
-                for (id, change) in [(&hold.debit_account_id, d), (&hold.credit_account_id, c)] {
-                    let a = self.accounts.get_mut(id).expect("hold accounts exist");
-                    a.balances = a
-                        .balances
-                        .apply(&change, a.spec.flags, a.spec.credit_limit)
-                        .expect("release");
-                    a.version += 1;
-                }
-                hold.state = HoldState::Expired;
-            }
+        self.pass(ms);
+        for id in self.overdue() {
+            self.expire(&id);
         }
+    }
+
+    /// Moves time forward and leaves holds that fall due pending: for a cluster whose
+    /// expiries commit some time after they fall due, told each one by [`Reference::expire`].
+    pub fn pass(&mut self, ms: u64) {
+        self.now_ms += ms;
+    }
+
+    /// Holds past their expiry and still pending.
+    pub fn overdue(&self) -> Vec<String> {
+        self.holds
+            .iter()
+            .filter(|(_, h)| {
+                h.state == HoldState::Pending && h.expires_at_ms.is_some_and(|at| at <= self.now_ms)
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    pub fn hold(&self, pending_id: &str) -> Option<&HoldStatus> {
+        self.holds.get(pending_id)
+    }
+
+    pub fn holds(&self) -> impl Iterator<Item = (&String, &HoldStatus)> {
+        self.holds.iter()
+    }
+
+    /// Expires a pending hold that is due (and nothing else).
+    pub fn expire(&mut self, pending_id: &str) {
+        let now = self.now_ms;
+        let Some(hold) = self.holds.get_mut(pending_id) else {
+            return;
+        };
+        if hold.state != HoldState::Pending || hold.expires_at_ms.is_none_or(|at| at > now) {
+            return;
+        }
+        let (d, c) = hold.expiry_changes();
+        for (id, change) in [(&hold.debit_account_id, d), (&hold.credit_account_id, c)] {
+            let a = self.accounts.get_mut(id).expect("hold accounts exist");
+            a.balances = a
+                .balances
+                .apply(&change, a.spec.flags, a.spec.credit_limit)
+                .expect("release");
+            a.version += 1;
+        }
+        hold.state = HoldState::Expired;
     }
 }

@@ -1,42 +1,66 @@
 //! One simulated run: everything from one seed, in one thread, on simulated time.
 //!
-//! Shards of real engines over memory stores (`ledger_shard::sim::Sim`, which runs each batch
-//! as a leader's runtime does); a seeded workload sent the way a client and the router do
-//! (route by the debit account's shard or the hold's, retry the same id when an answer is
-//! lost or says to retry), one transfer at a time or in bursts of concurrent transfers
-//! (between accounts without limits, whose outcomes do not depend on their order, so the
-//! reference still predicts each one); seeded faults (a shard crashed after any number of
-//! protocol messages, messages lost, duplicated and reordered, time jumps past timeouts); and
-//! judges:
-//! the reference ledger for every answer, then a liveness phase (no fault, every timer due)
-//! after which nothing may be in flight, every balance and version must match the reference,
-//! and every invariant checker must find nothing.
+//! A seeded cluster (`topology`: regions, nodes with skewed clocks, shards placed by the real
+//! map check and rings, some regions with a store their nodes share) of real engines over
+//! memory stores (`ledger_shard::sim::Sim`, which runs each batch as a leader's runtime does,
+//! with its lease and epoch); a seeded workload sent the way a client and the router do (to
+//! any node, forwarded to the leader of the debit account's shard or the hold's; the same id
+//! again when an answer is lost or says to retry), one transfer at a time or in bursts of
+//! concurrent transfers (between accounts without limits, whose outcomes do not depend on
+//! their order, so the reference still predicts each one); seeded faults (a node crashed after
+//! any number of protocol messages, messages lost, duplicated, reordered and delayed between
+//! regions, partitions between nodes or regions, one way or both, store commits that fail or
+//! stall, a stalled leader whose shard another node takes over and who wakes later, time
+//! jumps past timeouts); and judges: the reference ledger for every answer, I5 for every
+//! commit (a deposed leader's commit must not land), then a liveness phase (every fault
+//! healed, every timer due) after which nothing may be in flight, every balance and version
+//! must match the reference, and every invariant checker must find nothing.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use ledger_domain::{AccountFlags, NewAccount, Rejection, ShardId, Transfer, TransferKind};
+use ledger_domain::{
+    AccountFlags, HoldState, NewAccount, Rejection, ShardId, Transfer, TransferKind,
+};
 use ledger_shard::engine::{Input, Reply};
+use ledger_shard::protocol::Message;
+use ledger_shard::runtime::LeaseError;
 use ledger_shard::sim::Sim;
 use ledger_shard::{Options, read};
-use ledger_store::Store;
+use ledger_store::{Memory, Store};
 
 use crate::checks;
 use crate::reference::Reference;
+use crate::topology::Topology;
 
 /// Attempts at one transfer before the run counts it as never answered (a liveness failure).
 const ATTEMPTS_MAX: usize = 30;
 /// Delivery rounds a settling cluster gets before it counts as stuck.
 const SETTLE_ROUNDS_MAX: usize = 400;
+/// Rounds a settle runs while a partition is up (what crosses the cut waits for the heal).
+const SETTLE_ROUNDS_UNDER_PARTITION: usize = 4;
+/// Simulated time spent waiting (everything but the time jumps) after which a run ends its
+/// workload: the reference's clock moves by the jumps alone, so it judges a hold's expiry as
+/// the cluster does while the waits since the hold began stay well under a hold's timeout
+/// (`HOLD_TIMEOUT_S`: even with the longest operation's waits on top of these).
+const WAITED_MS_MAX: u64 = 3_000_000;
+/// A hold's timeout is 0 (none) or a multiple of this.
+const HOLD_TIMEOUT_S: u32 = 10_000;
+/// How long a client waits for a call whose forward or answer a partition cut.
+const CALL_TIMEOUT_MS: u64 = 2_000;
+/// A time jump: whole multiples of this (and a little more, so that a hold's expiry is never
+/// within a clock's skew of the moment it is judged).
+const JUMP_MS: u64 = HOLD_TIMEOUT_S as u64 * 1_000;
+const JUMP_PAST_MS: u64 = 10_000;
 
 /// What a run's seed chose, printed with `-v`.
 #[derive(Debug)]
 pub struct Plan {
-    pub shards: u32,
+    pub topology: String,
     pub accounts: usize,
     pub ops: usize,
     /// Chance that a delivered message is lost, duplicated, and that a round is reordered
@@ -44,6 +68,18 @@ pub struct Plan {
     pub loss: u32,
     pub duplicate: u32,
     pub reorder: u32,
+    /// Delay of a message between regions.
+    pub wan_delay_ms: u64,
+    /// Chance per operation that a partition starts (per mille).
+    pub partitions: u32,
+    /// Chance per call that its leader's commit stalls (per mille), and mean commits between
+    /// two that fail (0: none fail).
+    pub stalls: u32,
+    pub commits_per_failure: u64,
+    /// Chance per operation that a leader of a shared store is deposed by another node, and
+    /// that a deposed leader wakes (per mille).
+    pub takeovers: u32,
+    pub wakes: u32,
     pub options: Options,
 }
 
@@ -53,6 +89,13 @@ pub struct Outcome {
     pub violations: Vec<String>,
     pub transfers: usize,
     pub crashes: usize,
+    pub partitions: usize,
+    pub takeovers: usize,
+    /// The workload ended early: its waits added up to `WAITED_MS_MAX`.
+    pub cut_short: bool,
+    /// Simulated time spent waiting (not jumping).
+    pub waited_ms: u64,
+    pub step_downs: u64,
     pub simulated_ms: u64,
     /// A hash of every batch's output, in order: the same seed gives the same hash.
     pub journal_hash: u64,
@@ -63,10 +106,17 @@ struct Run {
     sim: Sim,
     reference: Reference,
     plan: Plan,
+    topology: Topology,
     /// Account ids and their shards.
     accounts: Vec<(String, ShardId)>,
     /// Transfers sent so far (for retries of the same id).
     sent: Vec<Transfer>,
+    /// Messages on a wide-area link: (due at, to, from, message).
+    delayed: Vec<(u64, ShardId, ShardId, Message)>,
+    /// Links cut by a partition, one way each: (from node, to node).
+    cuts: BTreeSet<(usize, usize)>,
+    /// The operation at which the partition heals.
+    heal_at: usize,
     outcome: Outcome,
     verbose: bool,
 }
@@ -91,35 +141,77 @@ pub fn run(seed: u64, verbose: bool) -> Outcome {
 
 fn run_seed(seed: u64, verbose: bool) -> Outcome {
     let mut rng = StdRng::seed_from_u64(seed);
-    let shards = rng.random_range(2..=6u32);
-    let retry_ms = [0, 10, 100][rng.random_range(0..3)];
+    let topology = Topology::seeded(&mut rng);
+    let shards = topology.shards();
     let prepare_timeout_ms = [200, 1_000, 10_000][rng.random_range(0..3)];
+    // Wide-area delays well within the prepare timeout and the lock wait (as a deployment
+    // must set them): with a round trip near either, attempts time out one after another
+    // and a transfer between regions may never get through.
+    let wan_delay_ms = [0, 50, 150][rng.random_range(0..3)].min(prepare_timeout_ms / 10);
+    // Resends no more often than a message takes to cross (as a deployment must set them, or
+    // every link carries a flood of copies).
+    let retry_ms = [0, 10, 100][rng.random_range(0..3)].max(wan_delay_ms);
     let options = Options {
         retry_ms: retry_ms.max(1),
         prepared_query_ms: retry_ms,
         prepare_timeout_ms,
         lock_wait_ms_max: prepare_timeout_ms / 2,
         lock_waiters_max: rng.random_range(1..=64),
+        lease_ms: [2_000, 10_000][rng.random_range(0..2)],
         ..Options::default()
     };
+    let several_nodes = topology.nodes.len() > 1;
     let plan = Plan {
-        shards,
+        topology: topology.describe(),
         accounts: rng.random_range(3..=12),
         ops: rng.random_range(10..=120),
         loss: [0, 50, 200][rng.random_range(0..3)],
         duplicate: [0, 50, 200][rng.random_range(0..3)],
         reorder: [0, 300][rng.random_range(0..2)],
+        wan_delay_ms,
+        partitions: if several_nodes {
+            [0, 30, 100][rng.random_range(0..3)]
+        } else {
+            0
+        },
+        stalls: [0, 20, 80][rng.random_range(0..3)],
+        commits_per_failure: [0, 0, 40, 200][rng.random_range(0..4)],
+        takeovers: if topology.shared.iter().any(|s| *s) {
+            [30, 100][rng.random_range(0..2)]
+        } else {
+            0
+        },
+        wakes: [100, 400][rng.random_range(0..2)],
         options,
     };
     if verbose {
         println!("seed {seed}: {plan:?}");
     }
     let accounts: Vec<(String, ShardId)> = (0..plan.accounts)
-        .map(|i| (format!("a{i}"), ShardId(rng.random_range(0..shards))))
+        .map(|i| {
+            let id = format!("a{i}");
+            let region = rng.random_range(0..topology.regions.len());
+            let home = topology.home(region, &id);
+            (id, home)
+        })
         .collect();
     let homes: BTreeMap<String, ShardId> = accounts.iter().cloned().collect();
     let locate = Arc::new(move |id: &str| Some(homes.get(id).copied().unwrap_or(ShardId(0))));
-    let mut sim = Sim::new(shards, locate, plan.options.clone());
+    let leaders = (0..shards)
+        .map(|s| {
+            let owner = &topology.nodes[topology.owner(ShardId(s))];
+            (owner.id.clone(), owner.skew_ms)
+        })
+        .collect();
+    let stores = (0..shards).map(|_| Arc::new(Memory::new())).collect();
+    let mut sim = Sim::led_by(stores, locate, plan.options.clone(), leaders);
+    if plan.commits_per_failure > 0 {
+        let mut n = 0;
+        while n < 50_000 {
+            n += rng.random_range(1..=2 * plan.commits_per_failure);
+            sim.failing_commits.insert(n);
+        }
+    }
     sim.journal = Some(Vec::new());
     let mut reference = Reference::default();
     reference.now_ms = sim.now_ms;
@@ -134,14 +226,20 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
             },
             ..Default::default()
         };
-        let token = sim.token();
-        sim.batch(
-            *shard,
-            vec![Input::CreateAccount {
-                token,
-                account: spec.clone(),
-            }],
-        );
+        // Created where it lives, until it is (a commit may fail).
+        loop {
+            let token = sim.token();
+            sim.batch(
+                *shard,
+                vec![Input::CreateAccount {
+                    token,
+                    account: spec.clone(),
+                }],
+            );
+            if sim.replies.contains_key(&token) {
+                break;
+            }
+        }
         reference.create_account(spec);
     }
     let mut run = Run {
@@ -149,13 +247,19 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
         sim,
         reference,
         plan,
+        topology,
         accounts,
         sent: Vec::new(),
+        delayed: Vec::new(),
+        cuts: BTreeSet::new(),
+        heal_at: 0,
         outcome: Outcome::default(),
         verbose,
     };
     run.play(seed);
     run.outcome.simulated_ms = run.sim.now_ms;
+    run.outcome.step_downs = run.sim.step_downs;
+    run.outcome.waited_ms = run.sim.now_ms - run.reference.now_ms;
     let mut hasher = DefaultHasher::new();
     run.sim.journal.take().unwrap_or_default().hash(&mut hasher);
     run.outcome.journal_hash = hasher.finish();
@@ -170,6 +274,15 @@ impl Run {
             self.send(fund);
         }
         for n in 0..self.plan.ops {
+            if self.sim.now_ms - self.reference.now_ms > WAITED_MS_MAX {
+                if self.verbose {
+                    println!("  the waits add up to {WAITED_MS_MAX} ms: the workload ends");
+                }
+                self.outcome.cut_short = true;
+                break;
+            }
+            self.faults_between(n);
+            self.sync_expiries();
             let roll = self.rng.random_range(0..100);
             let t = match roll {
                 0..50 => {
@@ -182,7 +295,7 @@ impl Run {
                     let amount = self.rng.random_range(1..400);
                     Transfer {
                         kind: TransferKind::Pending,
-                        timeout_seconds: self.rng.random_range(0..3) * 1_000,
+                        timeout_seconds: self.rng.random_range(0..3) * HOLD_TIMEOUT_S,
                         ..self.posted(&format!("t{n}"), d, c, amount)
                     }
                 }
@@ -197,12 +310,12 @@ impl Run {
                     continue;
                 }
                 92..95 => {
-                    let ms = self.rng.random_range(1..4) * 1_000_000;
+                    let ms = self.rng.random_range(1..4) * JUMP_MS + JUMP_PAST_MS;
                     if self.verbose {
                         println!("  advance {ms} ms");
                     }
                     self.sim.now_ms += ms;
-                    self.reference.advance(ms);
+                    self.reference.pass(ms);
                     self.settle("after a time jump");
                     continue;
                 }
@@ -217,8 +330,17 @@ impl Run {
         // Liveness: no more faults; everything in flight must finish.
         self.plan.loss = 0;
         self.plan.duplicate = 0;
+        self.heal("the liveness phase");
+        self.sim.failing_commits.clear();
+        for shard in 0..self.topology.shards() {
+            self.sim.resume(ShardId(shard));
+        }
+        while !self.sim.deposed.is_empty() {
+            self.sim.wake(0, Vec::new());
+        }
         self.sim.now_ms += self.plan.options.prepare_timeout_ms * 4;
         self.settle("in the liveness phase");
+        self.sync_expiries();
         self.check_final(seed);
     }
 
@@ -275,10 +397,9 @@ impl Run {
         };
         submit(self, (0..batch.len()).collect(), &mut waiting);
         if self.rng.random_bool(0.1) {
-            let victim = ShardId(self.rng.random_range(0..self.plan.shards));
-            self.sim.deliver_all(self.rng.random_range(0..4));
-            self.sim.crash(victim);
-            self.outcome.crashes += 1;
+            let after = self.rng.random_range(0..4);
+            self.sim.deliver_all(after);
+            self.crash_a_node(after);
         }
         let faults = (self.plan.loss, self.plan.duplicate);
         for round in 0..ATTEMPTS_MAX * 40 {
@@ -290,6 +411,7 @@ impl Run {
                 // Prepare parked behind a lock, refusals while the queue is full): the
                 // liveness owed is once they heal.
                 (self.plan.loss, self.plan.duplicate) = (0, 0);
+                self.heal("a burst could not finish");
             }
             let mut retry = Vec::new();
             let tokens: Vec<u64> = waiting.keys().copied().collect();
@@ -314,9 +436,8 @@ impl Run {
                 }
             }
             if self.sim.inbox.is_empty() {
-                self.sim.now_ms += self.plan.options.retry_ms;
-                self.sim.tick_all();
-                if self.sim.inbox.is_empty() && retry.is_empty() {
+                self.pass_time();
+                if self.idle() && retry.is_empty() {
                     // Waiters lost with a crashed leader: time on, then the same ids again.
                     if self.verbose {
                         println!(
@@ -409,13 +530,36 @@ impl Run {
         if t.validate().is_err() {
             return; // The API refuses it before any shard sees it.
         }
-        let expected = self.reference.transfer(&t);
+        self.sync_expiries();
+        let overdue = self.reference.overdue();
+        let before = (!overdue.is_empty()).then(|| self.reference.clone());
+        let mut expected = self.reference.transfer(&t);
         let got = self.transfer(&t);
+        if let Some(mut after_expiries) = before
+            && got != Some(expected)
+        {
+            // Holds past due whose expiry had not committed when the transfer was sent may
+            // have expired before it was judged: the answer with them expired is right too.
+            for id in &overdue {
+                after_expiries.expire(id);
+            }
+            let alternative = after_expiries.transfer(&t);
+            if got == Some(alternative) {
+                self.reference = after_expiries;
+                expected = alternative;
+            }
+        }
         self.outcome.transfers += 1;
         if self.verbose {
+            let what = if t.pending_id.is_empty() {
+                format!("{} -> {}", t.debit_account_id, t.credit_account_id)
+            } else {
+                format!("{:?} of {}", t.kind, t.pending_id)
+            };
             println!(
-                "  {} {} -> {}: {got:?}",
-                t.id, t.debit_account_id, t.credit_account_id
+                "  {} {what} ({} ms after the reference's clock): {got:?}",
+                t.id,
+                self.sim.now_ms - self.reference.now_ms
             );
         }
         match got {
@@ -429,6 +573,56 @@ impl Run {
         if !self.sent.iter().any(|s| s.id == t.id) {
             self.sent.push(t);
         }
+    }
+
+    /// Tells the reference which of the holds it has past due the cluster has expired (an
+    /// expiry commits once its shard's leader sees it due, and between shards only once both
+    /// can be reached); a hold the cluster expired before it was due is a violation.
+    fn sync_expiries(&mut self) {
+        let mut early = Vec::new();
+        let overdue: BTreeSet<String> = self.reference.overdue().into_iter().collect();
+        for (id, expired) in self.cluster_holds() {
+            if !expired {
+                continue;
+            }
+            if overdue.contains(&id) {
+                self.reference.expire(&id);
+            } else if self
+                .reference
+                .hold(&id)
+                .is_some_and(|h| h.state == HoldState::Pending)
+            {
+                early.push(format!("hold {id} expired before it was due"));
+            }
+        }
+        for v in early {
+            self.violation(v);
+        }
+    }
+
+    /// Each hold the reference knows, and whether the cluster has it expired.
+    fn cluster_holds(&self) -> Vec<(String, bool)> {
+        self.reference
+            .holds()
+            .map(|(id, hold)| {
+                let shard = self.home(&hold.debit_account_id);
+                let state = read::hold(&*self.sim.stores[shard.0 as usize], shard, id)
+                    .ok()
+                    .flatten()
+                    .map(|h| h.state);
+                (id.clone(), state == Some(HoldState::Expired))
+            })
+            .collect()
+    }
+
+    /// Whether a hold the reference has past due is still pending in the cluster.
+    fn expiries_due(&self) -> bool {
+        let overdue = self.reference.overdue();
+        !overdue.is_empty()
+            && self
+                .cluster_holds()
+                .iter()
+                .any(|(id, expired)| !expired && overdue.contains(id))
     }
 
     fn violation(&mut self, what: String) {
@@ -448,7 +642,7 @@ impl Run {
         if !resolves {
             return Ok(self.home(&t.debit_account_id));
         }
-        let shards = (0..self.plan.shards).map(ShardId);
+        let shards = (0..self.topology.shards()).map(ShardId);
         let store = |shard: ShardId| &*self.sim.stores[shard.0 as usize];
         for shard in shards.clone() {
             if read::transfer(store(shard), shard, &t.id)
@@ -487,34 +681,48 @@ impl Run {
             .map_or(ShardId(0), |(_, shard)| *shard)
     }
 
-    /// Submits until a final answer: the same id again after a retriable rejection or a reply
-    /// lost with a crashed leader. Faults from the seed along the way. `None`: never answered.
+    /// Submits until a final answer, each attempt through a node picked at random (forwarded
+    /// to the shard's leader, the answer coming back the same way): the same id again after a
+    /// retriable rejection, or an answer lost with a crashed leader or to a partition. Faults
+    /// from the seed along the way; a partition still up halfway through the attempts heals
+    /// (partitions end). `None`: never answered.
     fn transfer(&mut self, t: &Transfer) -> Option<Result<u64, Rejection>> {
         let shard = match self.route(t) {
             Ok(shard) => shard,
             Err(reason) => return Some(Err(reason)),
         };
-        for _ in 0..ATTEMPTS_MAX {
+        for attempt in 0..ATTEMPTS_MAX {
+            if attempt == ATTEMPTS_MAX / 2 {
+                self.heal("a transfer could not finish");
+            }
+            let entry = self.rng.random_range(0..self.topology.nodes.len());
+            if !self.link_up(entry, self.leader(shard)) {
+                // The forward cannot reach the leader: the call fails at its deadline.
+                if self.verbose {
+                    println!("  {}: node {entry} cannot reach the leader", t.id);
+                }
+                self.sim.now_ms += CALL_TIMEOUT_MS;
+                self.settle("before a retry");
+                continue;
+            }
             let token = self.sim.token();
-            self.sim.batch(
-                shard,
-                vec![Input::CreateTransfer {
-                    token,
-                    transfer: t.clone(),
-                    trace: None,
-                }],
-            );
+            let input = Input::CreateTransfer {
+                token,
+                transfer: t.clone(),
+                trace: None,
+            };
+            if self.rng.random_range(0..1_000) < self.plan.stalls {
+                self.sim.stall(shard, vec![input]);
+                self.after_stall(shard);
+            } else {
+                self.sim.batch(shard, vec![input]);
+            }
             if self.rng.random_bool(0.08) {
-                let victim = ShardId(self.rng.random_range(0..self.plan.shards));
                 let after = self.rng.random_range(0..4);
                 for _ in 0..after {
                     self.sim.deliver_all(1);
                 }
-                if self.verbose {
-                    println!("  crash shard {victim} after {after} messages");
-                }
-                self.sim.crash(victim);
-                self.outcome.crashes += 1;
+                self.crash_a_node(after);
             }
             for _ in 0..100 {
                 if let Some(Reply::Transfer(reply)) = self.sim.replies.get(&token) {
@@ -524,18 +732,32 @@ impl Run {
                         .as_ref()
                         .map(|c| c.amount)
                         .map_err(|r| *r);
+                    if !self.link_up(self.leader(shard), entry) {
+                        // The answer is lost on its way back: the call fails at its deadline.
+                        if self.verbose {
+                            println!("  {}: the answer cannot reach node {entry}", t.id);
+                        }
+                        self.sim.now_ms += CALL_TIMEOUT_MS;
+                        break;
+                    }
                     if matches!(result, Err(r) if r.is_retriable()) {
+                        if self.verbose {
+                            println!("    {} answered {result:?}: sent again", t.id);
+                        }
                         break;
                     }
                     self.settle("after an answer");
                     return Some(result);
                 }
                 if self.sim.inbox.is_empty() {
-                    self.sim.now_ms += self.plan.options.retry_ms;
-                    self.sim.tick_all();
-                    if self.sim.inbox.is_empty() && !self.sim.replies.contains_key(&token) {
-                        // The waiter was lost with a crashed leader, or its lock wait ran
-                        // out of time to come: move time on, then send the same id again.
+                    self.pass_time();
+                    if self.idle() && !self.sim.replies.contains_key(&token) {
+                        // The waiter was lost with a crashed or deposed leader, or its lock
+                        // wait ran out of time to come: move time on, then send the same id
+                        // again.
+                        if self.verbose {
+                            println!("    {}: no answer and nothing moving: sent again", t.id);
+                        }
                         self.sim.now_ms += self.plan.options.prepare_timeout_ms;
                         break;
                     }
@@ -547,9 +769,212 @@ impl Run {
         None
     }
 
-    /// One round of deliveries with the seed's network faults.
+    /// Faults that start between operations: a partition heals or starts, a leader of a
+    /// shared store is deposed by another node, a deposed leader wakes.
+    fn faults_between(&mut self, op: usize) {
+        if !self.cuts.is_empty() && op >= self.heal_at {
+            self.heal("its time");
+        }
+        if self.cuts.is_empty() && self.rng.random_range(0..1_000) < self.plan.partitions {
+            self.partition(op);
+        }
+        if self.rng.random_range(0..1_000) < self.plan.takeovers {
+            let shard = ShardId(self.rng.random_range(0..self.topology.shards()));
+            let successors = self.topology.successors(shard, self.leader(shard));
+            if !successors.is_empty() {
+                let next = successors[self.rng.random_range(0..successors.len())];
+                self.take_over(shard, next);
+            }
+        }
+        if !self.sim.deposed.is_empty() && self.rng.random_range(0..1_000) < self.plan.wakes {
+            // It wakes with a tick (its timers, its resends), or with a call a router that
+            // had not heard of the new leader sent it.
+            let which = self.rng.random_range(0..self.sim.deposed.len());
+            let inputs = if self.sent.is_empty() || self.rng.random_bool(0.5) {
+                Vec::new()
+            } else {
+                let t = self.sent[self.rng.random_range(0..self.sent.len())].clone();
+                let token = self.sim.token();
+                vec![Input::CreateTransfer {
+                    token,
+                    transfer: t,
+                    trace: None,
+                }]
+            };
+            if self.verbose {
+                println!("  a deposed leader wakes with {} inputs", inputs.len());
+            }
+            self.sim.wake(which, inputs);
+        }
+    }
+
+    /// A partition: between two nodes or two regions, both ways or one way, until a seeded
+    /// later operation.
+    fn partition(&mut self, op: usize) {
+        let nodes = self.topology.nodes.len();
+        let regions = self.topology.regions.len();
+        let one_way = self.rng.random_bool(0.5);
+        let (side_a, side_b): (Vec<usize>, Vec<usize>) = if regions > 1 && self.rng.random_bool(0.5)
+        {
+            let a = self.rng.random_range(0..regions);
+            let b = (a + self.rng.random_range(1..regions)) % regions;
+            let of = |r: usize| -> Vec<usize> {
+                (0..nodes)
+                    .filter(|n| self.topology.nodes[*n].region == r)
+                    .collect()
+            };
+            (of(a), of(b))
+        } else {
+            let a = self.rng.random_range(0..nodes);
+            let b = (a + self.rng.random_range(1..nodes)) % nodes;
+            (vec![a], vec![b])
+        };
+        for a in &side_a {
+            for b in &side_b {
+                self.cuts.insert((*a, *b));
+                if !one_way {
+                    self.cuts.insert((*b, *a));
+                }
+            }
+        }
+        self.heal_at = op + self.rng.random_range(1..=8);
+        self.outcome.partitions += 1;
+        if self.verbose {
+            let name = |n: &Vec<usize>| {
+                n.iter()
+                    .map(|i| self.topology.nodes[*i].id.clone())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            println!(
+                "  partition {} {} {} until op {}",
+                name(&side_a),
+                if one_way { "-/->" } else { "<-/->" },
+                name(&side_b),
+                self.heal_at
+            );
+        }
+    }
+
+    fn heal(&mut self, why: &str) {
+        if !self.cuts.is_empty() {
+            if self.verbose {
+                println!("  the partition heals: {why}");
+            }
+            self.cuts.clear();
+        }
+    }
+
+    fn link_up(&self, from: usize, to: usize) -> bool {
+        !self.cuts.contains(&(from, to))
+    }
+
+    /// The node leading `shard` now.
+    fn leader(&self, shard: ShardId) -> usize {
+        self.topology.node(&self.sim.leaders[shard.0 as usize])
+    }
+
+    /// A node crashes: every shard it leads loses what it had not committed.
+    fn crash_a_node(&mut self, after: usize) {
+        let victim = self.rng.random_range(0..self.topology.nodes.len());
+        if self.verbose {
+            println!(
+                "  crash node {} after {after} messages",
+                self.topology.nodes[victim].id
+            );
+        }
+        for shard in 0..self.topology.shards() {
+            if self.leader(ShardId(shard)) == victim {
+                self.sim.crash(ShardId(shard));
+            }
+        }
+        self.outcome.crashes += 1;
+    }
+
+    /// A leader's commit stalled: either it goes on after a while, or (with a shared store)
+    /// the leader stays paused past its lease and another node of its region takes over.
+    fn after_stall(&mut self, shard: ShardId) {
+        let successors = self.topology.successors(shard, self.leader(shard));
+        self.deliver_round();
+        if successors.is_empty() || self.rng.random_bool(0.4) {
+            self.sim.now_ms += self.rng.random_range(1..=self.plan.options.lease_ms);
+            if self.verbose {
+                println!("  shard {shard}: a stalled commit goes on");
+            }
+            self.sim.resume(shard);
+        } else {
+            let next = successors[self.rng.random_range(0..successors.len())];
+            self.take_over(shard, next);
+        }
+    }
+
+    /// `node` takes `shard` over once the lease has lapsed by its clock (time moves on until
+    /// it has).
+    fn take_over(&mut self, shard: ShardId, node: usize) {
+        let (id, skew_ms) = (
+            self.topology.nodes[node].id.clone(),
+            self.topology.nodes[node].skew_ms,
+        );
+        loop {
+            match self.sim.take_over(shard, &id, skew_ms) {
+                Ok(()) => break,
+                Err(LeaseError::Held { expires_at_ms, .. }) => {
+                    let by_its_clock = expires_at_ms.saturating_add_signed(-skew_ms) + 1;
+                    self.sim.now_ms = self.sim.now_ms.max(by_its_clock);
+                }
+                Err(e) => panic!("taking a lease in memory: {e}"),
+            }
+        }
+        self.outcome.takeovers += 1;
+        if self.verbose {
+            println!("  shard {shard}: node {id} takes over");
+        }
+    }
+
+    /// Nothing queued and nothing on a wide-area link.
+    fn idle(&self) -> bool {
+        self.sim.inbox.is_empty() && self.delayed.is_empty()
+    }
+
+    /// Time moves on by the retry interval, or to the next wide-area arrival if that comes
+    /// first, and every leader ticks.
+    fn pass_time(&mut self) {
+        let tick = self.sim.now_ms + self.plan.options.retry_ms;
+        let arrival = self.delayed.iter().map(|d| d.0).min().unwrap_or(tick);
+        self.sim.now_ms = tick.min(arrival).max(self.sim.now_ms);
+        self.sim.tick_all();
+    }
+
+    /// One round of deliveries with the seed's network faults: messages between regions wait
+    /// out the wide-area delay, cut links drop what they carry, and the rest may be lost,
+    /// duplicated or reordered.
     fn deliver_round(&mut self) {
-        let mut queued: Vec<_> = self.sim.inbox.drain(..).collect();
+        let now = self.sim.now_ms;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.delayed)
+            .into_iter()
+            .partition(|d| d.0 <= now);
+        self.delayed = later;
+        let mut queued: Vec<_> = due
+            .into_iter()
+            .map(|(_, to, from, m)| (to, from, m))
+            .collect();
+        for (to, from, message) in self.sim.inbox.drain(..).collect::<Vec<_>>() {
+            let far = self.topology.region_of_shard(to) != self.topology.region_of_shard(from);
+            if far && self.plan.wan_delay_ms > 0 {
+                // A copy of one still on the link is dropped, as `Sim` drops a resend of one
+                // still queued.
+                let on_the_link = self
+                    .delayed
+                    .iter()
+                    .any(|d| d.1 == to && d.2 == from && d.3 == message);
+                if !on_the_link {
+                    self.delayed
+                        .push((now + self.plan.wan_delay_ms, to, from, message));
+                }
+            } else {
+                queued.push((to, from, message));
+            }
+        }
         if self.rng.random_range(0..1_000) < self.plan.reorder {
             for i in (1..queued.len()).rev() {
                 let j = self.rng.random_range(0..=i);
@@ -558,6 +983,9 @@ impl Run {
         }
         let mut delivered = Vec::with_capacity(queued.len());
         for message in queued {
+            if !self.link_up(self.leader(message.1), self.leader(message.0)) {
+                continue;
+            }
             if self.rng.random_range(0..1_000) < self.plan.loss {
                 continue;
             }
@@ -576,19 +1004,26 @@ impl Run {
     }
 
     /// Ticks and delivers until no message is queued and no shard has a two-phase commit in
-    /// flight; a cluster that does not get there is a liveness violation.
+    /// flight; a cluster that does not get there is a liveness violation. While a partition
+    /// is up, it only ticks and delivers for a while: what crosses the cut waits for the heal.
     fn settle(&mut self, when: &str) {
-        for _ in 0..SETTLE_ROUNDS_MAX {
-            self.sim.now_ms += self.plan.options.retry_ms;
-            self.sim.tick_all();
+        for round in 0..SETTLE_ROUNDS_MAX {
+            if !self.cuts.is_empty() && round == SETTLE_ROUNDS_UNDER_PARTITION {
+                return;
+            }
+            self.pass_time();
             for _ in 0..50 {
-                if self.sim.inbox.is_empty() {
+                if self.idle() {
                     break;
+                }
+                if self.sim.inbox.is_empty() {
+                    self.pass_time();
                 }
                 self.deliver_round();
             }
-            let quiet = self.sim.inbox.is_empty()
-                && (0..self.plan.shards).all(|i| {
+            let quiet = self.idle()
+                && !self.expiries_due()
+                && (0..self.topology.shards()).all(|i| {
                     let shard = ShardId(i);
                     read::in_flight(&*self.sim.stores[i as usize], shard).ok() == Some((0, 0))
                 });
@@ -615,6 +1050,8 @@ impl Run {
                 other => found.push(format!("account {id}: {other:?}")),
             }
         }
+        // I5: no commit of a leader whose epoch was past landed.
+        found.extend(self.sim.fenced_landed.iter().cloned());
         let stores: Vec<&dyn Store> = self.sim.stores.iter().map(|s| &**s as &dyn Store).collect();
         found.extend(checks::all(&checks::Snapshot::read(&stores)));
         if !found.is_empty() && self.verbose {

@@ -572,7 +572,11 @@ impl Engine {
         let mut writes = std::mem::take(&mut batch.writes);
         let mut dirty: Vec<_> = batch.dirty.drain().collect();
         dirty.sort_unstable();
-        if !writes.writes.is_empty() || !dirty.is_empty() {
+        #[cfg(feature = "sim-bugs")]
+        let fenced = !crate::bugs::on(crate::bugs::Bug::SkipEpochCheck);
+        #[cfg(not(feature = "sim-bugs"))]
+        let fenced = true;
+        if fenced && (!writes.writes.is_empty() || !dirty.is_empty()) {
             writes.expect(
                 keys::lease(self.shard),
                 Expect::Prefix(codec::version_prefix(self.epoch)),

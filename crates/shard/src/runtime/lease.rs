@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use ledger_domain::ShardId;
 use ledger_store::{Expect, Store, WriteBatch};
 
+use crate::engine::Engine;
 use crate::{ReadError, codec, keys};
 
 /// The lease record: value = epoch (u64 BE) then this.
@@ -85,4 +86,31 @@ pub fn acquire_lease(
         .commit(&batch)
         .map_err(|_| LeaseError::Raced { shard })?;
     Ok(lease)
+}
+
+/// Adds to `writes` the renewal of `engine`'s lease by `node` until `now_ms + lease_ms`,
+/// expected at the engine's epoch, with the count of recorded transfer ids (which sizes the
+/// next term's first filter).
+pub fn renew(
+    writes: &mut WriteBatch,
+    shard: ShardId,
+    node: &str,
+    engine: &Engine,
+    now_ms: u64,
+    lease_ms: u64,
+) {
+    let lease = Lease {
+        epoch: engine.epoch(),
+        node: node.to_string(),
+        expires_at_ms: now_ms + lease_ms,
+    };
+    writes.expect(
+        keys::lease(shard),
+        Expect::Prefix(codec::version_prefix(engine.epoch())),
+    );
+    writes.put(keys::lease(shard), encode_lease(&lease));
+    writes.put(
+        keys::id_count(shard),
+        engine.ids_recorded().to_be_bytes().to_vec(),
+    );
 }

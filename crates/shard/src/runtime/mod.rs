@@ -37,17 +37,17 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use ledger_domain::ShardId;
-use ledger_store::{Expect, Store, WriteBatch};
+use ledger_store::{Store, WriteBatch};
 
 pub use handle::{BoxFuture, Command, LeaderHint, Peers, ShardError, ShardHandle, channel};
-pub use lease::{Lease, LeaseError, acquire_lease};
+pub use lease::{Lease, LeaseError, acquire_lease, renew};
 pub use recovery::load;
 
 use crate::engine::reads::{self, Read};
 use crate::engine::{Engine, Input, Locate, Output, Reply, id_filter};
 use crate::metrics::RuntimeMetrics;
 use crate::trace::TraceParent;
-use crate::{Clock, Options, codec, keys};
+use crate::{Clock, Options};
 use recovery::TermStart;
 use waiting::Waiting;
 
@@ -344,21 +344,13 @@ impl Runtime {
         if now.saturating_sub(*renewed_at) < self.options.lease_ms / 3 {
             return;
         }
-        let lease = Lease {
-            epoch: engine.epoch(),
-            node: self.node.clone(),
-            expires_at_ms: now + self.options.lease_ms,
-        };
-        output.writes.expect(
-            keys::lease(self.shard),
-            Expect::Prefix(codec::version_prefix(engine.epoch())),
-        );
-        output
-            .writes
-            .put(keys::lease(self.shard), lease::encode_lease(&lease));
-        output.writes.put(
-            keys::id_count(self.shard),
-            engine.ids_recorded().to_be_bytes().to_vec(),
+        lease::renew(
+            &mut output.writes,
+            self.shard,
+            &self.node,
+            engine,
+            now,
+            self.options.lease_ms,
         );
         *renewed_at = now;
     }
