@@ -2,6 +2,7 @@
 //! `ledgerd` servers (in process on port 0, or as child processes for crash tests).
 
 pub mod cluster;
+pub mod fuzz;
 pub mod leader;
 pub mod process;
 pub mod wire;

@@ -1,20 +1,13 @@
-//! Fuzzing by proptest (cargo-fuzz needs a nightly toolchain; these run in CI on stable):
-//! arbitrary bytes and arbitrary messages through every decoder that reads what another
-//! party wrote: the public requests (protobuf, then the wire-to-domain conversion and
-//! validation), the stored records (every record kind and format), the node-to-node shard
-//! messages, and the store's key codec. Each must answer (a value or an error) and never
-//! panic; what decodes must convert back the same way.
+//! Fuzzing by proptest: arbitrary bytes through every decoder that reads what another party
+//! wrote: the public requests (protobuf, then the wire-to-domain conversion and validation),
+//! the stored records (every record kind and format), the node-to-node shard messages, and the
+//! store's key codec. Each must answer (a value or an error) and never panic; what decodes must
+//! convert back the same way. The bodies are `ledger_tests::fuzz`, which the cargo-fuzz
+//! targets in `fuzz/` run too (they need a nightly toolchain; these run in CI on stable).
 
 use proptest::prelude::*;
-use prost::Message as _;
 
-use ledger_domain::{HoldStatus, TransferRecord};
-use ledger_proto::ledger::internal::v1 as ipb;
-use ledger_proto::{self as wire, pb};
-use ledger_shard::codec;
-use ledger_shard::directory::Forward;
-use ledger_shard::engine::{CoordRecord, PreparedRecord};
-use ledger_shard::protocol::Message;
+use ledger_tests::fuzz;
 
 fn bytes() -> impl Strategy<Value = Vec<u8>> {
     prop::collection::vec(any::<u8>(), 0..512)
@@ -33,52 +26,17 @@ proptest! {
 
     #[test]
     fn public_requests_decode_convert_and_validate_without_panicking(data in bytes()) {
-        if let Ok(t) = pb::Transfer::decode(data.as_slice())
-            && let Ok(transfer) = wire::transfer(t)
-            && transfer.validate().is_ok()
-        {
-            // A valid request survives the way back to the wire and in again.
-            let again = wire::transfer(wire::transfer_to_wire(&transfer)).unwrap();
-            prop_assert_eq!(again, transfer);
-        }
-        if let Ok(a) = pb::Account::decode(data.as_slice())
-            && let Ok(account) = wire::new_account(a)
-        {
-            let _ = account.normalize();
-        }
-        let _ = pb::CreateTransfersRequest::decode(data.as_slice());
+        fuzz::public_request(&data);
     }
 
     #[test]
     fn stored_records_decode_without_panicking(data in record_bytes()) {
-        let _ = codec::decode::<TransferRecord>("transfer", &data);
-        let _ = codec::decode::<HoldStatus>("hold", &data);
-        let _ = codec::decode::<PreparedRecord>("prepared record", &data);
-        let _ = codec::decode_account(&data);
-        let _ = CoordRecord::decode(&data);
-        if let Ok(forward) = Forward::decode(&data)
-            && forward.home.is_some()
-        {
-            prop_assert_eq!(Forward::decode(&forward.encode()).unwrap(), forward);
-        }
+        fuzz::stored_record(&data);
     }
 
     #[test]
     fn shard_messages_decode_without_panicking(data in bytes()) {
-        if let Ok(message) = ipb::ShardMessage::decode(data.as_slice())
-            && let Ok(decoded) = Message::try_from(message)
-        {
-            // What decodes encodes back to the same message.
-            let again = Message::try_from(ipb::ShardMessage::from(&decoded)).unwrap();
-            prop_assert_eq!(again, decoded);
-        }
-        if let Ok(request) = ipb::DeliverRequest::decode(data.as_slice()) {
-            for envelope in request.messages {
-                if let Some(message) = envelope.message {
-                    let _ = Message::try_from(message);
-                }
-            }
-        }
+        fuzz::shard_message(&data);
     }
 
     #[test]
@@ -91,13 +49,10 @@ proptest! {
         // stay below 2^56, so their first byte is 0x00. Found by this test.
         n in 0u64..(1 << 56),
     ) {
-        let _ = ledger_store::key::read_str(&data, at);
-        let _ = ledger_store::key::read_u64(&data, at);
+        fuzz::store_key(&data, at);
         let key = ledger_store::key::Key::new().u8(3).str(&id).u64(n).into_bytes();
         let (read, next) = ledger_store::key::read_str(&key, 1).expect("a key written reads back");
         prop_assert_eq!(read, id);
         prop_assert_eq!(ledger_store::key::read_u64(&key, next), Some(n));
-        let end = ledger_store::key::prefix_end(&data);
-        prop_assert!(data.is_empty() || data.iter().all(|b| *b == 0xff) || end.as_slice() > data.as_slice());
     }
 }

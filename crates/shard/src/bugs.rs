@@ -18,6 +18,9 @@ pub enum Bug {
     /// A leader commits without the precondition on its epoch, so a deposed leader's commit
     /// can land after another took the shard over.
     SkipEpochCheck,
+    /// A coordinator releases its lock on the debit account as soon as its Prepare leaves,
+    /// before the decision, so another transfer may spend what this one is about to.
+    ReleaseLockEarly,
 }
 
 thread_local! {

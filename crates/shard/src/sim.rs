@@ -14,14 +14,20 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use ledger_domain::ShardId;
-use ledger_store::{Memory, Store};
+use ledger_store::{Memory, Store, Write, WriteBatch};
 
 use crate::engine::id_filter::{self, IdFilter};
-use crate::engine::{Engine, Input, Locate, Output, Reply, Token};
-use crate::protocol::Message;
-use crate::runtime::lease::decode_lease;
+use crate::engine::{CoordRecord, Engine, Input, Locate, Output, Reply, Token};
+use crate::protocol::{Attempt, Decision, Message};
+use crate::runtime::lease::{self, decode_lease};
 use crate::runtime::{FETCH_ROUNDS_MAX, LeaseError, acquire_lease, load, renew};
 use crate::{Options, keys};
+
+/// A coordinator record as a batch leaves it.
+enum Recorded {
+    Deleted,
+    As(Option<Box<CoordRecord>>),
+}
 
 /// A leader that lost its shard to another node: its engine, and the batch it was committing
 /// when it stalled (if it was).
@@ -70,6 +76,10 @@ pub struct Sim {
     pub step_downs: u64,
     /// Commits that landed although the shard's lease had moved past their leader's epoch.
     pub fenced_landed: Vec<String>,
+    /// Every durable decision a coordinator sent, by attempt; and what broke I6 (a decision
+    /// is final), see [`Sim::check_decision`].
+    pub decisions: HashMap<(ShardId, Attempt), Decision>,
+    pub decisions_changed: Vec<String>,
 }
 
 impl std::fmt::Debug for Sim {
@@ -126,6 +136,8 @@ impl Sim {
             failing_commits: BTreeSet::new(),
             step_downs: 0,
             fenced_landed: Vec::new(),
+            decisions: HashMap::new(),
+            decisions_changed: Vec::new(),
         };
         for i in 0..shards {
             let engine = sim.boot(ShardId(i));
@@ -331,6 +343,32 @@ impl Sim {
     /// on success records its replies and queues its messages. `None`: the commit failed.
     fn commit_and_send(&mut self, shard: ShardId, epoch: u64, output: Output) -> Option<Output> {
         let i = shard.0 as usize;
+        // Each decision sent, with the coordinator's record as this batch leaves it: checked
+        // once the batch is durable. A batch that deletes the record (the participant
+        // acknowledged) may both resend the decision and answer a late query with abort.
+        let decisions: Vec<(Attempt, Decision, Option<Box<CoordRecord>>)> = output
+            .messages
+            .iter()
+            .filter_map(|(_, message)| match message {
+                Message::Decide {
+                    attempt, decision, ..
+                } => match self.coord_record(shard, &output.writes, &attempt.op) {
+                    Recorded::Deleted => None,
+                    Recorded::As(record) => Some((attempt.clone(), *decision, record)),
+                },
+                _ => None,
+            })
+            .collect();
+        if output.writes.is_empty() && !output.messages.is_empty() {
+            // Messages from a batch that writes nothing leave only while its leader still
+            // holds the lease, as the runtime sends them (`lease::holds`).
+            if !lease::holds(&*self.stores[i], shard, epoch).unwrap_or(false) {
+                if let Some(journal) = &mut self.journal {
+                    journal.push(format!("{shard}: messages of epoch {epoch} fenced"));
+                }
+                return None;
+            }
+        }
         if !output.writes.is_empty() {
             self.commits += 1;
             if self.failing_commits.contains(&self.commits) {
@@ -366,6 +404,10 @@ impl Sim {
         for (token, reply) in &output.replies {
             self.replies.insert(*token, reply.clone());
         }
+        for (attempt, decision, record) in decisions {
+            self.check_decision(shard, &attempt, decision, record);
+        }
+
         for (to, message) in &output.messages {
             // A resend identical to a message still queued is dropped, as a network may drop
             // any message: with `retry_ms: 0` every batch resends everything in flight, and
@@ -380,6 +422,64 @@ impl Sim {
             }
         }
         Some(output)
+    }
+
+    /// I6 for a decision `shard` sends: while it keeps the attempt's record, the decision is
+    /// the durable one, and an attempt's durable decision never changes; once the record is
+    /// gone (the participant acknowledged, or nothing was logged), only abort may be answered
+    /// (presumed abort: a late query of a finished attempt gets it, and the participant,
+    /// holding nothing for the attempt, ignores it).
+    fn check_decision(
+        &mut self,
+        shard: ShardId,
+        attempt: &Attempt,
+        decision: Decision,
+        record: Option<Box<CoordRecord>>,
+    ) {
+        let Some(record) = record.filter(|r| r.attempt == *attempt) else {
+            if decision != Decision::Abort {
+                self.decisions_changed.push(format!(
+                    "shard {shard}: attempt {attempt:?} was sent {decision:?} with no record of it"
+                ));
+            }
+            return;
+        };
+        if record.decision != Some(decision) {
+            self.decisions_changed.push(format!(
+                "shard {shard}: attempt {attempt:?} was sent {decision:?}, its record says {:?}",
+                record.decision
+            ));
+        }
+        let first = *self
+            .decisions
+            .entry((shard, attempt.clone()))
+            .or_insert(decision);
+        if first != decision {
+            self.decisions_changed.push(format!(
+                "shard {shard}: attempt {attempt:?} was decided {first:?}, then {decision:?}"
+            ));
+        }
+    }
+
+    /// The coordinator record of `op` on `shard` as `writes` leave it (as the store holds it
+    /// if they do not touch it).
+    fn coord_record(&self, shard: ShardId, writes: &WriteBatch, op: &str) -> Recorded {
+        let key = keys::coord(shard, op);
+        let written = writes.writes.iter().rev().find_map(|w| match w {
+            Write::Put(k, value) if *k == key => Some(Some(value.clone())),
+            Write::Delete(k) if *k == key => Some(None),
+            _ => None,
+        });
+        let bytes = match written {
+            Some(None) => return Recorded::Deleted,
+            Some(Some(bytes)) => Some(bytes),
+            None => self.stores[shard.0 as usize].get(&key).ok().flatten(),
+        };
+        Recorded::As(
+            bytes
+                .and_then(|bytes| CoordRecord::decode(&bytes).ok())
+                .map(Box::new),
+        )
     }
 
     /// Delivers queued messages (each in a batch of its own) until none are left or `max`

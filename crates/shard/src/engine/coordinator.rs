@@ -447,6 +447,12 @@ impl Engine {
                 .writes
                 .put(keys::coord(self.shard, op), record.encode());
             self.send(plan.credit_shard, Message::Prepare(leg));
+            #[cfg(feature = "sim-bugs")]
+            if crate::bugs::on(crate::bugs::Bug::ReleaseLockEarly)
+                && self.coordination(op).debit_locked
+            {
+                self.unlock(&lock_key_account(&plan.debit_id), &holder);
+            }
         }
         Ok(())
     }

@@ -114,3 +114,15 @@ pub fn renew(
         engine.ids_recorded().to_be_bytes().to_vec(),
     );
 }
+
+/// Whether the shard's lease is still at `epoch`: a batch that writes nothing has no commit to
+/// be fenced by, so a leader checks this before it sends what such a batch says. A leader
+/// deposed by another node (a shared store) that has not yet tried to commit still has its
+/// memory, and what it would answer from it (a decision presumed, an acknowledgement of a
+/// decision it holds nothing for) may contradict what the new leader made durable.
+pub fn holds(store: &dyn Store, shard: ShardId, epoch: u64) -> Result<bool, ReadError> {
+    let Some(bytes) = store.get(&keys::lease(shard)).map_err(ReadError::from)? else {
+        return Ok(false);
+    };
+    Ok(decode_lease(&bytes)?.epoch == epoch)
+}

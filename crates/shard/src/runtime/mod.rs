@@ -67,6 +67,8 @@ pub const LINKS_PER_BATCH_MAX: usize = 128;
 
 /// How often an idle leader wakes for timers (lock deadlines, hold expiry, retries).
 const TICK_MS: u64 = 20;
+/// How long a shard that cannot lead waits before it tries again.
+const LEAD_RETRY_MS: u64 = 200;
 
 impl Runtime {
     /// Runs leader terms until stopped: a task on the node's tokio runtime. It never blocks
@@ -86,7 +88,9 @@ impl Runtime {
                 Ok(engine) => engine,
                 Err(e) => {
                     tracing::warn!(shard = %self.shard, error = %e, "cannot lead yet; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if matches!(self.wait_to_lead().await, Term::Stopped) {
+                        return;
+                    }
                     continue;
                 }
             };
@@ -100,6 +104,23 @@ impl Runtime {
                 Term::SteppedDown(reason) => {
                     tracing::error!(shard = %self.shard, %reason, "stepping down; reloading");
                 }
+            }
+        }
+    }
+
+    /// Between two tries to lead (another node holds the lease, or the store cannot be
+    /// read): what is sent meanwhile is dropped, so its callers hear `Unavailable` at once,
+    /// and a stop still stops.
+    async fn wait_to_lead(&mut self) -> Term {
+        let retry = tokio::time::sleep(Duration::from_millis(LEAD_RETRY_MS));
+        tokio::pin!(retry);
+        loop {
+            tokio::select! {
+                () = &mut retry => return Term::SteppedDown(StepDown::Deposed),
+                command = self.rx.recv() => match command {
+                    None | Some(Command::Stop) => return Term::Stopped,
+                    Some(_) => {}
+                },
             }
         }
     }
@@ -182,8 +203,18 @@ impl Runtime {
                 term.metrics.batch_inputs.record(drained.inputs as f64);
             }
             let writes = std::mem::take(&mut output.writes);
+            // Nothing to commit, so no commit to be fenced by: messages leave only while the
+            // lease is still this term's (`lease::holds`).
+            let unfenced = writes.is_empty() && !output.messages.is_empty();
             if let Err(stepped_down) = self.commit(writes, &span, &mut term.metrics).await {
                 return stepped_down;
+            }
+            if unfenced {
+                match lease::holds(&*self.store, self.shard, engine.epoch()) {
+                    Ok(true) => {}
+                    Ok(false) => return Term::SteppedDown(StepDown::Deposed),
+                    Err(e) => return Term::SteppedDown(StepDown::Lease(e)),
+                }
             }
             self.deliver(&mut engine, output, &mut term);
             if drained.stop {
@@ -507,8 +538,15 @@ enum StepDown {
     /// The batch's commit failed: fenced by a newer epoch, or the store failed.
     #[error("the commit failed: {0}")]
     Commit(#[source] ledger_store::CommitError),
+    /// A batch with messages and nothing to commit found the lease at another epoch.
+    #[error("another leader holds the lease")]
+    Deposed,
+    /// Reading the lease for such a batch failed.
+    #[error("reading the lease failed: {0}")]
+    Lease(#[source] crate::ReadError),
 }
 
+#[derive(Debug)]
 enum Term {
     Stopped,
     SteppedDown(StepDown),
