@@ -44,6 +44,19 @@ impl Rejection {
         self as u32
     }
 
+    /// Whether the rejection follows from an account's balances or version, which a
+    /// cross-shard transfer holding the account's lock may be about to change.
+    pub fn depends_on_balances(self) -> bool {
+        matches!(
+            self,
+            Rejection::ExceedsCredits
+                | Rejection::ExceedsDebits
+                | Rejection::Overflow
+                | Rejection::DebitVersionMismatch
+                | Rejection::CreditVersionMismatch
+        )
+    }
+
     /// Retriable rejections record nothing: the same transfer id may succeed later. Every other
     /// rejection is final and recorded, so a replay returns it again.
     pub fn is_retriable(self) -> bool {

@@ -33,12 +33,20 @@ struct Args {
     /// With --seed: print every step.
     #[arg(short, long)]
     verbose: bool,
+    /// With --seed: print every batch's output (writes, replies, messages) at the end.
+    #[arg(long)]
+    journal: bool,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(seed) = args.seed {
         let outcome = run::run(seed, args.verbose);
+        if args.journal {
+            for line in &outcome.journal {
+                println!("{line}");
+            }
+        }
         println!(
             "seed {seed}: {} transfers, {} node crashes, {} partitions, {} takeovers, {} step-downs, {} simulated ms ({} waiting), journal {:016x}",
             outcome.transfers,

@@ -99,6 +99,8 @@ pub struct Outcome {
     pub simulated_ms: u64,
     /// A hash of every batch's output, in order: the same seed gives the same hash.
     pub journal_hash: u64,
+    /// Every batch's output, in order (`ledger-sim --seed S --journal` prints it).
+    pub journal: Vec<String>,
 }
 
 struct Run {
@@ -263,8 +265,10 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
     run.outcome.step_downs = run.sim.step_downs;
     run.outcome.waited_ms = run.sim.now_ms - run.reference.now_ms;
     let mut hasher = DefaultHasher::new();
-    run.sim.journal.take().unwrap_or_default().hash(&mut hasher);
+    let journal = run.sim.journal.take().unwrap_or_default();
+    journal.hash(&mut hasher);
     run.outcome.journal_hash = hasher.finish();
+    run.outcome.journal = journal;
     run.outcome
 }
 

@@ -1253,9 +1253,37 @@ impl Engine {
             self.reply(token, Reply::Unavailable(reason));
             return Ok(());
         }
+        let held = reads.pending.as_ref().and_then(|p| match p {
+            PendingHold::Found(hold) => Some([
+                hold.debit_account_id.clone(),
+                hold.credit_account_id.clone(),
+            ]),
+            _ => None,
+        });
         let plan = match self.plan(&transfer, reads.pending, reads.credit_shard.flatten()) {
             Ok(plan) => plan,
             Err(reason) => {
+                // A balance or version that a cross-shard transfer holding the account is
+                // about to change decides nothing yet: a credit it was acknowledged for may
+                // be on its way. Wait for the lock, then judge again.
+                let accounts = held.unwrap_or_else(|| {
+                    [
+                        transfer.debit_account_id.clone(),
+                        transfer.credit_account_id.clone(),
+                    ]
+                });
+                let locked = accounts.iter().find(|id| self.account_locked(id)).cloned();
+                if let Some(account_id) = locked.filter(|_| reason.depends_on_balances()) {
+                    let key = lock_key_account(&account_id);
+                    let op = transfer.id.clone();
+                    let input = Input::CreateTransfer {
+                        token,
+                        transfer,
+                        trace,
+                    };
+                    self.wait_for_lock(&key, input, trace, Role::Local, &op);
+                    return Ok(());
+                }
                 self.reject(token, transfer, reason);
                 return Ok(());
             }

@@ -1315,3 +1315,48 @@ fn the_same_scenario_gives_the_same_outputs_message_for_message() {
         assert_eq!(a, b, "batch {i} differs");
     }
 }
+
+/// The simulation found this: a transfer's coordinator had committed and answered a retry
+/// with its recorded success, but the decision had not reached the participant yet (a
+/// partition cut it off), so the credit account still held the prepared lock and not the
+/// money. A transfer debiting that account was then judged against the balance without the
+/// credit and rejected for good (`exceeds_credits`, recorded, returned to every retry), though
+/// the money it needed had been acknowledged to another client first. A rejection that
+/// follows from balances now waits for a lock held on the account and is judged again once
+/// the cross-shard transfer is done.
+#[test]
+fn a_balance_rejection_waits_for_a_credit_already_acknowledged() {
+    let mut sim = sim();
+    open(&mut sim, "a", false);
+    open(&mut sim, "s1-b", true);
+    open(&mut sim, "s1-c", false);
+    let first = submit(&mut sim, transfer("t1", "a", "s1-b", 100));
+    // Prepare, Prepared: the coordinator commits; its Decide is lost on the way.
+    sim.deliver_all(2);
+    assert!(matches!(
+        sim.inbox.pop_front(),
+        Some((S1, S0, Message::Decide { .. }))
+    ));
+    assert!(sim.inbox.is_empty());
+    assert_eq!(
+        outcome(&sim, first),
+        None,
+        "answered only once acknowledged"
+    );
+    // A retry is answered from the coordinator's record: the transfer is acknowledged.
+    let retry = submit(&mut sim, transfer("t1", "a", "s1-b", 100));
+    assert_eq!(outcome(&sim, retry), Some(Ok(100)));
+    assert_eq!(balance(&sim, "s1-b").3, 0, "the credit is not applied yet");
+
+    // Spending that credit on the participant's shard waits for it instead of failing.
+    let spend = submit(&mut sim, transfer("t2", "s1-b", "s1-c", 60));
+    assert_eq!(outcome(&sim, spend), None);
+    // The participant asks, the coordinator decides again, the credit applies, the lock goes.
+    for _ in 0..20 {
+        sim.now_ms += sim.options.prepared_query_ms.max(sim.options.retry_ms);
+        sim.tick_all();
+        sim.deliver_all(100);
+    }
+    assert_eq!(outcome(&sim, spend), Some(Ok(60)));
+    assert_eq!(balance(&sim, "s1-b"), (0, 60, 0, 100, 2));
+}
