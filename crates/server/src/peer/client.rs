@@ -35,6 +35,14 @@ use ledger_shard::trace::TraceParent;
 use crate::config::PeerConfig;
 use crate::error::ApiError;
 
+/// A connection to a peer sends an HTTP/2 ping this often, and is given up (the next call
+/// connects again) when one goes unanswered this long: a connection that lost bytes to a cut
+/// network would otherwise carry nothing until the operating system gave up on it. Found by
+/// the transport tests: with the client library's default (20 s) a one-way cut left the
+/// link dead for half a minute after it healed.
+pub(super) const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+pub(super) const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A queued engine message and when it may leave (now, or after the simulated delay).
 struct Queued {
     envelope: ipb::ShardEnvelope,
@@ -85,6 +93,18 @@ impl PeerClients {
         config: &PeerConfig,
         forward_timeout: Duration,
     ) -> Result<Self, String> {
+        Self::start_with(map, local, config, forward_timeout, &Endpoint::connect_lazy)
+    }
+
+    /// As [`PeerClients::start`], with each peer's channel made by `connect` from its
+    /// endpoint (the transport tests connect through simulated sockets).
+    pub fn start_with(
+        map: &ClusterMap,
+        local: &str,
+        config: &PeerConfig,
+        forward_timeout: Duration,
+        connect: &dyn Fn(&Endpoint) -> Channel,
+    ) -> Result<Self, String> {
         let region = map
             .node(local)
             .map(|n| n.region.clone())
@@ -96,9 +116,10 @@ impl PeerClients {
                 .map_err(|e| format!("node {}: peer address {}: {e}", node.id, node.peer_address))?
                 .connect_timeout(call_timeout)
                 .tcp_nodelay(true)
-                .http2_keep_alive_interval(Duration::from_secs(10))
+                .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
+                .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true);
-            let client = PeerServiceClient::new(endpoint.connect_lazy());
+            let client = PeerServiceClient::new(connect(&endpoint));
             let delay = if node.region == region {
                 Duration::ZERO
             } else {

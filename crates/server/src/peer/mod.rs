@@ -6,6 +6,8 @@
 
 mod client;
 mod service;
+#[cfg(test)]
+mod transport_tests;
 
 pub use client::PeerClients;
 pub use service::PeerApi;
