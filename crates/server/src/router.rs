@@ -21,6 +21,7 @@ use ledger_proto::{self as wire, pb};
 use ledger_shard::engine::{Reply, TransferReply};
 use ledger_shard::node::Node;
 use ledger_shard::read;
+use ledger_shard::route::{self, Coordinator};
 use ledger_shard::trace::TraceParent;
 use ledger_shard::{codec, keys};
 
@@ -435,12 +436,7 @@ impl Router {
     /// the accounts to its hold, found by id on whichever shard recorded it (as is a post or
     /// void already recorded, answered where it was).
     async fn coordinators(&self, transfers: &[Transfer]) -> Result<Vec<Coordinator>, ApiError> {
-        let resolves = |t: &Transfer| {
-            matches!(
-                t.kind,
-                TransferKind::PostPending | TransferKind::VoidPending
-            )
-        };
+        let resolves = route::resolves;
         let mut found = Found::default();
         if transfers.iter().any(resolves) {
             let ids: Vec<String> = transfers
@@ -455,21 +451,27 @@ impl Router {
                 .collect();
             found = self.find(ids, holds).await?;
         }
-        // Debit accounts: each hold's, or the transfer's own.
-        let debits: Vec<Option<&str>> = transfers
+        let lookups: Vec<route::Found> = transfers
             .iter()
             .map(|t| {
                 if !resolves(t) {
-                    return Some(t.debit_account_id.as_str());
+                    return route::Found::default();
                 }
-                if found.transfers.contains_key(&t.id) {
-                    return None;
+                route::Found {
+                    recorded_at: found.transfers.get(&t.id).map(|(_, _, shard)| *shard),
+                    hold_debit: found
+                        .holds
+                        .get(&t.pending_id)
+                        .map(|(hold, _)| hold.debit_account_id.as_str()),
+                    pending_recorded: found.transfers.contains_key(&t.pending_id),
                 }
-                found
-                    .holds
-                    .get(&t.pending_id)
-                    .map(|(hold, _)| hold.debit_account_id.as_str())
             })
+            .collect();
+        // Debit accounts: each hold's, or the transfer's own.
+        let debits: Vec<Option<&str>> = transfers
+            .iter()
+            .zip(&lookups)
+            .map(|(t, lookup)| route::coordinating_account(t, lookup))
             .collect();
         // Credit accounts too, when this node may not know them: the engine would otherwise
         // wait for the lookup with its whole shard (`Read::Locate`); here only this call waits.
@@ -493,20 +495,12 @@ impl Router {
         let homes = self.homes(&debits, &credits).await?;
         transfers
             .iter()
-            .zip(&debits)
+            .zip(&lookups)
             .zip(homes)
-            .map(|((t, debit), home)| match (debit, home) {
-                (Some(_), Some(home)) => Ok(Coordinator::Shard(home)),
-                (Some(debit), None) => Err(ApiError::Internal(
-                    format!("account {debit:?} was not located").into(),
-                )),
-                (None, _) => Ok(match found.transfers.get(&t.id) {
-                    Some((_, _, shard)) => Coordinator::Shard(*shard),
-                    None if found.transfers.contains_key(&t.pending_id) => {
-                        Coordinator::HoldMissing(Rejection::PendingTransferNotPending)
-                    }
-                    None => Coordinator::HoldMissing(Rejection::PendingTransferNotFound),
-                }),
+            .map(|((t, lookup), home)| {
+                route::coordinator(t, lookup, home).map_err(|account| {
+                    ApiError::Internal(format!("account {account:?} was not located").into())
+                })
             })
             .collect()
     }
@@ -809,22 +803,6 @@ impl Router {
                 .map(wire::entry)
                 .collect(),
         )
-    }
-}
-
-/// Where a transfer goes: its coordinating shard, or, for a post or void whose hold exists
-/// nowhere, straight to its rejection.
-enum Coordinator {
-    Shard(ShardId),
-    HoldMissing(Rejection),
-}
-
-impl Coordinator {
-    fn shard(&self) -> Option<ShardId> {
-        match self {
-            Coordinator::Shard(shard) => Some(*shard),
-            Coordinator::HoldMissing(_) => None,
-        }
     }
 }
 

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod node;
 pub mod protocol;
 pub mod read;
+pub mod route;
 pub mod runtime;
 pub mod sim;
 pub mod trace;

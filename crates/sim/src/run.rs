@@ -30,7 +30,7 @@ use ledger_shard::engine::{Input, Reply};
 use ledger_shard::protocol::Message;
 use ledger_shard::runtime::LeaseError;
 use ledger_shard::sim::Sim;
-use ledger_shard::{Options, read};
+use ledger_shard::{Options, read, route};
 use ledger_store::{Memory, Store};
 
 use crate::checks;
@@ -754,46 +754,35 @@ impl Run {
         self.outcome.violations.push(what);
     }
 
-    /// What the router does: the debit account's shard, or for a post or void the shard
-    /// that recorded it or its hold; `Err`: answered without any shard (not recorded).
+    /// Where the router sends `t`, decided by its own functions (`ledger_shard::route`) over
+    /// what its lookups would find (the transfer and the hold by id, on every shard); `Err`:
+    /// answered without any shard (not recorded).
     fn route(&self, t: &Transfer) -> Result<ShardId, Rejection> {
-        let resolves = matches!(
-            t.kind,
-            TransferKind::PostPending | TransferKind::VoidPending
-        );
-        if !resolves {
-            return Ok(self.home(&t.debit_account_id));
-        }
         let shards = (0..self.topology.shards()).map(ShardId);
         let store = |shard: ShardId| &*self.sim.stores[shard.0 as usize];
-        for shard in shards.clone() {
-            if read::transfer(store(shard), shard, &t.id)
+        let recorded = |id: &str, shard: ShardId| {
+            read::transfer(store(shard), shard, id)
                 .ok()
                 .flatten()
                 .is_some()
-            {
-                return Ok(shard);
-            }
-        }
-        for shard in shards.clone() {
-            if let Some(hold) = read::hold(store(shard), shard, &t.pending_id)
-                .ok()
-                .flatten()
-            {
-                return Ok(self.home(&hold.debit_account_id));
-            }
-        }
-        let recorded = shards.clone().any(|shard| {
-            read::transfer(store(shard), shard, &t.pending_id)
-                .ok()
-                .flatten()
-                .is_some()
-        });
-        Err(if recorded {
-            Rejection::PendingTransferNotPending
+        };
+        let mut found = route::Found::default();
+        let hold = if route::resolves(t) {
+            found.recorded_at = shards.clone().find(|s| recorded(&t.id, *s));
+            found.pending_recorded = shards.clone().any(|s| recorded(&t.pending_id, s));
+            shards
+                .clone()
+                .find_map(|s| read::hold(store(s), s, &t.pending_id).ok().flatten())
         } else {
-            Rejection::PendingTransferNotFound
-        })
+            None
+        };
+        found.hold_debit = hold.as_ref().map(|h| h.debit_account_id.as_str());
+        let home = route::coordinating_account(t, &found).map(|account| self.home(account));
+        match route::coordinator(t, &found, home) {
+            Ok(route::Coordinator::Shard(shard)) => Ok(shard),
+            Ok(route::Coordinator::HoldMissing(reason)) => Err(reason),
+            Err(account) => unreachable!("every account has a home here: {account}"),
+        }
     }
 
     fn home(&self, id: &str) -> ShardId {
