@@ -240,12 +240,7 @@ impl Harness {
             }
             for _ in 0..50 {
                 if let Some(Reply::Transfer(reply)) = self.sim.replies.get(&token) {
-                    let result = reply
-                        .record
-                        .result
-                        .as_ref()
-                        .map(|c| c.amount)
-                        .map_err(|r| *r);
+                    let result = reply.outcome();
                     if matches!(result, Err(r) if r.is_retriable()) {
                         break; // retry the same id
                     }

@@ -529,13 +529,7 @@ impl Run {
             for token in tokens {
                 if let Some(Reply::Transfer(reply)) = self.sim.replies.get(&token) {
                     let i = waiting.remove(&token).expect("waiting");
-                    match reply
-                        .record
-                        .result
-                        .as_ref()
-                        .map(|c| c.amount)
-                        .map_err(|r| *r)
-                    {
+                    match reply.outcome() {
                         Err(r) if r.is_retriable() => {
                             if self.verbose {
                                 println!("    {} answered {r:?}: sent again", batch[i].id);
@@ -837,12 +831,7 @@ impl Run {
             }
             for _ in 0..100 {
                 if let Some(Reply::Transfer(reply)) = self.sim.replies.get(&token) {
-                    let result = reply
-                        .record
-                        .result
-                        .as_ref()
-                        .map(|c| c.amount)
-                        .map_err(|r| *r);
+                    let result = reply.outcome();
                     if !self.link_up(self.leader(shard), entry) {
                         // The answer is lost on its way back: the call fails at its deadline.
                         if self.verbose {

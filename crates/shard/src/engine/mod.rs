@@ -119,6 +119,15 @@ pub struct TransferReply {
 }
 
 impl TransferReply {
+    /// The amount moved, or the rejection.
+    pub fn outcome(&self) -> Result<u64, Rejection> {
+        self.record
+            .result
+            .as_ref()
+            .map(|c| c.amount)
+            .map_err(|r| *r)
+    }
+
     /// The answer of a request applied (or refused) now.
     pub fn new(record: TransferRecord, hold: Option<HoldStatus>) -> Self {
         Self {
@@ -1274,14 +1283,7 @@ impl Engine {
                 });
                 let locked = accounts.iter().find(|id| self.account_locked(id)).cloned();
                 if let Some(account_id) = locked.filter(|_| reason.depends_on_balances()) {
-                    let key = lock_key_account(&account_id);
-                    let op = transfer.id.clone();
-                    let input = Input::CreateTransfer {
-                        token,
-                        transfer,
-                        trace,
-                    };
-                    self.wait_for_lock(&key, input, trace, Role::Local, &op);
+                    self.wait_for_account(&account_id, token, transfer, trace);
                     return Ok(());
                 }
                 self.reject(token, transfer, reason);
@@ -1295,20 +1297,32 @@ impl Engine {
         // transfer holds one of the accounts.
         for account_id in [&plan.debit_id, &plan.credit_id] {
             if self.account_locked(account_id) {
-                let key = lock_key_account(account_id);
-                let op = transfer.id.clone();
-                let input = Input::CreateTransfer {
-                    token,
-                    transfer,
-                    trace,
-                };
-                self.wait_for_lock(&key, input, trace, Role::Local, &op);
+                self.wait_for_account(account_id, token, transfer, trace);
                 return Ok(());
             }
         }
         let reply = self.commit_local(transfer, plan);
         self.reply(token, Reply::Transfer(reply));
         Ok(())
+    }
+
+    /// Parks a transfer behind the lock a cross-shard transfer holds on `account_id`; it runs
+    /// again from the start once the lock is released (or answers `lock_timeout`).
+    fn wait_for_account(
+        &mut self,
+        account_id: &str,
+        token: Token,
+        transfer: Transfer,
+        trace: Option<TraceParent>,
+    ) {
+        let key = lock_key_account(account_id);
+        let op = transfer.id.clone();
+        let input = Input::CreateTransfer {
+            token,
+            transfer,
+            trace,
+        };
+        self.wait_for_lock(&key, input, trace, Role::Local, &op);
     }
 
     /// Records a final rejection (so a replay returns it) and replies. Retriable rejections are

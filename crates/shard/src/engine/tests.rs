@@ -73,7 +73,7 @@ fn submit(sim: &mut Sim, t: Transfer) -> u64 {
 
 fn outcome(sim: &Sim, token: u64) -> Option<Result<u64, Rejection>> {
     match sim.replies.get(&token)? {
-        Reply::Transfer(r) => Some(r.record.result.as_ref().map(|c| c.amount).map_err(|r| *r)),
+        Reply::Transfer(r) => Some(r.outcome()),
         other => panic!("not a transfer reply: {other:?}"),
     }
 }
@@ -330,11 +330,7 @@ fn a_retry_under_another_trace_is_the_same_request_and_keeps_the_first_trace_id(
             let Reply::Transfer(reply) = &sim.replies[&token] else {
                 panic!("not a transfer reply")
             };
-            assert_eq!(
-                reply.record.result.as_ref().map(|c| c.amount),
-                Ok(3),
-                "{id}"
-            );
+            assert_eq!(reply.outcome(), Ok(3), "{id}");
             assert_eq!(
                 reply.record.request.trace_id, "0af7651916cd43dd8448eb211c80319c",
                 "{id}: the record keeps the trace it was created under"
@@ -1045,7 +1041,7 @@ fn a_step_waiting_for_the_store_keeps_the_order_of_inputs() {
         .replies
         .iter()
         .map(|(token, reply)| match reply {
-            Reply::Transfer(r) => (*token, r.record.result.as_ref().map(|c| c.amount).ok()),
+            Reply::Transfer(r) => (*token, r.outcome().ok()),
             other => panic!("{other:?}"),
         })
         .collect();
