@@ -14,6 +14,9 @@
 //! S <shard u32> 09 <account id>            directory: account id homed on another shard
 //! S <shard u32> 0A                         transfer ids recorded (u64 BE), as of the last
 //!                                          lease renewal: sizes a new term's id filter
+//! S <shard u32> 0B <account id> <region>   home: an allowance of a region (regional quotas)
+//! S <shard u32> 0C <account id>            quota shard: its quota record of an account
+//! S <shard u32> 0D <account id> <seq>      quota shard: a settlement in the outbox
 //! ```
 
 use ledger_domain::ShardId;
@@ -29,6 +32,9 @@ const COORD: u8 = 0x07;
 const DONE: u8 = 0x08;
 const FORWARD: u8 = 0x09;
 const ID_COUNT: u8 = 0x0A;
+const ALLOWANCE: u8 = 0x0B;
+const QUOTA: u8 = 0x0C;
+const OUTBOX: u8 = 0x0D;
 
 fn base(shard: ShardId, kind: u8) -> Key {
     Key::new().u8(b'S').u32(shard.0).u8(kind)
@@ -83,6 +89,30 @@ pub fn done(shard: ShardId, attempt: &str) -> Vec<u8> {
 
 pub fn forward(shard: ShardId, account_id: &str) -> Vec<u8> {
     base(shard, FORWARD).str(account_id).into_bytes()
+}
+
+pub fn allowance(shard: ShardId, account_id: &str, region: &str) -> Vec<u8> {
+    base(shard, ALLOWANCE).str(account_id).str(region).into_bytes()
+}
+
+pub fn quota(shard: ShardId, account_id: &str) -> Vec<u8> {
+    base(shard, QUOTA).str(account_id).into_bytes()
+}
+
+pub fn outbox(shard: ShardId, account_id: &str, seq: u64) -> Vec<u8> {
+    base(shard, OUTBOX).str(account_id).u64(seq).into_bytes()
+}
+
+pub fn allowances(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    range(shard, ALLOWANCE)
+}
+
+pub fn quotas(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    range(shard, QUOTA)
+}
+
+pub fn outbox_all(shard: ShardId) -> (Vec<u8>, Vec<u8>) {
+    range(shard, OUTBOX)
 }
 
 /// `[start, end)` of every key of one kind in a shard.

@@ -21,6 +21,7 @@ pub mod keys;
 pub mod metrics;
 pub mod node;
 pub mod protocol;
+pub mod quota;
 pub mod read;
 pub mod route;
 pub mod runtime;
@@ -80,6 +81,11 @@ pub struct Options {
     pub transfer_filter_bytes: usize,
     /// The filter's first size.
     pub transfer_filter_initial_bytes: usize,
+    /// Settlements a quota shard keeps waiting for their homes; past it, spending in its region
+    /// takes the ordinary path (regional quotas).
+    pub quota_outbox_max: usize,
+    /// Settlements in one `Settle` message to a home shard (one message in flight per home).
+    pub settle_batch_max: usize,
 }
 
 impl Default for Options {
@@ -96,6 +102,8 @@ impl Default for Options {
             lease_ms: 10_000,
             transfer_filter_bytes: 8 << 20,
             transfer_filter_initial_bytes: 256 << 10,
+            quota_outbox_max: 65_536,
+            settle_batch_max: 1_024,
         }
     }
 }

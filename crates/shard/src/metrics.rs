@@ -23,6 +23,10 @@
 //! | `ledger_transfer_filter_skips_total` | counter | idempotency lookups the filter answered without the store |
 //! | `ledger_engine_stalls_total` | counter | steps that waited for a value fetched from the store |
 //! | `ledger_store_reads_total` | counter | values the leader fetched from the store for its engine |
+//! | `ledger_quota_spent_total` | counter | transfers this quota shard applied by the quota path |
+//! | `ledger_quota_outbox_depth` | gauge | settlements waiting for their home's answer |
+//! | `ledger_quota_settlement_lag_seconds` | histogram | at home: from the spend's commit to its settlement's |
+//! | `ledger_quota_settlements_refused_total{reason}` | counter | at home: settlements refused (`duplicate`, `written_off`, `overdrawn`, `no_allowance`) |
 //!
 //! Handles are registered once per engine or leader term; recording is an atomic operation.
 
@@ -49,6 +53,9 @@ pub(crate) struct EngineMetrics {
     pub filter_ids: Gauge,
     pub filter_skips: Counter,
     pub stalls: Counter,
+    pub quota_spent: Counter,
+    outbox_depth: Gauge,
+    settlement_lag_seconds: Histogram,
 }
 
 impl EngineMetrics {
@@ -72,6 +79,12 @@ impl EngineMetrics {
             filter_ids: gauge!("ledger_transfer_filter_ids", "shard" => label.clone()),
             filter_skips: counter!("ledger_transfer_filter_skips_total", "shard" => label.clone()),
             stalls: counter!("ledger_engine_stalls_total", "shard" => label.clone()),
+            quota_spent: counter!("ledger_quota_spent_total", "shard" => label.clone()),
+            outbox_depth: gauge!("ledger_quota_outbox_depth", "shard" => label.clone()),
+            settlement_lag_seconds: histogram!(
+                "ledger_quota_settlement_lag_seconds",
+                "shard" => label.clone()
+            ),
             shard: label,
         }
     }
@@ -83,6 +96,23 @@ impl EngineMetrics {
     pub fn in_flight(&self, coordinating: usize, prepared: usize) {
         self.coordinating.set(coordinating as f64);
         self.prepared.set(prepared as f64);
+    }
+
+    pub fn outbox_depth(&self, depth: usize) {
+        self.outbox_depth.set(depth as f64);
+    }
+
+    pub fn settlement_lag(&self, ms: u64) {
+        self.settlement_lag_seconds.record(ms as f64 / MS);
+    }
+
+    pub fn settlement_refused(&self, reason: &'static str) {
+        counter!(
+            "ledger_quota_settlements_refused_total",
+            "shard" => self.shard.clone(),
+            "reason" => reason
+        )
+        .increment(1);
     }
 
     pub fn abort(&self, reason: Rejection) {

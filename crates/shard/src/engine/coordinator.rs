@@ -572,6 +572,10 @@ impl Engine {
         let reply = match &work {
             Work::Transfer(transfer) => {
                 let hold = self.settle_hold(transfer, &plan);
+                if super::quota::is_quota_account(&plan.debit_id) {
+                    let trace = self.coordination(op).record.trace;
+                    self.quota_spent(transfer, trace);
+                }
                 let committed = self.committed(plan.clone(), debit_version, credit_version, true);
                 let record = TransferRecord {
                     request: transfer.clone(),

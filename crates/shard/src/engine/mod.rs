@@ -36,6 +36,7 @@ mod accounts;
 mod coordinator;
 pub mod id_filter;
 mod participant;
+mod quota;
 pub mod reads;
 #[cfg(test)]
 mod tests;
@@ -56,6 +57,7 @@ use crate::codec::{self, DecodeError};
 use crate::directory::Forward;
 use crate::metrics::EngineMetrics;
 use crate::protocol::Message;
+use crate::quota::{Allowance, Command, CommandError, CommandReply, QuotaRecord, Settlement};
 use crate::trace::{self, Role, TraceParent};
 use crate::{Options, keys};
 use accounts::Accounts;
@@ -91,8 +93,11 @@ pub enum Input {
         transfer: Transfer,
         trace: Option<TraceParent>,
     },
-    /// A two-phase commit message from another shard.
+    /// A two-phase commit or quota message from another shard.
     Peer { from: ShardId, message: Message },
+    /// An operator's quota command (`crate::quota::Command`): run by the account's home
+    /// shard, or (`Command::Region`) answered by a quota shard.
+    Quota { token: Token, command: Command },
 }
 
 #[derive(Clone, Debug)]
@@ -100,6 +105,7 @@ pub enum Reply {
     Account(Result<Account, Rejection>),
     Forward(Result<(), Rejection>),
     Transfer(TransferReply),
+    Quota(CommandReply),
     /// Nothing was applied or recorded, for a reason that passes (another node did not
     /// answer): the same request may succeed later.
     Unavailable(String),
@@ -182,6 +188,11 @@ pub struct Recovered {
     /// (`keys::id_count`; 0 if none was written): the first filter is made big enough for
     /// them, so a restart fills one filter, not a small one and then a rebuilt one.
     pub ids_recorded: u64,
+    /// Home side: the allowances of accounts homed here.
+    pub allowances: Vec<Allowance>,
+    /// Quota side: this shard's quota records and the settlements not yet answered.
+    pub quota_records: Vec<QuotaRecord>,
+    pub outbox: Vec<Settlement>,
 }
 
 /// A lock on an account (`a:<id>`) or on a hold being resolved across shards (`h:<id>`).
@@ -298,6 +309,8 @@ pub struct Engine {
     filter_full_logged: bool,
     /// The transfer ids recorded as of an earlier term (`Recovered::ids_recorded`).
     ids_recorded_before: u64,
+    /// Regional quotas: allowances (home side), quota records and the outbox (quota side).
+    quotas: quota::Quotas,
 }
 
 impl std::fmt::Debug for Engine {
@@ -353,7 +366,13 @@ impl Engine {
             ids_to_fill: None,
             filter_full_logged: false,
             ids_recorded_before: recovered.ids_recorded,
+            quotas: quota::Quotas::default(),
         };
+        engine.recover_quotas(
+            recovered.allowances,
+            recovered.quota_records,
+            recovered.outbox,
+        );
         for (id, hold) in recovered.holds {
             if let (HoldState::Pending, Some(at)) = (hold.state, hold.expires_at_ms) {
                 engine.expiries.insert((at, id));
@@ -507,7 +526,7 @@ impl Engine {
                     self.lookup_done(&key);
                 }
             }
-            Input::Peer { .. } => {}
+            Input::Peer { .. } | Input::Quota { .. } => {}
         }
         Ok(())
     }
@@ -558,7 +577,12 @@ impl Engine {
                 transfer,
                 trace,
             } => self.create_transfer(token, transfer, trace)?,
-            Input::Peer { from, message } => self.on_message(from, message)?,
+            Input::Peer { from, message } => {
+                if let Some(message) = self.on_quota_message(from, message)? {
+                    self.on_message(from, message)?;
+                }
+            }
+            Input::Quota { token, command } => self.quota_command(token, command)?,
         }
         Ok(())
     }
@@ -569,6 +593,7 @@ impl Engine {
         self.expire_holds()?;
         self.tick_coordinations()?;
         self.tick_prepared();
+        self.tick_quotas();
         self.run_released()
     }
 
@@ -1123,7 +1148,11 @@ impl Engine {
                     },
                 );
             }
-            other => unreachable!("only transfers and prepares wait for locks: {other:?}"),
+            Input::Quota { token, .. } => {
+                let error = CommandError::Busy(reason.name().to_string());
+                self.reply(token, Reply::Quota(CommandReply::Refused(error)));
+            }
+            other => unreachable!("only transfers, prepares and quota commands wait for locks: {other:?}"),
         }
     }
 
@@ -1256,6 +1285,13 @@ impl Engine {
             self.reply(token, Reply::Transfer(reply));
             return Ok(());
         }
+        if quota::is_quota_account(&transfer.debit_account_id)
+            && !self.quota_open(&transfer.debit_account_id, &transfer)
+        {
+            // Recorded: a retry in this region takes the ordinary path again.
+            self.reject(token, transfer, Rejection::QuotaExhausted);
+            return Ok(());
+        }
         if reads.credit_shard == Some(None) {
             // Not recorded: the same id succeeds once the directory shard's node answers.
             let reason = "the credit account's directory shard did not answer".to_string();
@@ -1301,7 +1337,7 @@ impl Engine {
                 return Ok(());
             }
         }
-        let reply = self.commit_local(transfer, plan);
+        let reply = self.commit_local(transfer, plan, trace);
         self.reply(token, Reply::Transfer(reply));
         Ok(())
     }
@@ -1402,7 +1438,12 @@ impl Engine {
     }
 
     /// Applies a checked single-shard transfer.
-    fn commit_local(&mut self, transfer: Transfer, plan: Plan) -> TransferReply {
+    fn commit_local(
+        &mut self,
+        transfer: Transfer,
+        plan: Plan,
+        trace: Option<TraceParent>,
+    ) -> TransferReply {
         let kind = EntryKind::of(transfer.kind);
         let debit_version = self.apply_change(
             &plan.debit_id,
@@ -1419,6 +1460,9 @@ impl Engine {
             transfer.code,
         );
         let hold = self.settle_hold(&transfer, &plan);
+        if quota::is_quota_account(&plan.debit_id) {
+            self.quota_spent(&transfer, trace);
+        }
         let committed = self.committed(plan, debit_version, credit_version, false);
         let record = TransferRecord {
             request: transfer,

@@ -86,6 +86,49 @@ pub enum Message {
     Acked { attempt: Attempt },
     /// Participant -> coordinator: what was decided? (no answer while undecided)
     QueryDecision { attempt: Attempt },
+    /// Home -> quota shard (regional quotas, [`crate::quota`]): raise the region's limit by
+    /// `add` under `epoch` (applied once; an older epoch never).
+    Grant {
+        account_id: String,
+        region: String,
+        ledger: String,
+        epoch: u64,
+        add: u64,
+        expires_at_ms: u64,
+    },
+    /// Home -> quota shard: give back up to `amount` unspent under `epoch` (donor first).
+    Shrink {
+        account_id: String,
+        region: String,
+        epoch: u64,
+        amount: u64,
+        expires_at_ms: u64,
+    },
+    /// Quota shard -> home: `epoch` is applied; a shrink gave back `moved`.
+    QuotaAck {
+        account_id: String,
+        region: String,
+        epoch: u64,
+        moved: u64,
+    },
+    /// Quota shard -> home: spending under `epoch` stopped at expiry; `unspent` given back.
+    Closed {
+        account_id: String,
+        region: String,
+        epoch: u64,
+        unspent: u64,
+    },
+    /// Home -> quota shard: the close of `epoch` is applied.
+    CloseAck { account_id: String, epoch: u64 },
+    /// Quota shard -> home: quota-path transfers to settle, in order per account.
+    Settle {
+        region: String,
+        entries: Vec<crate::quota::Settlement>,
+    },
+    /// Home -> quota shard: what became of each settlement.
+    SettleAck {
+        results: Vec<crate::quota::SettleResult>,
+    },
 }
 
 /// The participant's half of a cross-shard operation.

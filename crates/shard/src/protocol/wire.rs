@@ -66,6 +66,84 @@ impl From<&Message> for pb::ShardMessage {
             }),
             Message::Acked { attempt } => Kind::Acked(attempt.into()),
             Message::QueryDecision { attempt } => Kind::QueryDecision(attempt.into()),
+            Message::Grant {
+                account_id,
+                region,
+                ledger,
+                epoch,
+                add,
+                expires_at_ms,
+            } => Kind::Grant(pb::QuotaGrant {
+                account_id: account_id.clone(),
+                region: region.clone(),
+                ledger: ledger.clone(),
+                epoch: *epoch,
+                add: *add,
+                expires_at_unix_ms: *expires_at_ms,
+            }),
+            Message::Shrink {
+                account_id,
+                region,
+                epoch,
+                amount,
+                expires_at_ms,
+            } => Kind::Shrink(pb::QuotaShrink {
+                account_id: account_id.clone(),
+                region: region.clone(),
+                epoch: *epoch,
+                amount: *amount,
+                expires_at_unix_ms: *expires_at_ms,
+            }),
+            Message::QuotaAck {
+                account_id,
+                region,
+                epoch,
+                moved,
+            } => Kind::QuotaAck(pb::QuotaAck {
+                account_id: account_id.clone(),
+                region: region.clone(),
+                epoch: *epoch,
+                moved: *moved,
+            }),
+            Message::Closed {
+                account_id,
+                region,
+                epoch,
+                unspent,
+            } => Kind::Closed(pb::QuotaClosed {
+                account_id: account_id.clone(),
+                region: region.clone(),
+                epoch: *epoch,
+                unspent: *unspent,
+            }),
+            Message::CloseAck { account_id, epoch } => Kind::CloseAck(pb::QuotaCloseAck {
+                account_id: account_id.clone(),
+                epoch: *epoch,
+            }),
+            Message::Settle { region, entries } => Kind::Settle(pb::Settle {
+                region: region.clone(),
+                entries: entries
+                    .iter()
+                    .map(|s| pb::Settlement {
+                        seq: s.seq,
+                        epoch: s.epoch,
+                        transfer: Some(ledger_proto::transfer_to_wire(&s.transfer)),
+                        spent_at_unix_ms: s.spent_at_ms,
+                        trace: s.trace.as_ref().map(Into::into),
+                    })
+                    .collect(),
+            }),
+            Message::SettleAck { results } => Kind::SettleAck(pb::SettleAck {
+                results: results
+                    .iter()
+                    .map(|r| pb::SettleResult {
+                        account_id: r.account_id.clone(),
+                        seq: r.seq,
+                        amount: r.amount,
+                        refused: r.refused.clone().unwrap_or_default(),
+                    })
+                    .collect(),
+            }),
         };
         pb::ShardMessage { kind: Some(kind) }
     }
@@ -103,8 +181,80 @@ impl TryFrom<pb::ShardMessage> for Message {
             Kind::QueryDecision(a) => Message::QueryDecision {
                 attempt: attempt(Some(a))?,
             },
+            Kind::Grant(g) => Message::Grant {
+                account_id: required("grant.account_id", g.account_id)?,
+                region: required("grant.region", g.region)?,
+                ledger: required("grant.ledger", g.ledger)?,
+                epoch: g.epoch,
+                add: g.add,
+                expires_at_ms: g.expires_at_unix_ms,
+            },
+            Kind::Shrink(s) => Message::Shrink {
+                account_id: required("shrink.account_id", s.account_id)?,
+                region: required("shrink.region", s.region)?,
+                epoch: s.epoch,
+                amount: s.amount,
+                expires_at_ms: s.expires_at_unix_ms,
+            },
+            Kind::QuotaAck(a) => Message::QuotaAck {
+                account_id: required("quota_ack.account_id", a.account_id)?,
+                region: required("quota_ack.region", a.region)?,
+                epoch: a.epoch,
+                moved: a.moved,
+            },
+            Kind::Closed(c) => Message::Closed {
+                account_id: required("closed.account_id", c.account_id)?,
+                region: required("closed.region", c.region)?,
+                epoch: c.epoch,
+                unspent: c.unspent,
+            },
+            Kind::CloseAck(c) => Message::CloseAck {
+                account_id: required("close_ack.account_id", c.account_id)?,
+                epoch: c.epoch,
+            },
+            Kind::Settle(s) => Message::Settle {
+                region: required("settle.region", s.region)?,
+                entries: s
+                    .entries
+                    .into_iter()
+                    .map(|e| {
+                        let transfer = e.transfer.ok_or_else(|| missing("settle.transfer"))?;
+                        Ok(crate::quota::Settlement {
+                            seq: e.seq,
+                            epoch: e.epoch,
+                            transfer: ledger_proto::transfer(transfer).map_err(|e| WireError {
+                                field: "settle.transfer",
+                                reason: e.to_string(),
+                            })?,
+                            spent_at_ms: e.spent_at_unix_ms,
+                            trace: e.trace.map(TryInto::try_into).transpose()?,
+                        })
+                    })
+                    .collect::<Result<_, WireError>>()?,
+            },
+            Kind::SettleAck(a) => Message::SettleAck {
+                results: a
+                    .results
+                    .into_iter()
+                    .map(|r| {
+                        Ok(crate::quota::SettleResult {
+                            account_id: required("settle_ack.account_id", r.account_id)?,
+                            seq: r.seq,
+                            amount: r.amount,
+                            refused: (!r.refused.is_empty()).then_some(r.refused),
+                        })
+                    })
+                    .collect::<Result<_, WireError>>()?,
+            },
         })
     }
+}
+
+fn required(field: &'static str, value: String) -> Result<String, WireError> {
+    if value.is_empty() {
+        return Err(missing(field));
+    }
+    Ok(value)
 }
 
 impl From<&Attempt> for pb::Attempt {

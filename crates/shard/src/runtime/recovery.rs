@@ -10,6 +10,7 @@ use ledger_store::Store;
 
 use super::lease::{LeaseError, acquire_lease};
 use crate::engine::{CoordRecord, Engine, Locate, PreparedRecord, Recovered};
+use crate::quota::{Allowance, QuotaRecord, Settlement};
 use crate::{Clock, Options, ReadError, codec, keys};
 
 /// Loads what a new leader needs from the store.
@@ -39,12 +40,27 @@ pub fn load(store: &dyn Store, shard: ShardId) -> Result<Recovered, ReadError> {
             }),
         None => 0,
     };
+    let allowances = scan(keys::allowances(shard))?
+        .iter()
+        .map(|(_, v)| codec::decode::<Allowance>("allowance", v))
+        .collect::<Result<_, _>>()?;
+    let quota_records = scan(keys::quotas(shard))?
+        .iter()
+        .map(|(_, v)| codec::decode::<QuotaRecord>("quota record", v))
+        .collect::<Result<_, _>>()?;
+    let outbox = scan(keys::outbox_all(shard))?
+        .iter()
+        .map(|(_, v)| codec::decode::<Settlement>("settlement", v))
+        .collect::<Result<_, _>>()?;
     Ok(Recovered {
         accounts,
         holds,
         coordinations,
         prepared,
         ids_recorded,
+        allowances,
+        quota_records,
+        outbox,
     })
 }
 
