@@ -92,7 +92,10 @@ pub fn forward(shard: ShardId, account_id: &str) -> Vec<u8> {
 }
 
 pub fn allowance(shard: ShardId, account_id: &str, region: &str) -> Vec<u8> {
-    base(shard, ALLOWANCE).str(account_id).str(region).into_bytes()
+    base(shard, ALLOWANCE)
+        .str(account_id)
+        .str(region)
+        .into_bytes()
 }
 
 pub fn quota(shard: ShardId, account_id: &str) -> Vec<u8> {

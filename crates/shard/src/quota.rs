@@ -75,10 +75,7 @@ pub enum Pending {
     Grant { add: u64 },
     /// The region is to give back up to `amount` of what it has not spent (donor first);
     /// what it gives back is released, and with `to`, granted to another region.
-    Shrink {
-        amount: u64,
-        to: Option<MoveTo>,
-    },
+    Shrink { amount: u64, to: Option<MoveTo> },
 }
 
 /// Where a move's rights go once the donor has given them up.

@@ -37,6 +37,8 @@ mod coordinator;
 pub mod id_filter;
 mod participant;
 mod quota;
+#[cfg(test)]
+mod quota_tests;
 pub mod reads;
 #[cfg(test)]
 mod tests;
@@ -1152,7 +1154,9 @@ impl Engine {
                 let error = CommandError::Busy(reason.name().to_string());
                 self.reply(token, Reply::Quota(CommandReply::Refused(error)));
             }
-            other => unreachable!("only transfers, prepares and quota commands wait for locks: {other:?}"),
+            other => unreachable!(
+                "only transfers, prepares and quota commands wait for locks: {other:?}"
+            ),
         }
     }
 
@@ -1322,6 +1326,20 @@ impl Engine {
                     self.wait_for_account(&account_id, token, transfer, trace);
                     return Ok(());
                 }
+                // The quota account's balance or existence is no answer about the account it
+                // stands for: its home decides, by the ordinary path.
+                let quota_declines = matches!(
+                    reason,
+                    Rejection::ExceedsCredits
+                        | Rejection::DebitAccountNotFound
+                        | Rejection::Overflow
+                );
+                let reason =
+                    if quota::is_quota_account(&transfer.debit_account_id) && quota_declines {
+                        Rejection::QuotaExhausted
+                    } else {
+                        reason
+                    };
                 self.reject(token, transfer, reason);
                 return Ok(());
             }

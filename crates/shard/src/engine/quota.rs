@@ -183,11 +183,15 @@ impl Engine {
     /// Whether a change of `region`'s allowance of `account_id` is in progress, or a move
     /// into it waits for its donor.
     fn change_in_progress(&self, account_id: &str, region: &str) -> bool {
-        self.allowances_of(account_id).iter().any(|a| match &a.pending {
-            Some(Pending::Shrink { to: Some(to), .. }) => a.region == region || to.region == region,
-            Some(_) => a.region == region,
-            None => false,
-        })
+        self.allowances_of(account_id)
+            .iter()
+            .any(|a| match &a.pending {
+                Some(Pending::Shrink { to: Some(to), .. }) => {
+                    a.region == region || to.region == region
+                }
+                Some(_) => a.region == region,
+                None => false,
+            })
     }
 
     fn set_quota(
@@ -450,7 +454,14 @@ impl Engine {
     }
 
     /// A region closed `epoch` at its expiry and gave `unspent` back.
-    fn on_closed(&mut self, from: ShardId, account_id: String, region: String, epoch: u64, unspent: u64) {
+    fn on_closed(
+        &mut self,
+        from: ShardId,
+        account_id: String,
+        region: String,
+        epoch: u64,
+        unspent: u64,
+    ) {
         let key = (account_id.clone(), region.clone());
         if let Some(mut allowance) = self.quotas.allowances.get(&key).cloned()
             && epoch > allowance.closed_through
@@ -731,7 +742,10 @@ impl Engine {
                 if self.account_locked(&quota) {
                     return; // Resent; taken once the spend in flight is done.
                 }
-                let unspent = self.accounts.get(&quota).map_or(0, |q| q.balances.available(0));
+                let unspent = self
+                    .accounts
+                    .get(&quota)
+                    .map_or(0, |q| q.balances.available(0));
                 let moved = amount.min(unspent);
                 if moved > 0 {
                     let id = change_id("shrink", &region, &account_id, epoch);
@@ -798,7 +812,9 @@ impl Engine {
     fn put_quota_record(&mut self, record: QuotaRecord) {
         let key = keys::quota(self.shard, &record.account_id);
         self.batch.writes.put(key, codec::encode(&record));
-        self.quotas.records.insert(record.account_id.clone(), record);
+        self.quotas
+            .records
+            .insert(record.account_id.clone(), record);
     }
 
     /// Whether a transfer debiting the quota account `quota` may take the quota path now.
@@ -866,7 +882,10 @@ impl Engine {
             if self.account_locked(&quota) {
                 continue; // Next tick, once the spend in flight is done.
             }
-            let unspent = self.accounts.get(&quota).map_or(0, |q| q.balances.available(0));
+            let unspent = self
+                .accounts
+                .get(&quota)
+                .map_or(0, |q| q.balances.available(0));
             if unspent > 0 {
                 let id = change_id("close", &record.region, &account_id, record.epoch);
                 let kind = EntryKind::Posted;
