@@ -51,6 +51,8 @@ pub struct Client {
     /// W3C `traceparent` sent with every call, so the server's spans (and the transfers it
     /// records) belong to the caller's trace.
     traceparent: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// `authorization: Bearer <token>` for admin calls that need the operator's credential.
+    admin_token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
 impl Client {
@@ -74,6 +76,7 @@ impl Client {
             admin,
             leaders: std::sync::Arc::default(),
             traceparent: None,
+            admin_token: None,
         })
     }
 
@@ -87,6 +90,72 @@ impl Client {
         })?;
         self.traceparent = Some(value);
         Ok(self)
+    }
+
+    /// Sends the operator's token with admin calls from now on (regional quotas).
+    pub fn with_admin_token(mut self, token: &str) -> Result<Self, Error> {
+        let value = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+            Error::Status(Status::invalid_argument(
+                "the admin token is not a valid header value",
+            ))
+        })?;
+        self.admin_token = Some(value);
+        Ok(self)
+    }
+
+    fn admin_request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = self.request(message);
+        if let Some(token) = &self.admin_token {
+            request
+                .metadata_mut()
+                .insert("authorization", token.clone());
+        }
+        request
+    }
+
+    /// An account's allowances per region (`AdminService.GetQuotas`).
+    pub async fn get_quotas(&self, account_id: &str) -> Result<pb::QuotasResponse, Error> {
+        let request = self.admin_request(pb::GetQuotasRequest {
+            account_id: account_id.to_string(),
+        });
+        Ok(self.admin.clone().get_quotas(request).await?.into_inner())
+    }
+
+    pub async fn set_quota(
+        &self,
+        request: pb::SetQuotaRequest,
+    ) -> Result<pb::QuotasResponse, Error> {
+        let request = self.admin_request(request);
+        Ok(self.admin.clone().set_quota(request).await?.into_inner())
+    }
+
+    pub async fn move_quota(
+        &self,
+        request: pb::MoveQuotaRequest,
+    ) -> Result<pb::QuotasResponse, Error> {
+        let request = self.admin_request(request);
+        Ok(self.admin.clone().move_quota(request).await?.into_inner())
+    }
+
+    pub async fn revoke_quota(
+        &self,
+        request: pb::RevokeQuotaRequest,
+    ) -> Result<pb::QuotasResponse, Error> {
+        let request = self.admin_request(request);
+        Ok(self.admin.clone().revoke_quota(request).await?.into_inner())
+    }
+
+    pub async fn write_off_quota(
+        &self,
+        request: pb::WriteOffQuotaRequest,
+    ) -> Result<pb::QuotasResponse, Error> {
+        let request = self.admin_request(request);
+        Ok(self
+            .admin
+            .clone()
+            .write_off_quota(request)
+            .await?
+            .into_inner())
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {

@@ -56,6 +56,15 @@ struct Cli {
     /// each run of `ledger` starts a new trace; transfers record its trace id.
     #[arg(long, env = "TRACEPARENT", global = true)]
     traceparent: Option<String>,
+    /// The operator's token file, for `ledger quota` (ledgerd's `admin.token_file`; by default
+    /// it writes one into its data directory).
+    #[arg(
+        long,
+        env = "LEDGER_ADMIN_TOKEN_FILE",
+        default_value = "./data/admin.token",
+        global = true
+    )]
+    admin_token_file: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -99,6 +108,57 @@ enum Command {
     /// The cluster: nodes, shards, leaders.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Regional quotas (operators): show, set, move, revoke, write-off. Needs the operator's
+    /// token (--admin-token-file).
+    #[command(subcommand)]
+    Quota(QuotaCommand),
+}
+
+#[derive(Subcommand)]
+enum QuotaCommand {
+    /// An account's allowances per region: reserved at home, spent, settled, in flight,
+    /// epochs, expiry.
+    Show { account_id: String },
+    /// Sets what the account's home reserves for a region (a grant, or a shrink the region
+    /// makes first) and renews the lease.
+    Set {
+        account_id: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        amount: u64,
+        /// Seconds until the region stops spending it.
+        #[arg(long, default_value_t = 3_600)]
+        lease_seconds: u64,
+    },
+    /// Moves unspent rights from one region to another (the donor gives them up first).
+    Move {
+        account_id: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        amount: u64,
+        #[arg(long, default_value_t = 3_600)]
+        lease_seconds: u64,
+    },
+    /// Takes back every unspent right of a region.
+    Revoke {
+        account_id: String,
+        #[arg(long)]
+        region: String,
+    },
+    /// Releases what the home reserves for a region that cannot report; its later
+    /// settlements are refused.
+    WriteOff {
+        account_id: String,
+        #[arg(long)]
+        region: String,
+        /// Why (written to the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -407,7 +467,11 @@ fn exit_of(committed: bool) -> Exit {
     }
 }
 
-async fn execute(client: &Client, command: Command) -> Result<Exit, ledger_client::Error> {
+async fn execute(
+    client: &Client,
+    command: Command,
+    cli_token_file: &std::path::Path,
+) -> Result<Exit, ledger_client::Error> {
     match command {
         Command::Account(AccountCommand::Create {
             id,
@@ -573,6 +637,70 @@ async fn execute(client: &Client, command: Command) -> Result<Exit, ledger_clien
             }
             Ok(exit)
         }
+        Command::Quota(command) => {
+            let token = std::fs::read_to_string(&cli_token_file).map_err(|e| {
+                ledger_client::Error::Status(tonic::Status::unauthenticated(format!(
+                    "cannot read the admin token file {}: {e} (set --admin-token-file)",
+                    cli_token_file.display()
+                )))
+            })?;
+            let client = client.clone().with_admin_token(&token)?;
+            let response = match command {
+                QuotaCommand::Show { account_id } => client.get_quotas(&account_id).await?,
+                QuotaCommand::Set {
+                    account_id,
+                    region,
+                    amount,
+                    lease_seconds,
+                } => {
+                    client
+                        .set_quota(pb::SetQuotaRequest {
+                            account_id,
+                            region,
+                            amount,
+                            lease_seconds,
+                        })
+                        .await?
+                }
+                QuotaCommand::Move {
+                    account_id,
+                    from,
+                    to,
+                    amount,
+                    lease_seconds,
+                } => {
+                    client
+                        .move_quota(pb::MoveQuotaRequest {
+                            account_id,
+                            from_region: from,
+                            to_region: to,
+                            amount,
+                            lease_seconds,
+                        })
+                        .await?
+                }
+                QuotaCommand::Revoke { account_id, region } => {
+                    client
+                        .revoke_quota(pb::RevokeQuotaRequest { account_id, region })
+                        .await?
+                }
+                QuotaCommand::WriteOff {
+                    account_id,
+                    region,
+                    reason,
+                } => {
+                    client
+                        .write_off_quota(pb::WriteOffQuotaRequest {
+                            account_id,
+                            region,
+                            reason,
+                        })
+                        .await?
+                }
+            };
+            print_quotas(&response);
+            Ok(Exit::Done)
+        }
         Command::Statement {
             account_id,
             page_size,
@@ -615,6 +743,47 @@ async fn execute(client: &Client, command: Command) -> Result<Exit, ledger_clien
     }
 }
 
+fn print_quotas(q: &pb::QuotasResponse) {
+    println!(
+        "quotas of {} (home region {}): {} region(s)",
+        q.account_id,
+        q.home_region,
+        q.quotas.len()
+    );
+    for r in &q.quotas {
+        let region_side = if r.region_answered {
+            format!(
+                "spent={} available={} in_flight={} region_epoch={}{}",
+                r.spent,
+                r.available,
+                r.in_flight,
+                r.region_epoch,
+                if r.closed { " closed" } else { "" }
+            )
+        } else {
+            "region: no answer".to_string()
+        };
+        println!(
+            "quota {} reserved={} granted={} settled={} released={} refused={} epoch={} \
+             confirmed={} expires={}{} {region_side}",
+            r.region,
+            r.reserved,
+            r.granted,
+            r.settled,
+            r.released,
+            r.refused,
+            r.epoch,
+            r.confirmed_epoch,
+            rfc3339(r.expires_at_unix_ms),
+            if r.pending.is_empty() {
+                String::new()
+            } else {
+                format!(" pending={}", r.pending)
+            },
+        );
+    }
+}
+
 /// Prints `e` as one line and returns its exit code.
 fn report(e: &ledger_client::Error) -> Exit {
     use tonic::Code;
@@ -632,6 +801,8 @@ fn report(e: &ledger_client::Error) -> Exit {
             let (exit, kind) = match status.code() {
                 Code::InvalidArgument | Code::OutOfRange => (Exit::BadInput, "invalid request"),
                 Code::NotFound => (Exit::NotFound, "not found"),
+                Code::FailedPrecondition => (Exit::Rejected, "refused"),
+                Code::Unauthenticated | Code::PermissionDenied => (Exit::Other, "not allowed"),
                 Code::Unavailable => (Exit::Unavailable, "unavailable, retry later"),
                 Code::DeadlineExceeded => (Exit::Unavailable, "timed out, retry later"),
                 _ => (Exit::Other, "error"),
@@ -668,7 +839,7 @@ fn main() -> ExitCode {
             Ok(c) => c,
             Err(e) => return report(&e).into(),
         };
-        match execute(&client, cli.command).await {
+        match execute(&client, cli.command, &cli.admin_token_file).await {
             Ok(exit) => exit.into(),
             Err(e) => report(&e).into(),
         }

@@ -148,6 +148,7 @@ pub fn transfer(t: pb::Transfer) -> Result<Transfer, InvalidInput> {
     unset("debit_account_version", t.debit_account_version != 0)?;
     unset("credit_account_version", t.credit_account_version != 0)?;
     unset("cross_shard", t.cross_shard)?;
+    unset("quota_path", t.quota_path)?;
     unset("trace_id", !t.trace_id.is_empty())?;
     let flags = t.flags.unwrap_or_default();
     let kind = match (flags.pending, flags.post_pending, flags.void_pending) {

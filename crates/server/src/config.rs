@@ -38,6 +38,39 @@ pub struct Config {
     pub shard: ShardOptions,
     pub telemetry: crate::telemetry::TelemetryConfig,
     pub peer: PeerConfig,
+    pub admin: AdminConfig,
+}
+
+/// Operators' calls (`[admin]`): their credential and audit log.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A file holding the operator's bearer token. Empty: `<data_dir>/admin.token`, written
+    /// with a new random token at the first start.
+    pub token_file: PathBuf,
+    /// The audit log of admin actions (JSON lines, synced). Empty:
+    /// `<data_dir>/admin-audit.jsonl`.
+    pub audit_log: PathBuf,
+}
+
+impl Config {
+    /// The admin token file in use.
+    pub fn admin_token_file(&self) -> PathBuf {
+        if self.admin.token_file.as_os_str().is_empty() {
+            self.data_dir.join("admin.token")
+        } else {
+            self.admin.token_file.clone()
+        }
+    }
+
+    /// The admin audit log in use.
+    pub fn admin_audit_log(&self) -> PathBuf {
+        if self.admin.audit_log.as_os_str().is_empty() {
+            self.data_dir.join("admin-audit.jsonl")
+        } else {
+            self.admin.audit_log.clone()
+        }
+    }
 }
 
 /// The node-to-node API of a cluster node (`[peer]`); a single node has no peers.
@@ -98,6 +131,7 @@ impl Default for Config {
             shard: ShardOptions::default(),
             telemetry: crate::telemetry::TelemetryConfig::default(),
             peer: PeerConfig::default(),
+            admin: AdminConfig::default(),
         }
     }
 }
@@ -165,6 +199,12 @@ impl Config {
             return invalid(
                 "shard.lock_wait_ms_max",
                 "must be below shard.prepare_timeout_ms".into(),
+            );
+        }
+        if s.quota_outbox_max == 0 || s.settle_batch_max == 0 {
+            return invalid(
+                "shard",
+                "quota_outbox_max and settle_batch_max must be > 0".into(),
             );
         }
         if s.retry_ms == 0 || s.lease_ms < 3 {

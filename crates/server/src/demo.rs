@@ -36,6 +36,8 @@ pub struct DemoNode {
 }
 
 pub const CLUSTER_FILE: &str = "cluster.toml";
+/// The operator's token of the demo cluster, in its directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
 
 /// Parses `eu,us,ap` (each with `nodes_per_region` nodes) or `eu:2,us,ap` (a count per region).
 pub fn parse_regions(spec: &str, nodes_per_region: usize) -> Result<Vec<(String, usize)>, String> {
@@ -95,6 +97,9 @@ pub fn prepare(plan: &DemoPlan) -> Result<Vec<DemoNode>, String> {
     };
     file.check()
         .map_err(|e| format!("{}: {e}", cluster_path.display()))?;
+    // One operator's token for every node (made the first time): an admin call may go to any.
+    let token = plan.dir.join(ADMIN_TOKEN_FILE);
+    crate::operator::Credential::load(Path::new(""), &token).map_err(|e| e.to_string())?;
     let mut nodes = Vec::new();
     for node in &file.nodes {
         let data_dir = plan.dir.join(&node.id);
@@ -118,6 +123,7 @@ pub fn prepare(plan: &DemoPlan) -> Result<Vec<DemoNode>, String> {
             .otlp_endpoint
             .clone_from(&plan.otlp_endpoint);
         config.telemetry.service_name = "ledgerd".into();
+        config.admin.token_file.clone_from(&token);
         if plan.metrics {
             config.telemetry.metrics_listen = "127.0.0.1:0".into();
         }

@@ -7,6 +7,7 @@
 //! | `NotFound` | `NOT_FOUND`; reason `NOT_FOUND` (kind, id) | not retry |
 //! | `Unavailable` | `UNAVAILABLE`; reason `SHARD_UNAVAILABLE` (shard) | retry later, with the same transfer ids |
 //! | `NotLeader` | `UNAVAILABLE`; reason `NOT_LEADER` (shard, leader node and address) | retry at the leader, with the same transfer ids |
+//! | `Precondition` | `FAILED_PRECONDITION`; reason `FAILED_PRECONDITION` | change what the message names first (an operator's command) |
 //! | `Internal` | `INTERNAL`; reason `INTERNAL` | report it; retrying with the same ids is safe |
 //!
 //! Every status carries a `google.rpc.ErrorInfo` (domain `ledger`) with the reason, so a
@@ -33,6 +34,8 @@ pub const UNAVAILABLE: &str = "SHARD_UNAVAILABLE";
 pub const NOT_LEADER: &str = "NOT_LEADER";
 /// A failure of the node.
 pub const INTERNAL: &str = "INTERNAL";
+/// The state of what the call names does not allow it now (an operator's command).
+pub const FAILED_PRECONDITION: &str = "FAILED_PRECONDITION";
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,6 +62,10 @@ pub enum ApiError {
     /// Another node refused what this node forwarded to it: its answer, passed on as it is.
     #[error("node {node}: {}", status.message())]
     Peer { node: String, status: Status },
+    /// What the call names is not in a state that allows it (an allowance whose change waits
+    /// for its region, an account that cannot cover a grant): nothing changed.
+    #[error("{0}")]
+    Precondition(String),
     /// A bug or a failure of this node (a store that cannot be read, say).
     #[error("internal error: {0}")]
     Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -73,6 +80,7 @@ impl ApiError {
             ApiError::NotFound { .. } => NOT_FOUND,
             ApiError::Unavailable(_) | ApiError::NodeUnavailable { .. } => UNAVAILABLE,
             ApiError::NotLeader { .. } => NOT_LEADER,
+            ApiError::Precondition(_) => FAILED_PRECONDITION,
             ApiError::Peer { .. } | ApiError::Internal(_) => INTERNAL,
         }
     }
@@ -90,6 +98,7 @@ impl From<ApiError> for Status {
             ApiError::Unavailable(_)
             | ApiError::NotLeader { .. }
             | ApiError::NodeUnavailable { .. } => Code::Unavailable,
+            ApiError::Precondition(_) => Code::FailedPrecondition,
             ApiError::Peer { .. } | ApiError::Internal(_) => Code::Internal,
         };
         let mut metadata = HashMap::new();
@@ -116,7 +125,10 @@ impl From<ApiError> for Status {
             ApiError::NodeUnavailable { node, .. } => {
                 metadata.insert("node".to_string(), node.clone());
             }
-            ApiError::Unavailable(_) | ApiError::Peer { .. } | ApiError::Internal(_) => {}
+            ApiError::Unavailable(_)
+            | ApiError::Precondition(_)
+            | ApiError::Peer { .. }
+            | ApiError::Internal(_) => {}
         }
         details.set_error_info(e.reason(), ERROR_DOMAIN, metadata);
         Status::with_error_details(code, e.to_string(), details)

@@ -8,8 +8,10 @@ pub mod config;
 mod data_dir;
 pub mod demo;
 pub mod error;
+pub mod operator;
 pub mod peer;
 pub mod prometheus;
+mod quota;
 mod router;
 mod service;
 pub mod telemetry;
@@ -126,6 +128,13 @@ pub async fn run(
     } else {
         None
     };
+    let credential = operator::Credential::load(
+        &config.admin.token_file,
+        &config.data_dir.join("admin.token"),
+    )
+    .map_err(|e| StartError::Serve(e.into()))?;
+    let audit = operator::AuditLog::open(&config.admin_audit_log())
+        .map_err(|e| StartError::Serve(e.into()))?;
     let remote = peers.clone().map(|p| Arc::new(p) as Arc<dyn Remote>);
     let shards_led = stores.len();
     let node_id = node.clone();
@@ -184,7 +193,11 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(ledger)
-        .add_service(AdminServiceServer::new(admin::Admin::new(router.clone())))
+        .add_service(AdminServiceServer::new(admin::Admin::new(
+            router.clone(),
+            Arc::new(credential),
+            Arc::new(audit),
+        )))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone());
     let peer_api = async {
         let Some(peer_listener) = peer_listener else {

@@ -20,6 +20,7 @@ use ledger_proto::ledger::internal::v1 as ipb;
 use ledger_proto::{self as wire, pb};
 use ledger_shard::engine::{Reply, TransferReply};
 use ledger_shard::node::Node;
+use ledger_shard::quota;
 use ledger_shard::read;
 use ledger_shard::route::{self, Coordinator};
 use ledger_shard::trace::TraceParent;
@@ -319,9 +320,117 @@ impl Router {
         origin: Origin,
     ) -> Result<Vec<Answer>, ApiError> {
         let span = route_span(transfers.len());
-        self.create_transfers_routed(transfers, origin, &span)
+        self.create_transfers_quota_first(transfers, origin, &span)
             .instrument(span.clone())
             .await
+    }
+
+    /// Regional quotas (docs/design/0004-regional-quotas.md): a client's posted transfer whose
+    /// debit account is homed in another region goes first to this region's quota shard of
+    /// that account, as a debit of the account's quota account. What the quota shard declines
+    /// (recorded there, so a retry here is declined again) goes the ordinary way.
+    async fn create_transfers_quota_first(
+        &self,
+        mut transfers: Vec<Transfer>,
+        origin: Origin,
+        span: &tracing::Span,
+    ) -> Result<Vec<Answer>, ApiError> {
+        let candidates = if origin == Origin::Client && self.peers.is_some() {
+            self.quota_candidates(&transfers).await?
+        } else {
+            Vec::new()
+        };
+        if candidates.is_empty() {
+            return self.create_transfers_routed(transfers, origin, span).await;
+        }
+        let mut originals = Vec::with_capacity(candidates.len());
+        for &i in &candidates {
+            originals.push(transfers[i].clone());
+            let account = &transfers[i].debit_account_id;
+            transfers[i].debit_account_id = quota::quota_id(&self.region, account);
+        }
+        let mut answers = self
+            .create_transfers_routed(transfers, origin, span)
+            .await?;
+        let mut declined = (Vec::new(), Vec::new());
+        for (&i, original) in candidates.iter().zip(originals) {
+            let answer = std::mem::replace(
+                &mut answers[i],
+                Answer::There(pb::TransferResult::default()),
+            );
+            let mut result = answer.into_wire();
+            match &mut result.outcome {
+                Some(pb::transfer_result::Outcome::Rejection(r))
+                    if r.reason == Rejection::QuotaExhausted.code() as i32 =>
+                {
+                    declined.0.push(i);
+                    declined.1.push(original);
+                    continue;
+                }
+                Some(pb::transfer_result::Outcome::Transfer(t)) => {
+                    t.debit_account_id = original.debit_account_id;
+                    t.quota_path = true;
+                }
+                _ => {}
+            }
+            answers[i] = Answer::There(result);
+        }
+        metrics::counter!("ledger_quota_path_total", "path" => "quota")
+            .increment((candidates.len() - declined.0.len()) as u64);
+        if !declined.0.is_empty() {
+            metrics::counter!("ledger_quota_path_total", "path" => "fallback")
+                .increment(declined.0.len() as u64);
+            let (indices, transfers) = declined;
+            let more = self
+                .create_transfers_routed(transfers, origin, span)
+                .await?;
+            for (i, answer) in indices.into_iter().zip(more) {
+                answers[i] = answer;
+            }
+        }
+        Ok(answers)
+    }
+
+    /// The transfers that may take the quota path: posted, without an expected debit version,
+    /// whose debit account is homed in another region.
+    async fn quota_candidates(&self, transfers: &[Transfer]) -> Result<Vec<usize>, ApiError> {
+        let plain = |t: &Transfer| {
+            t.kind == TransferKind::Posted
+                && t.expected_debit_version.is_none()
+                && quota::parse_quota_id(&t.debit_account_id).is_none()
+        };
+        let debits: Vec<Option<&str>> = transfers
+            .iter()
+            .map(|t| plain(t).then_some(t.debit_account_id.as_str()))
+            .collect();
+        if debits.iter().all(Option::is_none) {
+            return Ok(Vec::new());
+        }
+        let homes = self.homes(&debits, &[]).await?;
+        Ok(homes
+            .iter()
+            .enumerate()
+            .filter(|(_, home)| home.is_some_and(|h| self.region_of(h) != self.region))
+            .map(|(i, _)| i)
+            .collect())
+    }
+
+    /// The quota shard of `account` in `region`: the shard its id hashes to on the region's
+    /// ring.
+    pub fn quota_shard(&self, region: &str, account: &str) -> Option<ShardId> {
+        self.node.rings().home(region, account)
+    }
+
+    /// This node's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// The home shards of accounts (`None`: no such account, or its directory shard's node
+    /// did not answer).
+    pub async fn homes_of(&self, ids: &[&str]) -> Result<Vec<Option<ShardId>>, ApiError> {
+        let ids: Vec<Option<&str>> = ids.iter().map(|id| Some(*id)).collect();
+        self.homes(&ids, &[]).await
     }
 
     async fn create_transfers_routed(
@@ -425,7 +534,11 @@ impl Router {
                 };
             }
             let mut results = self
-                .create_transfers_routed(vec![transfer], Origin::Client, &tracing::Span::current())
+                .create_transfers_quota_first(
+                    vec![transfer],
+                    Origin::Client,
+                    &tracing::Span::current(),
+                )
                 .await?;
             Ok(results.pop().expect("one result"))
         }
@@ -492,12 +605,28 @@ impl Router {
         } else {
             Vec::new()
         };
+        // A quota account lives on its region's quota shard of the account it stands for.
+        let quota_shards: Vec<Option<ShardId>> = transfers
+            .iter()
+            .map(|t| {
+                quota::parse_quota_id(&t.debit_account_id)
+                    .and_then(|(region, account)| self.quota_shard(region, account))
+            })
+            .collect();
+        let debits: Vec<Option<&str>> = debits
+            .into_iter()
+            .zip(&quota_shards)
+            .map(|(debit, quota)| debit.filter(|_| quota.is_none()))
+            .collect();
         let homes = self.homes(&debits, &credits).await?;
         transfers
             .iter()
             .zip(&lookups)
-            .zip(homes)
-            .map(|((t, lookup), home)| {
+            .zip(homes.into_iter().zip(quota_shards))
+            .map(|((t, lookup), (home, quota))| {
+                if let Some(shard) = quota {
+                    return Ok(Coordinator::Shard(shard));
+                }
                 route::coordinator(t, lookup, home).map_err(|account| {
                     ApiError::Internal(format!("account {account:?} was not located").into())
                 })

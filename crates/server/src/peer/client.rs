@@ -337,6 +337,24 @@ impl PeerClients {
     }
 
     /// A peer's map version and the status of the shards it leads.
+    /// Runs an operator's quota command on a shard `node` leads.
+    pub async fn quota(
+        &self,
+        node: &str,
+        shard: ShardId,
+        command: ipb::quota_request::Command,
+    ) -> Result<ipb::QuotaResponse, ApiError> {
+        let request = ipb::QuotaRequest {
+            caller: Some(self.caller.clone()),
+            shard: shard.0,
+            command: Some(command),
+        };
+        self.call(node, "Quota", request, |mut c, r| async move {
+            c.quota(r).await
+        })
+        .await
+    }
+
     pub async fn status(&self, node: &str) -> Result<ipb::StatusResponse, ApiError> {
         let request = ipb::StatusRequest {
             caller: Some(self.caller.clone()),

@@ -71,8 +71,17 @@ impl PeerService for PeerApi {
             .enumerate()
             .map(|(i, t)| {
                 let mut t = wire::transfer(t).map_err(|e| e.within(&format!("transfers[{i}]")))?;
-                t.validate()
-                    .map_err(|e| e.within(&format!("transfers[{i}]")))?;
+                // A quota-path transfer debits the quota account of its debit account
+                // (regional quotas): the account it stands for is checked as a user id.
+                let checked = match ledger_shard::quota::parse_quota_id(&t.debit_account_id) {
+                    Some((_, account)) => ledger_domain::Transfer {
+                        debit_account_id: account.to_string(),
+                        ..t.clone()
+                    }
+                    .validate(),
+                    None => t.validate(),
+                };
+                checked.map_err(|e| e.within(&format!("transfers[{i}]")))?;
                 t.trace_id.clone_from(&trace_id);
                 Ok(t)
             })
@@ -186,6 +195,20 @@ impl PeerService for PeerApi {
             map_version: node.map().version,
             shards: crate::admin::shards_here(node)?,
         }))
+    }
+
+    async fn quota(
+        &self,
+        request: Request<ipb::QuotaRequest>,
+    ) -> Result<Response<ipb::QuotaResponse>, Status> {
+        let request = request.into_inner();
+        self.check(request.caller.as_ref())?;
+        let command = request
+            .command
+            .ok_or_else(|| Status::invalid_argument("a quota request without a command"))?;
+        crate::quota::check(&self.router, &command)?;
+        let quotas = crate::quota::run_here(&self.router, ShardId(request.shard), command).await?;
+        Ok(Response::new(ipb::QuotaResponse { quotas }))
     }
 
     async fn find_transfers(

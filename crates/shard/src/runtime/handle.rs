@@ -50,6 +50,8 @@ pub enum Command {
         from: ShardId,
         message: Message,
     },
+    /// An operator's quota command (regional quotas).
+    Quota(crate::quota::Command, oneshot::Sender<Reply>),
     Stop,
 }
 
@@ -143,6 +145,13 @@ impl ShardHandle {
         transfers: Vec<Transfer>,
     ) -> impl Future<Output = Result<Vec<Reply>, ShardError>> + Send + '_ {
         self.request(move |tx| Command::CreateTransfers(transfers, TraceParent::current(), tx))
+    }
+
+    pub fn quota(
+        &self,
+        command: crate::quota::Command,
+    ) -> impl Future<Output = Result<Reply, ShardError>> + Send + '_ {
+        self.request(move |tx| Command::Quota(command, tx))
     }
 
     /// Best effort, never waits: used for protocol messages, which are retried.

@@ -265,6 +265,10 @@ impl Runtime {
                     break;
                 }
                 Command::Peer { from, message } => handle(engine, Input::Peer { from, message })?,
+                Command::Quota(command, tx) => {
+                    let token = waiting.one(tx);
+                    handle(engine, Input::Quota { token, command })?;
+                }
                 Command::CreateAccount(account, tx) => {
                     let token = waiting.one(tx);
                     handle(engine, Input::CreateAccount { token, account })?;
