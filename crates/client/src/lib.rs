@@ -25,6 +25,16 @@ pub enum Error {
     Status(#[from] Status),
 }
 
+impl Error {
+    /// The call's status, if the server answered.
+    pub fn status(&self) -> Option<&Status> {
+        match self {
+            Error::Status(status) => Some(status),
+            Error::Connect { .. } => None,
+        }
+    }
+}
+
 /// The URI of a server address: a bare `host:port` (as `ledgerd` prints it) means plain-text
 /// HTTP/2.
 pub fn uri_of(addr: &str) -> String {

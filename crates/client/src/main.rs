@@ -638,7 +638,7 @@ async fn execute(
             Ok(exit)
         }
         Command::Quota(command) => {
-            let token = std::fs::read_to_string(&cli_token_file).map_err(|e| {
+            let token = std::fs::read_to_string(cli_token_file).map_err(|e| {
                 ledger_client::Error::Status(tonic::Status::unauthenticated(format!(
                     "cannot read the admin token file {}: {e} (set --admin-token-file)",
                     cli_token_file.display()

@@ -57,6 +57,34 @@ struct Found {
     holds: HashMap<String, (HoldStatus, ShardId)>,
 }
 
+impl Found {
+    /// Keeps a transfer record found on `shard`. An id may be recorded twice with regional
+    /// quotas: by a region's quota shard (debiting the account's quota account) and by the
+    /// account's home (the settlement, or the ordinary path). The home's record is the one
+    /// shown; a quota shard's is shown as the account's (the transfer is settled later), and
+    /// its "not covered" record, which only sent the transfer the ordinary way, not at all.
+    fn keep(
+        &mut self,
+        id: String,
+        mut record: TransferRecord,
+        hold: Option<HoldStatus>,
+        shard: ShardId,
+    ) {
+        let regional = quota::parse_quota_id(&record.request.debit_account_id)
+            .map(|(_, account)| account.to_string());
+        if let Some(account) = regional {
+            if record.result == Err(Rejection::QuotaExhausted) || self.transfers.contains_key(&id) {
+                return;
+            }
+            if let Ok(committed) = &mut record.result {
+                committed.debit_account_id.clone_from(&account);
+            }
+            record.request.debit_account_id = account;
+        }
+        self.transfers.insert(id, (record, hold, shard));
+    }
+}
+
 impl Router {
     pub fn new(node: Arc<Node>, peers: Option<PeerClients>, batch_size_max: usize) -> Self {
         let region = node
@@ -728,7 +756,7 @@ impl Router {
             let store = self.node.store(shard).expect("led here");
             for id in transfer_ids {
                 if let Some((record, hold)) = read::transfer(&**store, shard, id)? {
-                    found.transfers.insert(id.clone(), (record, hold, shard));
+                    found.keep(id.clone(), record, hold, shard);
                 }
             }
             for id in hold_ids {
@@ -746,9 +774,7 @@ impl Router {
                 } else {
                     Some(codec::decode("hold", &f.hold).map_err(internal)?)
                 };
-                found
-                    .transfers
-                    .insert(f.id, (record, hold, ShardId(f.shard)));
+                found.keep(f.id, record, hold, ShardId(f.shard));
             }
             for f in answer.holds {
                 let hold = codec::decode("hold", &f.record).map_err(internal)?;

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use ledger_domain::{Account, Entry, ShardId};
+use ledger_shard::quota::{Allowance, QuotaRecord, Settlement, escrow_id, quota_id};
 use ledger_shard::read;
 use ledger_store::Store;
 
@@ -14,6 +15,10 @@ pub struct Snapshot {
     pub entries: HashMap<String, Vec<Entry>>,
     /// (prepared records, coordinator records) per shard.
     pub in_flight: Vec<(usize, usize)>,
+    /// Regional quotas: the homes' allowances, the quota shards' records and outboxes.
+    pub allowances: Vec<Allowance>,
+    pub quota_records: Vec<QuotaRecord>,
+    pub outbox: Vec<Settlement>,
 }
 
 impl Snapshot {
@@ -40,6 +45,10 @@ impl Snapshot {
             }
             s.in_flight
                 .push(read::in_flight(*store, shard).expect("in flight"));
+            let recovered = ledger_shard::runtime::load(*store, shard).expect("load");
+            s.allowances.extend(recovered.allowances);
+            s.quota_records.extend(recovered.quota_records);
+            s.outbox.extend(recovered.outbox);
         }
         s
     }
@@ -126,6 +135,99 @@ pub fn exactly_once(s: &Snapshot) -> Vec<String> {
     out
 }
 
+/// I7 regional quotas, for every account A and region R with an allowance: R's limit (what
+/// its quota account was granted) is at most what A's home granted; R spent at most its limit
+/// (its quota account's flag, I2); the home's reservation (granted - settled - released) is at
+/// least what R spent and the home has not yet applied (its outbox past the home's last
+/// sequence number), and is what the escrow account holds pending.
+pub fn quotas(s: &Snapshot) -> Vec<String> {
+    let mut out = Vec::new();
+    let account = |id: &str| s.accounts.iter().map(|(_, a)| a).find(|a| a.id() == id);
+    for r in &s.quota_records {
+        let home = s
+            .allowances
+            .iter()
+            .find(|a| a.account_id == r.account_id && a.region == r.region);
+        let Some(home) = home else {
+            out.push(format!(
+                "I7 {} in {}: a quota record without the home's allowance",
+                r.account_id, r.region
+            ));
+            continue;
+        };
+        let limit =
+            account(&quota_id(&r.region, &r.account_id)).map_or(0, |q| q.balances.credits_posted);
+        if limit > home.granted {
+            out.push(format!(
+                "I7 {} in {}: the region was granted {limit}, the home only {}",
+                r.account_id, r.region, home.granted
+            ));
+        }
+        let Some(reserved) = home
+            .granted
+            .checked_sub(home.settled)
+            .and_then(|g| g.checked_sub(home.released))
+        else {
+            out.push(format!(
+                "I7 {} in {}: settled {} + released {} exceed granted {}",
+                r.account_id, r.region, home.settled, home.released, home.granted
+            ));
+            continue;
+        };
+        let unsettled: u64 = s
+            .outbox
+            .iter()
+            .filter(|e| e.transfer.debit_account_id == r.account_id && e.seq > home.last_seq)
+            .map(|e| e.transfer.amount)
+            .sum();
+        if reserved < unsettled {
+            out.push(format!(
+                "I7 {} in {}: the home reserves {reserved} but {unsettled} spent is not settled",
+                r.account_id, r.region
+            ));
+        }
+    }
+    for a in &s.allowances {
+        let reserved = a
+            .granted
+            .saturating_sub(a.settled)
+            .saturating_sub(a.released);
+        let escrow =
+            account(&escrow_id(&a.region, &a.account_id)).map_or(0, |e| e.balances.credits_pending);
+        if escrow != reserved {
+            out.push(format!(
+                "I7 {} in {}: the escrow holds {escrow} pending, the allowance reserves {reserved}",
+                a.account_id, a.region
+            ));
+        }
+    }
+    out
+}
+
+/// At quiescence, every settlement answered: the outboxes are empty, and every region's
+/// spending is settled or refused at home.
+pub fn quotas_settled(s: &Snapshot) -> Vec<String> {
+    let mut out: Vec<String> = s
+        .outbox
+        .iter()
+        .map(|e| {
+            format!(
+                "settlement {} of {} ({}) never answered",
+                e.seq, e.transfer.debit_account_id, e.transfer.id
+            )
+        })
+        .collect();
+    for r in &s.quota_records {
+        if r.spent != r.settled + r.refused {
+            out.push(format!(
+                "{} in {}: spent {}, settled {}, refused {}",
+                r.account_id, r.region, r.spent, r.settled, r.refused
+            ));
+        }
+    }
+    out
+}
+
 /// All of the above.
 pub fn all(s: &Snapshot) -> Vec<String> {
     [
@@ -134,6 +236,7 @@ pub fn all(s: &Snapshot) -> Vec<String> {
         versions(s),
         nothing_in_flight(s),
         exactly_once(s),
+        quotas(s),
     ]
     .concat()
 }
