@@ -118,13 +118,20 @@ enum Command {
 enum QuotaCommand {
     /// An account's allowances per region: reserved at home, spent, settled, in flight,
     /// epochs, expiry.
-    Show { account_id: String },
+    Show {
+        /// The account id.
+        account_id: String,
+    },
     /// Sets what the account's home reserves for a region (a grant, or a shrink the region
     /// makes first) and renews the lease.
     Set {
+        /// The account id.
         account_id: String,
+        /// The region that may spend it (not the account's home region).
         #[arg(long)]
         region: String,
+        /// What the home reserves for the region, in minor units: its unspent rights plus
+        /// what it spent and has not settled.
         #[arg(long)]
         amount: u64,
         /// Seconds until the region stops spending it.
@@ -133,26 +140,35 @@ enum QuotaCommand {
     },
     /// Moves unspent rights from one region to another (the donor gives them up first).
     Move {
+        /// The account id.
         account_id: String,
+        /// The region giving rights up.
         #[arg(long)]
         from: String,
+        /// The region receiving them.
         #[arg(long)]
         to: String,
+        /// How much to move, in minor units (at most what the donor has not spent moves).
         #[arg(long)]
         amount: u64,
+        /// Seconds until the receiving region stops spending it.
         #[arg(long, default_value_t = 3_600)]
         lease_seconds: u64,
     },
     /// Takes back every unspent right of a region.
     Revoke {
+        /// The account id.
         account_id: String,
+        /// The region.
         #[arg(long)]
         region: String,
     },
     /// Releases what the home reserves for a region that cannot report; its later
     /// settlements are refused.
     WriteOff {
+        /// The account id.
         account_id: String,
+        /// The region.
         #[arg(long)]
         region: String,
         /// Why (written to the audit log).

@@ -21,6 +21,9 @@ pub enum Bug {
     /// A coordinator releases its lock on the debit account as soon as its Prepare leaves,
     /// before the decision, so another transfer may spend what this one is about to.
     ReleaseLockEarly,
+    /// A quota shard applies a grant whose epoch it already holds (a resend of an older
+    /// change), so its region may spend more than the home granted.
+    ApplyStaleGrant,
 }
 
 thread_local! {

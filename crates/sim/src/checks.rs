@@ -18,7 +18,8 @@ pub struct Snapshot {
     /// Regional quotas: the homes' allowances, the quota shards' records and outboxes.
     pub allowances: Vec<Allowance>,
     pub quota_records: Vec<QuotaRecord>,
-    pub outbox: Vec<Settlement>,
+    /// Each waiting settlement with the region of the quota shard that holds it.
+    pub outbox: Vec<(String, Settlement)>,
 }
 
 impl Snapshot {
@@ -47,8 +48,16 @@ impl Snapshot {
                 .push(read::in_flight(*store, shard).expect("in flight"));
             let recovered = ledger_shard::runtime::load(*store, shard).expect("load");
             s.allowances.extend(recovered.allowances);
+            for e in recovered.outbox {
+                let region = recovered
+                    .quota_records
+                    .iter()
+                    .find(|r| r.account_id == e.transfer.debit_account_id)
+                    .map(|r| r.region.clone())
+                    .unwrap_or_default();
+                s.outbox.push((region, e));
+            }
             s.quota_records.extend(recovered.quota_records);
-            s.outbox.extend(recovered.outbox);
         }
         s
     }
@@ -177,8 +186,12 @@ pub fn quotas(s: &Snapshot) -> Vec<String> {
         let unsettled: u64 = s
             .outbox
             .iter()
-            .filter(|e| e.transfer.debit_account_id == r.account_id && e.seq > home.last_seq)
-            .map(|e| e.transfer.amount)
+            .filter(|(region, e)| {
+                *region == r.region
+                    && e.transfer.debit_account_id == r.account_id
+                    && e.seq > home.last_seq
+            })
+            .map(|(_, e)| e.transfer.amount)
             .sum();
         if reserved < unsettled {
             out.push(format!(
@@ -210,9 +223,9 @@ pub fn quotas_settled(s: &Snapshot) -> Vec<String> {
     let mut out: Vec<String> = s
         .outbox
         .iter()
-        .map(|e| {
+        .map(|(region, e)| {
             format!(
-                "settlement {} of {} ({}) never answered",
+                "settlement {} of {} in {region} ({}) never answered",
                 e.seq, e.transfer.debit_account_id, e.transfer.id
             )
         })

@@ -17,6 +17,10 @@ pub struct Reference {
     transfers: BTreeMap<String, (Transfer, Result<u64, Rejection>)>,
     holds: BTreeMap<String, HoldStatus>,
     pub now_ms: u64,
+    /// Regional quotas: what each account's home reserves for regions and they have not
+    /// spent, counted in the account's pending debits (learned from the cluster: grants and
+    /// releases are operators' and regions' doing, [`Reference::reserve`]).
+    pub reserved: BTreeMap<String, u64>,
 }
 
 impl Reference {
@@ -147,6 +151,72 @@ impl Reference {
             TransferKind::Posted => {}
         }
         Ok(amount)
+    }
+
+    /// Sets what `account`'s home reserves for regions (unspent), as the cluster says: the
+    /// account's pending debits move by the difference.
+    pub fn reserve(&mut self, account: &str, reserved: u64) {
+        let before = self.reserved.get(account).copied().unwrap_or(0);
+        if before == reserved {
+            return;
+        }
+        let a = self
+            .accounts
+            .get_mut(account)
+            .expect("reserved for an account");
+        a.balances.debits_pending = a.balances.debits_pending - before + reserved;
+        self.reserved.insert(account.to_string(), reserved);
+    }
+
+    /// A posted transfer a region committed by the quota path: its debit comes out of the
+    /// account's reservation (no check of the debit account: its home reserved it), its credit
+    /// is checked as any. Recorded: a retry in that region gets the same answer.
+    pub fn transfer_reserved(&mut self, t: &Transfer) -> Result<u64, Rejection> {
+        if let Some((request, result)) = self.transfers.get(&t.id) {
+            return if request == t {
+                *result
+            } else {
+                Err(Rejection::ExistsWithDifferentFields)
+            };
+        }
+        let result = self.apply_reserved(t);
+        self.transfers.insert(t.id.clone(), (t.clone(), result));
+        result
+    }
+
+    fn apply_reserved(&mut self, t: &Transfer) -> Result<u64, Rejection> {
+        let (_, credit) = t.new_changes();
+        let c = self
+            .accounts
+            .get(&t.credit_account_id)
+            .ok_or(Rejection::CreditAccountNotFound)?;
+        if c.spec.ledger != t.ledger {
+            return Err(Rejection::LedgerMismatch);
+        }
+        if t.expected_credit_version.is_some_and(|v| v != c.version) {
+            return Err(Rejection::CreditVersionMismatch);
+        }
+        let credit_after = c
+            .balances
+            .apply(&credit, c.spec.flags, c.spec.credit_limit)?;
+        let reserved = self.reserved.entry(t.debit_account_id.clone()).or_default();
+        *reserved = reserved
+            .checked_sub(t.amount)
+            .expect("a region spent more than its account's home reserved (I7)");
+        let a = self
+            .accounts
+            .get_mut(&t.debit_account_id)
+            .expect("debit account");
+        a.balances.debits_pending -= t.amount;
+        a.balances.debits_posted += t.amount;
+        a.version += 1;
+        let c = self
+            .accounts
+            .get_mut(&t.credit_account_id)
+            .expect("checked");
+        c.balances = credit_after;
+        c.version += 1;
+        Ok(t.amount)
     }
 
     /// Moves time forward and expires every hold that is due.

@@ -11,7 +11,10 @@
 //! any number of protocol messages, messages lost, duplicated, reordered and delayed between
 //! regions, partitions between nodes or regions, one way or both, store commits that fail or
 //! stall, a stalled leader whose shard another node takes over and who wakes later, time
-//! jumps past timeouts); and judges: the reference ledger for every answer, I5 for every
+//! jumps past timeouts); regional quotas (operators' grants, moves and revokes of allowances
+//! of accounts homed in one region to others, transfers entering a region that spend them by
+//! the quota path or fall back to two-phase commit, settlements, closes at expiry); and
+//! judges: the reference ledger for every answer, I5 for every
 //! commit (a deposed leader's commit must not land), then a liveness phase (every fault
 //! healed, every timer due) after which nothing may be in flight, every balance and version
 //! must match the reference, and every invariant checker must find nothing.
@@ -28,6 +31,7 @@ use ledger_domain::{
 };
 use ledger_shard::engine::{Input, Reply};
 use ledger_shard::protocol::Message;
+use ledger_shard::quota::{self, Command};
 use ledger_shard::runtime::LeaseError;
 use ledger_shard::sim::Sim;
 use ledger_shard::{Options, read, route};
@@ -80,6 +84,8 @@ pub struct Plan {
     /// that a deposed leader wakes (per mille).
     pub takeovers: u32,
     pub wakes: u32,
+    /// Chance per operation that it is a regional-quota one (per mille; 0 with one region).
+    pub quotas: u32,
     pub options: Options,
 }
 
@@ -119,6 +125,11 @@ struct Run {
     cuts: BTreeSet<(usize, usize)>,
     /// The operation at which the partition heals.
     heal_at: usize,
+    /// Accounts that have had an allowance (their versions move with grants and
+    /// settlements at home, which the reference does not follow).
+    quota_accounts: BTreeSet<usize>,
+    /// (account, region) pairs granted an allowance at some point.
+    granted: BTreeSet<(usize, usize)>,
     outcome: Outcome,
     verbose: bool,
 }
@@ -186,6 +197,11 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
             0
         },
         wakes: [100, 400][rng.random_range(0..2)],
+        quotas: if topology.regions.len() > 1 {
+            [0, 150, 400][rng.random_range(0..3)]
+        } else {
+            0
+        },
         options,
     };
     if verbose {
@@ -257,6 +273,8 @@ fn run_seed(seed: u64, verbose: bool) -> Outcome {
         delayed: Vec::new(),
         cuts: BTreeSet::new(),
         heal_at: 0,
+        quota_accounts: BTreeSet::new(),
+        granted: BTreeSet::new(),
         outcome: Outcome::default(),
         verbose,
     };
@@ -289,6 +307,10 @@ impl Run {
             }
             self.faults_between(n);
             self.sync_expiries();
+            if self.plan.quotas > 0 && self.rng.random_range(0..1_000) < self.plan.quotas {
+                self.quota_op(n);
+                continue;
+            }
             let roll = self.rng.random_range(0..100);
             let t = match roll {
                 0..50 => {
@@ -352,6 +374,15 @@ impl Run {
         self.sim.now_ms += self.plan.options.prepare_timeout_ms * 4;
         self.settle("in the liveness phase");
         self.sync_expiries();
+        // Every allowance revoked: what regions did not spend comes back to its account.
+        for a in self.quota_accounts.clone() {
+            for r in 0..self.topology.regions.len() {
+                if r != self.topology.region_of_shard(self.accounts[a].1) {
+                    self.quota_command(a, r, 0, 3_600_000);
+                }
+            }
+        }
+        self.sync_quotas();
         self.check_final(seed);
     }
 
@@ -414,6 +445,7 @@ impl Run {
         if limited.is_empty() {
             return;
         }
+        self.sync_quotas();
         let debits: Vec<usize> = (0..self.rng.random_range(1..=2))
             .map(|_| limited[self.rng.random_range(0..limited.len())])
             .collect();
@@ -452,7 +484,11 @@ impl Run {
                 None => unique.push((t.clone(), *answer)),
             }
         }
-        match serial_order(&self.reference, &unique, &self.reference.overdue()) {
+        let overdue = self.reference.overdue();
+        // Rights a region gave back (a shrink, a close at expiry) may have been released at
+        // home at any point of the burst: what the homes reserve now, wherever it helps.
+        let reserved = Some(self.cluster_reserved()).filter(|_| !self.quota_accounts.is_empty());
+        match serial_order(&self.reference, &unique, &overdue, reserved.as_ref()) {
             Some(reference) => self.reference = reference,
             None => self.violation(format!(
                 "no order of the contended burst {:?} gives its answers from the reference",
@@ -587,12 +623,16 @@ impl Run {
                 ledger: "EUR".into(),
                 ..t
             },
-            3 => Transfer {
+            3 if !self.quota_accounts.contains(&d) => Transfer {
                 expected_debit_version: Some(self.rng.random_range(0..40)),
                 ..t
             },
-            _ => Transfer {
+            4 if !self.quota_accounts.contains(&c) => Transfer {
                 expected_credit_version: Some(self.rng.random_range(0..40)),
+                ..t
+            },
+            _ => Transfer {
+                ledger: "EUR".into(),
                 ..t
             },
         }
@@ -647,10 +687,27 @@ impl Run {
             return; // The API refuses it before any shard sees it.
         }
         self.sync_expiries();
+        self.sync_quotas();
         let overdue = self.reference.overdue();
-        let before = (!overdue.is_empty()).then(|| self.reference.clone());
+        let before = (!overdue.is_empty() || !self.quota_accounts.is_empty())
+            .then(|| self.reference.clone());
         let mut expected = self.reference.transfer(&t);
         let got = self.transfer(&t);
+        if let Some(mut resynced) = before.clone()
+            && got != Some(expected)
+            && !self.quota_accounts.is_empty()
+        {
+            // A region's unspent rights released at home while the transfer was on its way
+            // (a shrink's or close's answer) may have made room for it: right too.
+            for (account, reserved) in self.cluster_reserved() {
+                resynced.reserve(&account, reserved);
+            }
+            let alternative = resynced.transfer(&t);
+            if got == Some(alternative) {
+                self.reference = resynced;
+                expected = alternative;
+            }
+        }
         if let Some(mut after_expiries) = before
             && got != Some(expected)
         {
@@ -752,6 +809,10 @@ impl Run {
     /// what its lookups would find (the transfer and the hold by id, on every shard); `Err`:
     /// answered without any shard (not recorded).
     fn route(&self, t: &Transfer) -> Result<ShardId, Rejection> {
+        if let Some((region, account)) = quota::parse_quota_id(&t.debit_account_id) {
+            let r = self.topology.regions.iter().position(|n| n == region);
+            return Ok(self.topology.home(r.expect("a region of the map"), account));
+        }
         let shards = (0..self.topology.shards()).map(ShardId);
         let store = |shard: ShardId| &*self.sim.stores[shard.0 as usize];
         let recorded = |id: &str, shard: ShardId| {
@@ -1157,13 +1218,173 @@ impl Run {
         self.violation(format!("the cluster did not settle {when}"));
     }
 
+    // ---- regional quotas ------------------------------------------------------------------
+
+    /// An operator's change of an allowance, or a transfer entering a region that spends one.
+    fn quota_op(&mut self, n: usize) {
+        let mut a = self.rng.random_range(1..self.accounts.len());
+        let home_region = |a: usize| self.topology.region_of_shard(self.accounts[a].1);
+        let others: Vec<usize> = (0..self.topology.regions.len())
+            .filter(|r| *r != home_region(a))
+            .collect();
+        let mut r = others[self.rng.random_range(0..others.len())];
+        // Mostly an account and region that were granted an allowance.
+        if !self.granted.is_empty() && self.rng.random_bool(0.8) {
+            let i = self.rng.random_range(0..self.granted.len());
+            (a, r) = *self.granted.iter().nth(i).expect("in range");
+        }
+        let others: Vec<usize> = (0..self.topology.regions.len())
+            .filter(|r| *r != home_region(a))
+            .collect();
+        match self.rng.random_range(0..100) {
+            0..65 => self.quota_transfer(n, a, r),
+            65..85 => {
+                let amount = self.rng.random_range(0..900);
+                let lease_ms = [20_000, 3_600_000, 3_600_000][self.rng.random_range(0..3)];
+                self.quota_command(a, r, amount, lease_ms);
+            }
+            85..94 if others.len() > 1 => {
+                let to = others[(others.iter().position(|o| *o == r).unwrap() + 1) % others.len()];
+                let amount = self.rng.random_range(1..300);
+                let (account, _) = self.accounts[a].clone();
+                self.granted.insert((a, to));
+                let command = Command::Move {
+                    from: self.topology.regions[r].clone(),
+                    from_shard: self.topology.home(r, &account),
+                    to: quota::MoveTo {
+                        region: self.topology.regions[to].clone(),
+                        quota_shard: self.topology.home(to, &account),
+                        lease_ms: 3_600_000,
+                    },
+                    account_id: account,
+                    amount,
+                };
+                self.run_quota_command(a, command);
+            }
+            _ => self.quota_command(a, r, 0, 3_600_000),
+        }
+    }
+
+    /// `SetQuota(account a, region r, amount, lease)` at the account's home.
+    fn quota_command(&mut self, a: usize, r: usize, amount: u64, lease_ms: u64) {
+        if amount > 0 {
+            self.granted.insert((a, r));
+        }
+        let (account, _) = self.accounts[a].clone();
+        let command = Command::Set {
+            region: self.topology.regions[r].clone(),
+            quota_shard: self.topology.home(r, &account),
+            account_id: account,
+            amount,
+            lease_ms,
+        };
+        self.run_quota_command(a, command);
+    }
+
+    fn run_quota_command(&mut self, a: usize, command: Command) {
+        self.quota_accounts.insert(a);
+        let home = self.accounts[a].1;
+        let token = self.sim.token();
+        if self.verbose {
+            println!("  quota {command:?}");
+        }
+        self.sim.batch(home, vec![Input::Quota { token, command }]);
+        if self.verbose {
+            println!("    answered {:?}", self.sim.replies.get(&token));
+        }
+        self.settle("after a quota change");
+        self.sync_quotas();
+    }
+
+    /// A transfer from account `a` entering region `r`: the quota path first (as the router
+    /// sends it), then the ordinary path if the region declines. Retried in that region only.
+    fn quota_transfer(&mut self, n: usize, a: usize, r: usize) {
+        let c = (a + self.rng.random_range(1..self.accounts.len())) % self.accounts.len();
+        let amount = self.rng.random_range(1..200);
+        let t = self.posted(&format!("q{n}"), a, c, amount);
+        let mut spend = t.clone();
+        spend.debit_account_id = quota::quota_id(&self.topology.regions[r], &t.debit_account_id);
+        self.sync_expiries();
+        self.sync_quotas();
+        let got = self.transfer(&spend);
+        self.outcome.transfers += 1;
+        match got {
+            Some(Err(Rejection::QuotaExhausted)) => {
+                if self.verbose {
+                    println!("  {}: declined by the quota path", t.id);
+                }
+                self.send(t);
+            }
+            Some(got) => {
+                self.sync_expiries();
+                let expected = self.reference.transfer_reserved(&t);
+                if self.verbose {
+                    println!(
+                        "  {} by the quota path of {}: {got:?}",
+                        t.id, self.topology.regions[r]
+                    );
+                }
+                if got != expected {
+                    self.violation(format!(
+                        "quota-path transfer {}: the cluster answered {got:?}, the reference {expected:?}",
+                        t.id
+                    ));
+                }
+            }
+            None => self.violation(format!("transfer {} never got a final answer", t.id)),
+        }
+    }
+
+    /// What each account's home reserves for regions and they have not spent: its
+    /// allowances' reservations less what regions spent and the home has yet to settle.
+    fn cluster_reserved(&self) -> BTreeMap<String, u64> {
+        let stores: Vec<&dyn Store> = self.sim.stores.iter().map(|s| &**s as &dyn Store).collect();
+        let snapshot = checks::Snapshot::read(&stores);
+        let mut out: BTreeMap<String, u64> = BTreeMap::new();
+        for al in &snapshot.allowances {
+            let unsettled: u64 = snapshot
+                .outbox
+                .iter()
+                .filter(|(region, e)| {
+                    *region == al.region
+                        && e.transfer.debit_account_id == al.account_id
+                        && e.seq > al.last_seq
+                })
+                .map(|(_, e)| e.transfer.amount)
+                .sum();
+            *out.entry(al.account_id.clone()).or_default() +=
+                al.outstanding().saturating_sub(unsettled);
+        }
+        out
+    }
+
+    /// Tells the reference what the cluster's homes reserve now.
+    fn sync_quotas(&mut self) {
+        if self.quota_accounts.is_empty() {
+            return;
+        }
+        for (account, reserved) in self.cluster_reserved() {
+            self.reference.reserve(&account, reserved);
+        }
+    }
+
     fn check_final(&mut self, seed: u64) {
         let mut found = Vec::new();
+        let quota_accounts: BTreeSet<&str> = self
+            .quota_accounts
+            .iter()
+            .map(|a| self.accounts[*a].0.as_str())
+            .collect();
         for (id, model) in &self.reference.accounts {
             let shard = self.home(id);
+            // An account with allowances has entries of grants, releases and settlements
+            // the reference does not number.
+            let numbered = !quota_accounts.contains(id.as_str());
             match read::account(&*self.sim.stores[shard.0 as usize], shard, id) {
                 Ok(Some(real)) => {
-                    if real.balances != model.balances || real.version != model.version {
+                    if real.balances != model.balances
+                        || (numbered && real.version != model.version)
+                    {
                         found.push(format!(
                             "account {id}: {:?} v{}, the reference {:?} v{}",
                             real.balances, real.version, model.balances, model.version
@@ -1178,7 +1399,9 @@ impl Run {
         found.extend(self.sim.fenced_landed.iter().cloned());
         found.extend(self.sim.decisions_changed.iter().cloned());
         let stores: Vec<&dyn Store> = self.sim.stores.iter().map(|s| &**s as &dyn Store).collect();
-        found.extend(checks::all(&checks::Snapshot::read(&stores)));
+        let snapshot = checks::Snapshot::read(&stores);
+        found.extend(checks::all(&snapshot));
+        found.extend(checks::quotas_settled(&snapshot));
         if !found.is_empty() && self.verbose {
             println!("  seed {seed}: {} violations at the end", found.len());
         }
@@ -1195,6 +1418,7 @@ fn serial_order(
     reference: &Reference,
     transfers: &[(Transfer, Result<u64, Rejection>)],
     overdue: &[String],
+    reserved: Option<&BTreeMap<String, u64>>,
 ) -> Option<Reference> {
     if transfers.is_empty() {
         return Some(reference.clone());
@@ -1208,7 +1432,7 @@ fn serial_order(
                 .filter(|(j, _)| *j != i)
                 .map(|(_, x)| x.clone())
                 .collect();
-            if let Some(done) = serial_order(&next, &rest, overdue) {
+            if let Some(done) = serial_order(&next, &rest, overdue, reserved) {
                 return Some(done);
             }
         }
@@ -1216,7 +1440,20 @@ fn serial_order(
     for (i, id) in overdue.iter().enumerate() {
         let mut next = reference.clone();
         next.expire(id);
-        if let Some(done) = serial_order(&next, transfers, &overdue[i + 1..]) {
+        if let Some(done) = serial_order(&next, transfers, &overdue[i + 1..], reserved) {
+            return Some(done);
+        }
+    }
+    let differs = |r: &&BTreeMap<String, u64>| {
+        r.iter()
+            .any(|(a, v)| reference.reserved.get(a).copied().unwrap_or(0) != *v)
+    };
+    if let Some(reserved) = reserved.filter(differs) {
+        let mut next = reference.clone();
+        for (account, r) in reserved {
+            next.reserve(account, *r);
+        }
+        if let Some(done) = serial_order(&next, transfers, overdue, None) {
             return Some(done);
         }
     }

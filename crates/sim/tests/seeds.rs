@@ -49,6 +49,7 @@ fn every_broken_variant_is_caught_within_a_few_seeds() {
         Bug::ForgetRejections,
         Bug::SkipEpochCheck,
         Bug::ReleaseLockEarly,
+        Bug::ApplyStaleGrant,
     ] {
         bugs::set(Some(bug));
         let caught = (0..WITHIN).find_map(|seed| {

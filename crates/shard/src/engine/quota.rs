@@ -658,6 +658,12 @@ impl Engine {
             unreachable!("a grant");
         };
         let held = self.quotas.records.get(&account_id).map_or(0, |r| r.epoch);
+        #[cfg(feature = "sim-bugs")]
+        let held = if crate::bugs::on(crate::bugs::Bug::ApplyStaleGrant) {
+            held.min(epoch.saturating_sub(1))
+        } else {
+            held
+        };
         if held < epoch {
             let quota = quota_id(&region, &account_id);
             let clearing = clearing_id(&region, &account_id);
