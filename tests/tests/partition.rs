@@ -5,6 +5,10 @@
 //! applied; after healing, every transfer settles, and every node's stores pass the invariant
 //! checkers.
 //!
+//! With regional quotas: ap holds an allowance of an account homed in eu; cut off from eu, ap
+//! goes on spending it at local latency, the home waits, and once the cut heals every spend
+//! settles at home.
+//!
 //! It needs root and iproute2 (`.ci/run` installs it). Without the means to make a namespace
 //! the test fails, saying why: a cluster test that cannot cut a link would be no test of one.
 
@@ -18,7 +22,7 @@ use std::time::Duration;
 use ledger_client::{Client, pb};
 use ledger_store::Store;
 use ledger_tests::checks;
-use ledger_tests::process::{ledgerd_bin, two_pc_in_flight_after};
+use ledger_tests::process::{ledger_bin, ledgerd_bin, two_pc_in_flight_after};
 use ledger_tests::wire::usd_transfer;
 
 /// The transfers sent across the cut, each with its answer once it came.
@@ -51,9 +55,13 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 impl Netns {
     fn new() -> Result<Netns, String> {
+        // Unique per test of this process (they run at once), and per process.
+        static MADE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(k < 2, "two namespaces per test process at most");
         let id = std::process::id();
-        let name = format!("lgp{}", id % 100_000);
-        let (a, b) = (200 + (id / 250) % 50, id % 250);
+        let name = format!("lgp{}{k}", id % 100_000);
+        let (a, b) = (200 + (id / 125) % 50, (id % 125) * 2 + k);
         let ns = Netns {
             outside: format!("{name}o"),
             outside_ip: format!("10.{a}.{b}.1"),
@@ -389,5 +397,160 @@ async fn a_partition_between_regions_fails_cleanly_and_everything_settles_after_
         .map(|(s, st)| (*s, st as &dyn Store))
         .collect();
     let violations = checks::all(&checks::Snapshot::read_shards(&refs));
+    assert!(violations.is_empty(), "{violations:#?}");
+}
+
+fn committed_transfer(r: &pb::TransferResult) -> &pb::Transfer {
+    match &r.outcome {
+        Some(pb::transfer_result::Outcome::Transfer(t)) => t,
+        other => panic!("not committed: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_region_cut_off_from_the_home_spends_its_allowance_and_settles_after_healing() {
+    let ns = Netns::new().unwrap_or_else(|e| {
+        panic!("cannot make a network namespace for the partition (needs root and iproute2): {e}")
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let configs = write_cluster(dir.path(), &ns);
+    let mut nodes = HashMap::new();
+    for (id, config) in &configs {
+        let netns = (id == "ap-1").then_some(ns.name.as_str());
+        nodes.insert(id.clone(), start(config, netns));
+    }
+    let eu = Client::connect(&nodes["eu-1"].addr).await.unwrap();
+    let token = std::fs::read_to_string(dir.path().join("eu-1/admin.token")).unwrap();
+    let operator = eu.clone().with_admin_token(&token).unwrap();
+    let payer = pb::Account {
+        flags: Some(pb::AccountFlags {
+            debits_must_not_exceed_credits: true,
+            ..Default::default()
+        }),
+        ..account("eu-payer")
+    };
+    for r in eu
+        .create_accounts(vec![account("eu-bank"), payer, account("ap-shop")])
+        .await
+        .unwrap()
+    {
+        assert!(
+            matches!(r.outcome, Some(pb::account_result::Outcome::Account(_))),
+            "{r:?}"
+        );
+    }
+    assert!(is_committed(
+        &eu.transfer(usd_transfer("fund", "eu-bank", "eu-payer", 1_000))
+            .await
+            .unwrap()
+    ));
+    operator
+        .set_quota(pb::SetQuotaRequest {
+            account_id: "eu-payer".into(),
+            region: "ap".into(),
+            amount: 500,
+            lease_seconds: 3_600,
+        })
+        .await
+        .unwrap();
+    let quota = |op: Client| async move {
+        op.get_quotas("eu-payer")
+            .await
+            .unwrap()
+            .quotas
+            .into_iter()
+            .find(|q| q.region == "ap")
+            .expect("ap's allowance")
+    };
+    let mut granted = false;
+    for _ in 0..100 {
+        let q = quota(operator.clone()).await;
+        if q.region_answered && q.available == 500 {
+            granted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(granted, "ap never got its allowance");
+    // A first spend in ap (which also lets ap-1 learn where both accounts live).
+    let ap = Client::connect(&nodes["ap-1"].addr).await.unwrap();
+    let first = ap
+        .transfer(usd_transfer("q-0", "eu-payer", "ap-shop", 10))
+        .await
+        .unwrap();
+    assert!(committed_transfer(&first).quota_path, "{first:?}");
+
+    ns.cut();
+    // Cut off from the home, ap spends within its allowance at once: a client inside ap's
+    // namespace (the only side that can reach ap-1 now), the `ledger` CLI.
+    for n in 1..=20 {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(ledger_bin())
+            .args(["--addr", &nodes["ap-1"].addr, "transfer", "create"])
+            .arg(format!("q-{n}"))
+            .args([
+                "--debit", "eu-payer", "--credit", "ap-shop", "--amount", "10",
+            ])
+            .args(["--ledger", "USD"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("quota_path"),
+            "q-{n}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // The home waits: what ap spent stays reserved; nothing is posted at home yet beyond
+    // what settled before the cut.
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let home = eu.balance("eu-payer").await.unwrap();
+    assert!(home.debits_posted <= 10, "{home:?}");
+    assert_eq!(home.debits_pending + home.debits_posted, 500, "{home:?}");
+    let seen_from_home = quota(operator.clone()).await;
+    assert!(!seen_from_home.region_answered, "{seen_from_home:?}");
+    ns.heal();
+
+    // Every spend settles at home, once.
+    let mut last = None;
+    for _ in 0..300 {
+        let q = quota(operator.clone()).await;
+        let done = q.region_answered && q.in_flight == 0 && q.settled == 210;
+        last = Some(q);
+        if done {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let q = last.expect("asked");
+    assert!(
+        q.settled == 210 && q.in_flight == 0,
+        "not settled after healing: {q:?}"
+    );
+    assert_eq!((q.spent, q.reserved, q.available), (210, 290, 290));
+    let home = eu.balance("eu-payer").await.unwrap();
+    assert_eq!((home.debits_posted, home.debits_pending), (210, 290));
+    assert_eq!(ap.balance("ap-shop").await.unwrap().credits_posted, 210);
+
+    drop(nodes);
+    let mut stores = Vec::new();
+    for (i, (id, _)) in configs.iter().enumerate() {
+        let shards = [2 * i as u32, 2 * i as u32 + 1];
+        let opened = ledger_store::open_shards_of(
+            &dir.path().join(id),
+            &shards,
+            ledger_store::Limits::default(),
+            Some(ledger_shard::keys::entry_group),
+        )
+        .unwrap();
+        stores.extend(shards.map(ledger_domain::ShardId).into_iter().zip(opened));
+    }
+    let refs: Vec<_> = stores
+        .iter()
+        .map(|(s, st)| (*s, st as &dyn Store))
+        .collect();
+    let snapshot = checks::Snapshot::read_shards(&refs);
+    let violations = [checks::all(&snapshot), checks::quotas_settled(&snapshot)].concat();
     assert!(violations.is_empty(), "{violations:#?}");
 }

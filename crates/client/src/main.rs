@@ -396,7 +396,7 @@ fn print_transfer(t: &pb::Transfer) {
         format!(" pending_id={}", t.pending_id)
     };
     println!(
-        "{kind} {} {} -> {} amount={} ledger={} code={}{pending}{hold} committed_at={}{}{}",
+        "{kind} {} {} -> {} amount={} ledger={} code={}{pending}{hold} committed_at={}{}{}{}",
         t.id,
         t.debit_account_id,
         t.credit_account_id,
@@ -405,6 +405,7 @@ fn print_transfer(t: &pb::Transfer) {
         t.code,
         rfc3339(t.committed_at_unix_ms),
         if t.cross_shard { " cross_shard" } else { "" },
+        if t.quota_path { " quota_path" } else { "" },
         if t.trace_id.is_empty() {
             String::new()
         } else {

@@ -540,6 +540,13 @@ async fn send_loop(
                 sent.increment(count);
                 peer.answered(true, String::new);
             }
+            Ok(Err(status)) if status.code() == Code::InvalidArgument => {
+                // It answered, and refused what this node sent as malformed: a disagreement
+                // of builds, never healed by resending.
+                dropped.increment(count);
+                peer.answered(true, String::new);
+                tracing::error!(peer = %peer.id, error = %status.message(), "the peer refused engine messages as malformed");
+            }
             Ok(Err(status)) => {
                 dropped.increment(count);
                 peer.answered(false, || status.message().to_string());

@@ -124,12 +124,17 @@ impl From<&Message> for pb::ShardMessage {
                 region: region.clone(),
                 entries: entries
                     .iter()
-                    .map(|s| pb::Settlement {
-                        seq: s.seq,
-                        epoch: s.epoch,
-                        transfer: Some(ledger_proto::transfer_to_wire(&s.transfer)),
-                        spent_at_unix_ms: s.spent_at_ms,
-                        trace: s.trace.as_ref().map(Into::into),
+                    .map(|s| {
+                        let mut transfer = ledger_proto::transfer_to_wire(&s.transfer);
+                        let trace_id = std::mem::take(&mut transfer.trace_id);
+                        pb::Settlement {
+                            seq: s.seq,
+                            epoch: s.epoch,
+                            transfer: Some(transfer),
+                            spent_at_unix_ms: s.spent_at_ms,
+                            trace: s.trace.as_ref().map(Into::into),
+                            trace_id,
+                        }
                     })
                     .collect(),
             }),
@@ -219,13 +224,16 @@ impl TryFrom<pb::ShardMessage> for Message {
                     .into_iter()
                     .map(|e| {
                         let transfer = e.transfer.ok_or_else(|| missing("settle.transfer"))?;
+                        let mut transfer =
+                            ledger_proto::transfer(transfer).map_err(|e| WireError {
+                                field: "settle.transfer",
+                                reason: e.to_string(),
+                            })?;
+                        transfer.trace_id = e.trace_id;
                         Ok(crate::quota::Settlement {
                             seq: e.seq,
                             epoch: e.epoch,
-                            transfer: ledger_proto::transfer(transfer).map_err(|e| WireError {
-                                field: "settle.transfer",
-                                reason: e.to_string(),
-                            })?,
+                            transfer,
                             spent_at_ms: e.spent_at_unix_ms,
                             trace: e.trace.map(TryInto::try_into).transpose()?,
                         })
@@ -455,6 +463,73 @@ mod tests {
             },
             Message::QueryDecision {
                 attempt: attempt("x1"),
+            },
+            Message::Grant {
+                account_id: "alice".into(),
+                region: "us".into(),
+                ledger: "USD".into(),
+                epoch: 4,
+                add: 300,
+                expires_at_ms: 1_700_000_000_000,
+            },
+            Message::Shrink {
+                account_id: "alice".into(),
+                region: "us".into(),
+                epoch: 5,
+                amount: 100,
+                expires_at_ms: 1_700_000_000_000,
+            },
+            Message::QuotaAck {
+                account_id: "alice".into(),
+                region: "us".into(),
+                epoch: 5,
+                moved: 60,
+            },
+            Message::Closed {
+                account_id: "alice".into(),
+                region: "us".into(),
+                epoch: 5,
+                unspent: 7,
+            },
+            Message::CloseAck {
+                account_id: "alice".into(),
+                epoch: 5,
+            },
+            // A transfer as the service records it: with the trace id of its call.
+            Message::Settle {
+                region: "us".into(),
+                entries: vec![crate::quota::Settlement {
+                    seq: 3,
+                    epoch: 5,
+                    transfer: ledger_domain::Transfer {
+                        id: "t1".into(),
+                        debit_account_id: "alice".into(),
+                        credit_account_id: "shop".into(),
+                        amount: 10,
+                        ledger: "USD".into(),
+                        code: 2,
+                        trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+                        ..ledger_domain::Transfer::default()
+                    },
+                    spent_at_ms: 1_700_000_000_001,
+                    trace: Some(trace),
+                }],
+            },
+            Message::SettleAck {
+                results: vec![
+                    crate::quota::SettleResult {
+                        account_id: "alice".into(),
+                        seq: 3,
+                        amount: 10,
+                        refused: None,
+                    },
+                    crate::quota::SettleResult {
+                        account_id: "alice".into(),
+                        seq: 4,
+                        amount: 5,
+                        refused: Some("duplicate".into()),
+                    },
+                ],
             },
         ];
         for message in messages {
