@@ -89,6 +89,12 @@ impl Tally {
         }
     }
 
+    /// The latency at quantile `q`, in microseconds.
+    pub fn latency_at(&mut self, q: f64) -> u64 {
+        self.add_latency_run();
+        self.latency_us.value_at_quantile(q)
+    }
+
     fn add_latency_run(&mut self) {
         for us in self.latency_run.drain(..) {
             let _ = self.latency_us.record(us);
