@@ -380,7 +380,6 @@ async fn quotas(
         .iter()
         .position(|(id, _, _)| id == owner)
         .ok_or("no node leads the probe's shard")?;
-    let mut debits = debits;
     debits.push(&probe);
     for debit in &debits {
         operator
