@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use ledger_domain::{Account, Entry, ShardId};
 use ledger_shard::quota::{Allowance, QuotaRecord, Settlement, escrow_id, quota_id};
-use ledger_shard::read;
+use ledger_shard::{keys, read};
 use ledger_store::Store;
 
 /// Everything the checkers look at, read once.
@@ -46,21 +46,45 @@ impl Snapshot {
             }
             s.in_flight
                 .push(read::in_flight(*store, shard).expect("in flight"));
-            let recovered = ledger_shard::runtime::load(*store, shard).expect("load");
-            s.allowances.extend(recovered.allowances);
-            for e in recovered.outbox {
-                let region = recovered
-                    .quota_records
-                    .iter()
-                    .find(|r| r.account_id == e.transfer.debit_account_id)
-                    .map(|r| r.region.clone())
-                    .unwrap_or_default();
-                s.outbox.push((region, e));
-            }
-            s.quota_records.extend(recovered.quota_records);
+            let (allowances, records, outbox) = quota_state(*store, shard);
+            s.allowances.extend(allowances);
+            s.quota_records.extend(records);
+            s.outbox.extend(outbox);
         }
         s
     }
+}
+
+/// One shard's regional-quota records: the allowances it keeps as a home, its quota records,
+/// and its outbox with each settlement's region.
+#[allow(clippy::type_complexity)]
+pub fn quota_state(
+    store: &dyn Store,
+    shard: ShardId,
+) -> (Vec<Allowance>, Vec<QuotaRecord>, Vec<(String, Settlement)>) {
+    let scan =
+        |(start, end): (Vec<u8>, Vec<u8>)| store.scan(&start, &end, usize::MAX).expect("scan");
+    let allowances: Vec<Allowance> = scan(keys::allowances(shard))
+        .iter()
+        .map(|(_, v)| ledger_shard::codec::decode("allowance", v).expect("decodes"))
+        .collect();
+    let records: Vec<QuotaRecord> = scan(keys::quotas(shard))
+        .iter()
+        .map(|(_, v)| ledger_shard::codec::decode("quota record", v).expect("decodes"))
+        .collect();
+    let outbox = scan(keys::outbox_all(shard))
+        .iter()
+        .map(|(_, v)| {
+            let e: Settlement = ledger_shard::codec::decode("settlement", v).expect("decodes");
+            let region = records
+                .iter()
+                .find(|r| r.account_id == e.transfer.debit_account_id)
+                .map(|r| r.region.clone())
+                .unwrap_or_default();
+            (region, e)
+        })
+        .collect();
+    (allowances, records, outbox)
 }
 
 /// I1 conservation: per ledger, credits - debits over all accounts is zero (pending and posted
