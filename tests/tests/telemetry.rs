@@ -507,3 +507,87 @@ async fn a_cross_region_transfer_is_one_trace_over_every_node_it_touched() {
         "spans from every region it touched"
     );
 }
+
+/// A quota-path transfer's settlement is in the transfer's trace: the spending region's
+/// server spans, and the home's `quota.settle` span (exported by the home's node, later).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quota_path_transfer_and_its_settlement_are_one_trace() {
+    let (endpoint, received) = start_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo = Demo::start(dir.path(), "eu,ap", 2, &["--otlp-endpoint", &endpoint]);
+    let ap = Client::connect(&demo.node("ap-1").addr).await.unwrap();
+    let accounts = [("eu-payer", "eu"), ("ap-shop", "ap")].map(|(id, region)| pb::Account {
+        region: region.into(),
+        ..usd_account(id)
+    });
+    for r in ap.create_accounts(accounts.to_vec()).await.unwrap() {
+        assert!(
+            matches!(r.outcome, Some(pb::account_result::Outcome::Account(_))),
+            "{r:?}"
+        );
+    }
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let operator = ap.clone().with_admin_token(&token).unwrap();
+    operator
+        .set_quota(pb::SetQuotaRequest {
+            account_id: "eu-payer".into(),
+            region: "ap".into(),
+            amount: 100,
+            lease_seconds: 3_600,
+        })
+        .await
+        .unwrap();
+    let allowance = || async {
+        operator
+            .get_quotas("eu-payer")
+            .await
+            .unwrap()
+            .quotas
+            .pop()
+            .unwrap()
+    };
+    for _ in 0..100 {
+        if allowance().await.available == 100 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traced_client = ap
+        .clone()
+        .with_traceparent(&format!("00-{trace_id}-00f067aa0ba902b7-01"))
+        .unwrap();
+    let result = traced_client
+        .transfer(usd_transfer("by-quota", "eu-payer", "ap-shop", 5))
+        .await
+        .unwrap();
+    let Some(pb::transfer_result::Outcome::Transfer(t)) = result.outcome else {
+        panic!("committed: {result:?}")
+    };
+    assert!(t.quota_path, "{t:?}");
+    for _ in 0..100 {
+        if allowance().await.settled == 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(allowance().await.settled, 5);
+    demo.stop();
+
+    let spans = received.lock().unwrap().clone();
+    let settle: Vec<&Received> = spans
+        .iter()
+        .filter(|r| hex(&r.span.trace_id) == trace_id && r.span.name == "quota.settle")
+        .collect();
+    assert_eq!(settle.len(), 1, "one settle span in the transfer's trace");
+    assert_eq!(settle[0].resource["service.instance.id"], "eu-1");
+    let ids: std::collections::HashSet<Vec<u8>> = spans
+        .iter()
+        .filter(|r| hex(&r.span.trace_id) == trace_id)
+        .map(|r| r.span.span_id.clone())
+        .collect();
+    assert!(
+        ids.contains(&settle[0].span.parent_span_id),
+        "the settle span hangs off a span of the transfer's trace"
+    );
+}
