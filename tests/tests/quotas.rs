@@ -10,7 +10,7 @@ use ledger_client::{Client, pb};
 use ledger_store::Store;
 use ledger_tests::checks;
 use ledger_tests::cluster::Demo;
-use ledger_tests::process::ledger_bin;
+use ledger_tests::process::{ledger_bin, metric, scrape};
 use ledger_tests::wire::usd_transfer;
 use tonic::Code;
 
@@ -84,7 +84,7 @@ fn settled(q: &pb::Quota) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
     let dir = tempfile::tempdir().unwrap();
-    let mut demo = Demo::start(dir.path(), REGIONS, 2, &[]);
+    let mut demo = Demo::start(dir.path(), REGIONS, 2, &["--metrics"]);
     let eu = client(&demo, "eu-1").await;
     let accounts = vec![
         account("bank", "eu", false),
@@ -235,8 +235,14 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
     let op = operator(&demo, "us-1").await;
     let ap_quota = quota_when(&op, "alice", "ap", settled).await;
     assert_eq!(ap_quota.spent, 40);
+    // us spends once more, settled by the restarted home.
+    let after = us
+        .transfer(usd_transfer("after-restart", "alice", "shop-us", 5))
+        .await
+        .unwrap();
+    assert!(committed(&after).quota_path, "{after:?}");
     let us_quota = quota_when(&op, "alice", "us", settled).await;
-    assert_eq!(us_quota.spent, 100 + u64::from(spent_during_move));
+    assert_eq!(us_quota.spent, 100 + u64::from(spent_during_move) + 5);
 
     // Revoke both: the regions give back what they did not spend.
     for region in ["us", "ap"] {
@@ -251,11 +257,37 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
     }
     let eu = client(&demo, "eu-1").await;
     let balance = eu.balance("alice").await.unwrap();
-    let spent = 100 + 250 + 40 + 40;
+    let spent = 100 + 250 + 40 + 40 + 5;
     assert_eq!(
         (balance.debits_pending, balance.debits_posted),
         (0, spent),
         "{balance:?}"
+    );
+
+    // The metrics say it too: quota path against fallback where the calls entered, what the
+    // spending region's quota shards hold, and the settlement lag at the home.
+    let us_metrics = scrape(demo.node("us-1").metrics.as_deref().expect("--metrics"));
+    assert!(metric(&us_metrics, "ledger_quota_path_total", &[r#"path="quota""#]) >= 10.0);
+    assert!(
+        metric(
+            &us_metrics,
+            "ledger_quota_path_total",
+            &[r#"path="fallback""#]
+        ) >= 1.0
+    );
+    assert_eq!(
+        metric(&us_metrics, "ledger_quota_spent", &[r#"region="us""#]),
+        us_quota.spent as f64
+    );
+    assert_eq!(metric(&us_metrics, "ledger_quota_outbox_depth", &[]), 0.0);
+    let eu_metrics = scrape(demo.node("eu-1").metrics.as_deref().expect("--metrics"));
+    assert!(
+        metric(
+            &eu_metrics,
+            "ledger_quota_settlement_lag_seconds_count",
+            &[]
+        ) > 0.0,
+        "the restarted home settled us's last spend"
     );
 
     // The CLI shows it, with the token file.

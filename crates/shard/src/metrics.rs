@@ -25,6 +25,7 @@
 //! | `ledger_store_reads_total` | counter | values the leader fetched from the store for its engine |
 //! | `ledger_quota_spent_total` | counter | transfers this quota shard applied by the quota path |
 //! | `ledger_quota_outbox_depth` | gauge | settlements waiting for their home's answer |
+//! | `ledger_quota_limit{region}`, `ledger_quota_spent{region}`, `ledger_quota_unsettled{region}` | gauge | sums over the quota shard's allowances: granted less given back, spent, spent and not yet answered by the home (per account: `GetQuotas`) |
 //! | `ledger_quota_settlement_lag_seconds` | histogram | at home: from the spend's commit to its settlement's |
 //! | `ledger_quota_settlements_refused_total{reason}` | counter | at home: settlements refused (`duplicate`, `written_off`, `overdrawn`, `no_allowance`) |
 //!
@@ -100,6 +101,18 @@ impl EngineMetrics {
 
     pub fn outbox_depth(&self, depth: usize) {
         self.outbox_depth.set(depth as f64);
+    }
+
+    /// Sums over a quota shard's allowances of `region`.
+    pub fn quota_totals(&self, region: &str, limit: u64, spent: u64, unsettled: u64) {
+        for (name, value) in [
+            ("ledger_quota_limit", limit),
+            ("ledger_quota_spent", spent),
+            ("ledger_quota_unsettled", unsettled),
+        ] {
+            gauge!(name, "shard" => self.shard.clone(), "region" => region.to_string())
+                .set(value as f64);
+        }
     }
 
     pub fn settlement_lag(&self, ms: u64) {

@@ -38,6 +38,8 @@ pub(super) struct Quotas {
     pub outbox: std::collections::BTreeMap<(String, u64), Settlement>,
     /// Home shards with a `Settle` in flight, and when it was sent.
     pub settling: std::collections::BTreeMap<ShardId, u64>,
+    /// A quota record changed since the gauges were last set.
+    pub totals_changed: bool,
 }
 
 /// Reasons a settlement is refused at home (the `reason` label of
@@ -821,6 +823,31 @@ impl Engine {
         self.quotas
             .records
             .insert(record.account_id.clone(), record);
+        self.quotas.totals_changed = true;
+    }
+
+    /// The quota gauges, once per batch that changed a record.
+    fn report_quota_totals(&mut self) {
+        if !std::mem::take(&mut self.quotas.totals_changed) {
+            return;
+        }
+        let Some(region) = self
+            .quotas
+            .records
+            .values()
+            .next()
+            .map(|r| r.region.clone())
+        else {
+            return;
+        };
+        let (mut limit, mut spent, mut unsettled) = (0u64, 0u64, 0u64);
+        for r in self.quotas.records.values() {
+            limit = limit.saturating_add(r.granted.saturating_sub(r.returned));
+            spent = spent.saturating_add(r.spent);
+            unsettled = unsettled
+                .saturating_add(r.spent.saturating_sub(r.settled).saturating_sub(r.refused));
+        }
+        self.metrics.quota_totals(&region, limit, spent, unsettled);
     }
 
     /// Whether a transfer debiting the quota account `quota` may take the quota path now.
@@ -1002,6 +1029,7 @@ impl Engine {
     pub(super) fn tick_quotas(&mut self) {
         self.tick_allowances();
         self.tick_quota_records();
+        self.report_quota_totals();
     }
 
     /// Loads the quota state of a new term.
@@ -1019,6 +1047,7 @@ impl Engine {
         for r in records {
             self.quotas.records.insert(r.account_id.clone(), r);
         }
+        self.quotas.totals_changed = true;
         for s in outbox {
             self.quotas
                 .outbox
