@@ -77,8 +77,12 @@ async fn quota_when(
     panic!("the allowance of {region} never got there: {last:?}");
 }
 
+/// Everything the region spent is answered by the home (settled, or refused).
 fn settled(q: &pb::Quota) -> bool {
-    q.region_answered && q.pending.is_empty() && q.in_flight == 0 && q.spent == q.settled
+    q.region_answered
+        && q.pending.is_empty()
+        && q.in_flight == 0
+        && q.spent == q.settled + q.refused
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,6 +223,18 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
         .unwrap();
     assert!(committed(&in_ap).quota_path, "{in_ap:?}");
 
+    // The same id sent to two regions that both hold an allowance: each applies it (the
+    // documented cost of retrying in another region), the home settles one and refuses the
+    // other as a duplicate, counts it, and keeps its amount reserved.
+    for node in ["us-1", "ap-1"] {
+        let twice = client(&demo, node)
+            .await
+            .transfer(usd_transfer("twice", "alice", "shop-us", 7))
+            .await
+            .unwrap();
+        assert!(committed(&twice).quota_path, "{node}: {twice:?}");
+    }
+
     // kill -9 of the spending node right after it spent, then of the home: nothing is lost
     // or applied twice; everything settles once both are back.
     for i in 0..5 {
@@ -234,7 +250,7 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
     demo.restart("eu-1");
     let op = operator(&demo, "us-1").await;
     let ap_quota = quota_when(&op, "alice", "ap", settled).await;
-    assert_eq!(ap_quota.spent, 40);
+    assert_eq!(ap_quota.spent, 47);
     // us spends once more, settled by the restarted home.
     let after = us
         .transfer(usd_transfer("after-restart", "alice", "shop-us", 5))
@@ -242,7 +258,12 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
         .unwrap();
     assert!(committed(&after).quota_path, "{after:?}");
     let us_quota = quota_when(&op, "alice", "us", settled).await;
-    assert_eq!(us_quota.spent, 100 + u64::from(spent_during_move) + 5);
+    assert_eq!(us_quota.spent, 100 + u64::from(spent_during_move) + 7 + 5);
+    assert_eq!(
+        us_quota.refused + ap_quota.refused,
+        7,
+        "one of the two settlements of \"twice\" refused: {us_quota:?} {ap_quota:?}"
+    );
 
     // Revoke both: the regions give back what they did not spend.
     for region in ["us", "ap"] {
@@ -253,11 +274,27 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
         .await
         .unwrap();
         let q = quota_when(&op, "alice", region, |q| settled(q) && q.available == 0).await;
-        assert_eq!(q.reserved, 0, "{q:?}");
+        assert_eq!(q.reserved, q.refused, "{q:?}");
     }
+    // The refused duplicate's amount stays reserved until an operator writes it off.
+    let duplicated = if us_quota.refused > 0 { "us" } else { "ap" };
+    let written_off = op
+        .write_off_quota(pb::WriteOffQuotaRequest {
+            account_id: "alice".into(),
+            region: duplicated.into(),
+            reason: "the id \"twice\" was sent to two regions; reconciled".into(),
+        })
+        .await
+        .unwrap();
+    let q = written_off
+        .quotas
+        .iter()
+        .find(|q| q.region == duplicated)
+        .unwrap();
+    assert_eq!(q.reserved, 0, "{q:?}");
     let eu = client(&demo, "eu-1").await;
     let balance = eu.balance("alice").await.unwrap();
-    let spent = 100 + 250 + 40 + 40 + 5;
+    let spent = 100 + 250 + 40 + 40 + 7 + 5;
     assert_eq!(
         (balance.debits_pending, balance.debits_posted),
         (0, spent),
@@ -313,6 +350,8 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
     );
     let audit = std::fs::read_to_string(dir.path().join("ap-1/admin-audit.jsonl")).unwrap();
     assert!(audit.contains(r#""outcome":"ok""#), "{audit}");
+    let audit = std::fs::read_to_string(dir.path().join("us-1/admin-audit.jsonl")).unwrap();
+    assert!(audit.contains(r#""action":"WriteOffQuota""#), "{audit}");
 
     demo.stop();
     let stores = Demo::open_stores_of(dir.path());
@@ -321,7 +360,12 @@ async fn quota_path_transfers_settle_at_home_through_moves_and_crashes() {
         .map(|(s, st)| (*s, st as &dyn Store))
         .collect();
     let snapshot = checks::Snapshot::read_shards(&refs);
-    let violations = [checks::all(&snapshot), checks::quotas_settled(&snapshot)].concat();
+    let mut violations = [checks::all(&snapshot), checks::quotas_settled(&snapshot)].concat();
+    // The one the test made on purpose: "twice" credited by both regions, and the checker
+    // sees it.
+    let expected = "I3 account shop-us: twice (Posted) applied 2 times";
+    assert!(violations.iter().any(|v| v == expected), "{violations:#?}");
+    violations.retain(|v| v != expected);
     assert!(violations.is_empty(), "{violations:#?}");
     assert!(!snapshot.quota_records.is_empty());
 }
