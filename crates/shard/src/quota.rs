@@ -15,8 +15,8 @@
 //!     ── Shrink {e + 1, amount} ──────────────────►  unspent -> clearing (donor first)
 //!     ◄──────────────────── QuotaAck {e + 1, moved} ─
 //!  release `moved` (and grant it to another region)
-//!     ◄───────────────── Closed {e, unspent} ─  at expiry minus the skew margin
-//!  release `unspent`  ── CloseAck {e} ────────►
+//!     ◄──────────────── Closed {e, returned} ─  at expiry minus the skew margin
+//!  release what is new ── CloseAck {returned} ►   (`returned`: all closes gave back, in all)
 //! ```
 //!
 //! Every message is idempotent: changes carry the home's epoch (applied once, never an older
@@ -108,8 +108,9 @@ pub struct Allowance {
     pub last_seq: u64,
     /// Settlements of epochs up to this one are refused (an operator wrote them off).
     pub written_off_through: u64,
-    /// Closes of epochs up to this one are applied.
-    pub closed_through: u64,
+    /// What the region gave back at its closes, released here (the region reports the sum, so a
+    /// lost or reordered report is made up by the next).
+    pub close_released: u64,
 }
 
 impl Allowance {
@@ -129,10 +130,12 @@ pub struct QuotaRecord {
     pub home: ShardId,
     pub epoch: u64,
     pub expires_at_ms: u64,
-    /// Spending stopped at expiry; `unspent` given back.
+    /// Spending stopped at expiry (until a new grant).
     pub closed: bool,
-    pub close_acked: bool,
-    pub unspent: u64,
+    /// What its closes gave back, in all, and how much of that the home has confirmed: reported
+    /// (`Closed`) until confirmed.
+    pub closed_returned: u64,
+    pub close_acked: u64,
     /// Sums: granted by the home, given back (shrinks, close), spent, settled at home, and
     /// refused at home.
     pub granted: u64,

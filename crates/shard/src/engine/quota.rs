@@ -178,7 +178,7 @@ impl Engine {
             pending: None,
             last_seq: 0,
             written_off_through: 0,
-            closed_through: 0,
+            close_released: 0,
         })
     }
 
@@ -279,8 +279,20 @@ impl Engine {
         self.release(&allowance, rest, &id);
         allowance.released += rest;
         allowance.written_off_through = allowance.epoch;
-        allowance.closed_through = allowance.epoch;
         allowance.pending = None;
+        // Best effort (not resent): a region that hears it stops spending under the epochs
+        // written off; what it spent meanwhile is refused when it arrives.
+        allowance.epoch += 1;
+        self.send(
+            allowance.quota_shard,
+            Message::Shrink {
+                account_id: account_id.to_string(),
+                region: region.to_string(),
+                epoch: allowance.epoch,
+                amount: u64::MAX,
+                expires_at_ms: self.now_ms,
+            },
+        );
         tracing::warn!(
             shard = %self.shard,
             account = account_id,
@@ -455,30 +467,38 @@ impl Engine {
         self.send_change(&key);
     }
 
-    /// A region closed `epoch` at its expiry and gave `unspent` back.
+    /// A region closed `epoch` at its expiry: its closes gave back `returned` in all, of which
+    /// the home releases what it has not released yet (never more than it still reserves: a
+    /// write-off may have released it already).
     fn on_closed(
         &mut self,
         from: ShardId,
         account_id: String,
         region: String,
         epoch: u64,
-        unspent: u64,
+        returned: u64,
     ) {
         let key = (account_id.clone(), region.clone());
         if let Some(mut allowance) = self.quotas.allowances.get(&key).cloned()
-            && epoch > allowance.closed_through
+            && returned > allowance.close_released
         {
             if self.account_locked(&account_id) {
                 return; // Reported again; taken once the transfer in flight is done.
             }
-            let unspent = unspent.min(allowance.outstanding());
+            let release = (returned - allowance.close_released).min(allowance.outstanding());
             let id = change_id("close", &region, &account_id, epoch);
-            self.release(&allowance, unspent, &id);
-            allowance.released += unspent;
-            allowance.closed_through = epoch;
+            self.release(&allowance, release, &id);
+            allowance.released += release;
+            allowance.close_released = returned;
             self.put_allowance(allowance);
         }
-        self.send(from, Message::CloseAck { account_id, epoch });
+        self.send(
+            from,
+            Message::CloseAck {
+                account_id,
+                returned,
+            },
+        );
     }
 
     /// Settlements from a quota shard of `region`, in order.
@@ -488,6 +508,28 @@ impl Engine {
         region: String,
         entries: Vec<Settlement>,
     ) -> Result<(), Fatal> {
+        // Every record the entries need first, in one fetch: nothing is applied until all are
+        // here (a step that waits has changed nothing).
+        let mut wanted = false;
+        for entry in &entries {
+            let key = (entry.transfer.debit_account_id.clone(), region.clone());
+            let new = self
+                .quotas
+                .allowances
+                .get(&key)
+                .is_some_and(|a| entry.seq > a.last_seq);
+            if new && matches!(self.lookup_transfer(&entry.transfer.id)?, Known::Wanted) {
+                wanted = true;
+            }
+        }
+        if wanted {
+            let input = Input::Peer {
+                from,
+                message: Message::Settle { region, entries },
+            };
+            self.stall(super::Task::Input(input));
+            return Ok(());
+        }
         let mut results = Vec::new();
         let mut stalled = false;
         for entry in &entries {
@@ -685,8 +727,8 @@ impl Engine {
                     epoch: 0,
                     expires_at_ms: 0,
                     closed: false,
-                    close_acked: false,
-                    unspent: 0,
+                    closed_returned: 0,
+                    close_acked: 0,
                     granted: 0,
                     returned: 0,
                     spent: 0,
@@ -712,7 +754,6 @@ impl Engine {
             record.home = from;
             record.expires_at_ms = expires_at_ms;
             record.closed = false;
-            record.close_acked = false;
             self.put_quota_record(record);
         }
         self.send(
@@ -780,13 +821,11 @@ impl Engine {
         );
     }
 
-    fn on_close_ack(&mut self, account_id: String, epoch: u64) {
+    fn on_close_ack(&mut self, account_id: String, returned: u64) {
         if let Some(mut record) = self.quotas.records.get(&account_id).cloned()
-            && record.epoch == epoch
-            && record.closed
-            && !record.close_acked
+            && returned > record.close_acked
         {
-            record.close_acked = true;
+            record.close_acked = returned;
             self.quotas.close_sent_ms.remove(&account_id);
             self.put_quota_record(record);
         }
@@ -927,15 +966,14 @@ impl Engine {
             }
             record.returned += unspent;
             record.closed = true;
-            record.close_acked = false;
-            record.unspent = unspent;
+            record.closed_returned += unspent;
             self.put_quota_record(record);
         }
         let closes: Vec<Message> = self
             .quotas
             .records
             .values()
-            .filter(|r| r.closed && !r.close_acked)
+            .filter(|r| r.closed_returned > r.close_acked)
             .filter(|r| {
                 self.quotas
                     .close_sent_ms
@@ -946,7 +984,7 @@ impl Engine {
                 account_id: r.account_id.clone(),
                 region: r.region.clone(),
                 epoch: r.epoch,
-                unspent: r.unspent,
+                returned: r.closed_returned,
             })
             .collect();
         for message in closes {
@@ -1016,9 +1054,12 @@ impl Engine {
                 account_id,
                 region,
                 epoch,
-                unspent,
-            } => self.on_closed(from, account_id, region, epoch, unspent),
-            Message::CloseAck { account_id, epoch } => self.on_close_ack(account_id, epoch),
+                returned,
+            } => self.on_closed(from, account_id, region, epoch, returned),
+            Message::CloseAck {
+                account_id,
+                returned,
+            } => self.on_close_ack(account_id, returned),
             Message::Settle { region, entries } => self.on_settle(from, region, entries)?,
             Message::SettleAck { results } => self.on_settle_ack(from, results),
             other => return Ok(Some(other)),

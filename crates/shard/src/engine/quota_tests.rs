@@ -352,7 +352,8 @@ fn at_expiry_the_region_stops_spending_and_gives_back_what_it_did_not_spend() {
         (home.settled, home.released, home.outstanding()),
         (10, 50, 0)
     );
-    assert!(region_view(&mut sim, R).record.close_acked);
+    let record = region_view(&mut sim, R).record;
+    assert_eq!((record.closed_returned, record.close_acked), (50, 50));
 }
 
 #[test]
@@ -457,4 +458,29 @@ fn a_change_in_progress_refuses_another() {
     tick(&mut sim, 1_000);
     assert!(matches!(set(&mut sim, 20), CommandReply::Allowances(_)));
     assert_eq!(allowance(&mut sim, "R").outstanding(), 20);
+}
+
+#[test]
+fn a_close_report_lost_before_a_new_grant_is_still_applied() {
+    let mut sim = sim();
+    set(&mut sim, 60);
+    // The lease runs out: the region closes, gives its 60 back, and its report is lost.
+    sim.now_ms += LEASE_MS - QUOTA_SKEW_MARGIN_MS;
+    sim.batch(R, Vec::new());
+    assert!(region_view(&mut sim, R).record.closed);
+    sim.inbox.clear();
+    // A new grant reopens the region before the report gets through (the home still
+    // reserves the 60, so it adds nothing).
+    set(&mut sim, 60);
+    assert!(!region_view(&mut sim, R).record.closed);
+    // The report is resent all the same, and the home releases what came back.
+    tick(&mut sim, 1_000);
+    let home = allowance(&mut sim, "R");
+    assert_eq!(
+        (home.released, home.close_released, home.outstanding()),
+        (60, 60, 0)
+    );
+    assert_eq!(balances(&sim, "a"), (0, 0, 0, 100));
+    let record = region_view(&mut sim, R).record;
+    assert_eq!((record.closed_returned, record.close_acked), (60, 60));
 }

@@ -111,15 +111,16 @@ pub enum Message {
         epoch: u64,
         moved: u64,
     },
-    /// Quota shard -> home: spending under `epoch` stopped at expiry; `unspent` given back.
+    /// Quota shard -> home: spending under `epoch` stopped at expiry; `returned`: what every
+    /// close of this allowance gave back, in all (the home releases what it has not yet).
     Closed {
         account_id: String,
         region: String,
         epoch: u64,
-        unspent: u64,
+        returned: u64,
     },
-    /// Home -> quota shard: the close of `epoch` is applied.
-    CloseAck { account_id: String, epoch: u64 },
+    /// Home -> quota shard: closes that gave back `returned` in all are applied.
+    CloseAck { account_id: String, returned: u64 },
     /// Quota shard -> home: quota-path transfers to settle, in order per account.
     Settle {
         region: String,

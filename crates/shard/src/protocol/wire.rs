@@ -109,16 +109,19 @@ impl From<&Message> for pb::ShardMessage {
                 account_id,
                 region,
                 epoch,
-                unspent,
+                returned,
             } => Kind::Closed(pb::QuotaClosed {
                 account_id: account_id.clone(),
                 region: region.clone(),
                 epoch: *epoch,
-                unspent: *unspent,
+                returned: *returned,
             }),
-            Message::CloseAck { account_id, epoch } => Kind::CloseAck(pb::QuotaCloseAck {
+            Message::CloseAck {
+                account_id,
+                returned,
+            } => Kind::CloseAck(pb::QuotaCloseAck {
                 account_id: account_id.clone(),
-                epoch: *epoch,
+                returned: *returned,
             }),
             Message::Settle { region, entries } => Kind::Settle(pb::Settle {
                 region: region.clone(),
@@ -211,11 +214,11 @@ impl TryFrom<pb::ShardMessage> for Message {
                 account_id: required("closed.account_id", c.account_id)?,
                 region: required("closed.region", c.region)?,
                 epoch: c.epoch,
-                unspent: c.unspent,
+                returned: c.returned,
             },
             Kind::CloseAck(c) => Message::CloseAck {
                 account_id: required("close_ack.account_id", c.account_id)?,
-                epoch: c.epoch,
+                returned: c.returned,
             },
             Kind::Settle(s) => Message::Settle {
                 region: required("settle.region", s.region)?,
@@ -489,11 +492,11 @@ mod tests {
                 account_id: "alice".into(),
                 region: "us".into(),
                 epoch: 5,
-                unspent: 7,
+                returned: 7,
             },
             Message::CloseAck {
                 account_id: "alice".into(),
-                epoch: 5,
+                returned: 7,
             },
             // A transfer as the service records it: with the trace id of its call.
             Message::Settle {
