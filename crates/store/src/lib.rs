@@ -38,7 +38,9 @@ pub enum Expect {
 }
 
 impl Expect {
-    fn holds(&self, current: Option<&[u8]>) -> bool {
+    /// Whether a key's current value (`None`: absent) satisfies this precondition. Backends
+    /// that check preconditions themselves (FoundationDB) use it.
+    pub fn holds(&self, current: Option<&[u8]>) -> bool {
         match (self, current) {
             (Expect::Absent, None) => true,
             (Expect::Equals(want), Some(have)) => want.as_slice() == have,
