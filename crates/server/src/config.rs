@@ -15,7 +15,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where the embedded store keeps its files.
     pub data_dir: PathBuf,
-    /// Storage backend: "embedded" (durable, default) or "memory" (tests only; loses everything).
+    /// Storage backend: "embedded" (durable, default), "fdb" (FoundationDB, `[fdb]`; needs a
+    /// ledgerd built with the `fdb` feature) or "memory" (tests only; loses everything).
     pub store: StoreKind,
     /// Shards created by the first start (init). Fixed afterwards.
     pub shards: u32,
@@ -39,6 +40,31 @@ pub struct Config {
     pub telemetry: crate::telemetry::TelemetryConfig,
     pub peer: PeerConfig,
     pub admin: AdminConfig,
+    pub fdb: FdbConfig,
+}
+
+/// The FoundationDB store (`[fdb]`, with `store = "fdb"`): one FoundationDB cluster per region.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FdbConfig {
+    /// The cluster file of this region's FoundationDB cluster.
+    pub cluster_file: PathBuf,
+    /// The ledger's subspace in that cluster (several ledgers may share one cluster).
+    pub cluster_name: String,
+    /// Each FoundationDB transaction's timeout and retry limit.
+    pub transaction_timeout_ms: u32,
+    pub transaction_retry_limit: u32,
+}
+
+impl Default for FdbConfig {
+    fn default() -> Self {
+        Self {
+            cluster_file: PathBuf::new(),
+            cluster_name: "ledger".into(),
+            transaction_timeout_ms: 5_000,
+            transaction_retry_limit: 10,
+        }
+    }
 }
 
 /// Operators' calls (`[admin]`): their credential and audit log.
@@ -107,6 +133,7 @@ impl Default for PeerConfig {
 #[serde(rename_all = "lowercase")]
 pub enum StoreKind {
     Embedded,
+    Fdb,
     Memory,
 }
 
@@ -132,6 +159,7 @@ impl Default for Config {
             telemetry: crate::telemetry::TelemetryConfig::default(),
             peer: PeerConfig::default(),
             admin: AdminConfig::default(),
+            fdb: FdbConfig::default(),
         }
     }
 }
@@ -213,6 +241,34 @@ impl Config {
                 "retry_ms must be > 0 and lease_ms >= 3".into(),
             );
         }
+        if self.store == StoreKind::Fdb {
+            let f = &self.fdb;
+            if f.cluster_file.as_os_str().is_empty() {
+                return invalid(
+                    "fdb.cluster_file",
+                    "store = \"fdb\" needs the cluster file of this region's FoundationDB cluster"
+                        .into(),
+                );
+            }
+            if !f.cluster_file.is_file() {
+                return invalid(
+                    "fdb.cluster_file",
+                    format!("{} is not a readable file", f.cluster_file.display()),
+                );
+            }
+            if ledger_domain::validate_id("fdb.cluster_name", &f.cluster_name).is_err() {
+                return invalid(
+                    "fdb.cluster_name",
+                    "must be 1-128 bytes of [A-Za-z0-9._:@/-]".into(),
+                );
+            }
+            if f.transaction_timeout_ms == 0 || f.transaction_retry_limit == 0 {
+                return invalid(
+                    "fdb",
+                    "transaction_timeout_ms and transaction_retry_limit must be > 0".into(),
+                );
+            }
+        }
         let p = &self.peer;
         if p.outbox_messages_max == 0
             || p.deliver_batch_max == 0
@@ -260,6 +316,25 @@ mod tests {
             Config::from_file(&path),
             Err(ConfigError::Parse { .. })
         ));
+    }
+
+    /// `store = "fdb"` needs the region's cluster file, and says which setting is missing.
+    #[test]
+    fn the_fdb_store_needs_a_cluster_file_that_exists() {
+        let mut c = Config {
+            store: StoreKind::Fdb,
+            ..Config::default()
+        };
+        let missing = c.validate().unwrap_err().to_string();
+        assert!(missing.contains("`fdb.cluster_file`"), "{missing}");
+        c.fdb.cluster_file = "/nonexistent/fdb.cluster".into();
+        let absent = c.validate().unwrap_err().to_string();
+        assert!(absent.contains("not a readable file"), "{absent}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("fdb.cluster");
+        std::fs::write(&file, "ledger:test@127.0.0.1:4500\n").unwrap();
+        c.fdb.cluster_file = file;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -61,9 +61,19 @@ pub enum StartError {
     /// A shard's stored state could not be read at start.
     #[error("store: {0}")]
     Read(#[from] ledger_shard::ReadError),
-    /// `ledgerd init` with a store other than the embedded one (nothing to initialise).
-    #[error("init applies to the embedded store only")]
+    /// `ledgerd init` with the memory store (nothing to initialise).
+    #[error("init applies to the embedded and FoundationDB stores only")]
     InitNeedsEmbedded,
+    /// `store = "fdb"` in a ledgerd built without FoundationDB support.
+    #[error(
+        "store = \"fdb\": this ledgerd was built without FoundationDB support; build it with \
+         `cargo build --release --bin ledgerd --features fdb` (needs libfdb_c), or use the \
+         embedded store"
+    )]
+    FdbNotBuilt,
+    /// The FoundationDB cluster could not be opened.
+    #[error("FoundationDB: {0}")]
+    Fdb(#[source] ledger_store::Error),
     /// The listener or the gRPC server failed.
     #[error("serving: {0}")]
     Serve(#[source] Box<dyn std::error::Error + Send + Sync>),
@@ -106,7 +116,7 @@ pub fn open(config: &Config, now_ms: u64) -> Result<(Opened, Stores), StartError
                 stores.collect(),
             ));
         }
-        StoreKind::Embedded => open_meta(config, None, now_ms)?,
+        StoreKind::Embedded | StoreKind::Fdb => open_meta(config, None, now_ms)?,
     };
     let led: Vec<u32> = opened
         .map
@@ -114,8 +124,38 @@ pub fn open(config: &Config, now_ms: u64) -> Result<(Opened, Stores), StartError
         .iter()
         .map(|s| s.0)
         .collect();
-    let stores = open_stores(config, &led)?;
+    let stores = match config.store {
+        StoreKind::Fdb => open_fdb_stores(config, &led)?,
+        _ => open_stores(config, &led)?,
+    };
     Ok((opened, stores))
+}
+
+/// The led shards' stores in this region's FoundationDB cluster (the cluster map and this
+/// node's metadata stay in the data directory). The client's network thread must be running
+/// (`ledger_store_fdb::Network`, started by `run`).
+#[cfg(feature = "fdb")]
+fn open_fdb_stores(config: &Config, led: &[u32]) -> Result<Stores, StartError> {
+    let f = &config.fdb;
+    let db = ledger_store_fdb::open_database(&ledger_store_fdb::FdbOptions {
+        cluster_file: f.cluster_file.clone(),
+        cluster_name: f.cluster_name.clone(),
+        timeout_ms: i32::try_from(f.transaction_timeout_ms).unwrap_or(i32::MAX),
+        retry_limit: i32::try_from(f.transaction_retry_limit).unwrap_or(i32::MAX),
+    })
+    .map_err(StartError::Fdb)?;
+    Ok(led
+        .iter()
+        .map(|shard| {
+            let store = ledger_store_fdb::FdbStore::new(Arc::clone(&db), &f.cluster_name, *shard);
+            (ShardId(*shard), Arc::new(store) as Arc<dyn Store>)
+        })
+        .collect())
+}
+
+#[cfg(not(feature = "fdb"))]
+fn open_fdb_stores(_config: &Config, _led: &[u32]) -> Result<Stores, StartError> {
+    Err(StartError::FdbNotBuilt)
 }
 
 /// `ledgerd init`: writes the metadata and the cluster map (from `cluster`, the cluster file,
@@ -327,4 +367,29 @@ fn probe_writable(dir: &Path) -> std::io::Result<()> {
     let probe = dir.join(".write-probe");
     std::fs::write(&probe, b"ok")?;
     std::fs::remove_file(probe)
+}
+
+#[cfg(all(test, not(feature = "fdb")))]
+mod tests {
+    use super::*;
+
+    /// A build without FoundationDB support refuses `store = "fdb"` at start, saying how to
+    /// get one, instead of serving from some other store.
+    #[test]
+    fn a_build_without_fdb_refuses_the_fdb_store_and_says_how_to_build_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster_file = dir.path().join("fdb.cluster");
+        std::fs::write(&cluster_file, "ledger:test@127.0.0.1:4500\n").unwrap();
+        let mut config = Config {
+            store: StoreKind::Fdb,
+            data_dir: dir.path().join("data"),
+            shards: 2,
+            ..Config::default()
+        };
+        config.fdb.cluster_file = cluster_file;
+        config.validate().unwrap();
+        let refused = open(&config, 0).map(|_| ()).unwrap_err();
+        assert!(matches!(refused, StartError::FdbNotBuilt), "{refused}");
+        assert!(refused.to_string().contains("--features fdb"), "{refused}");
+    }
 }

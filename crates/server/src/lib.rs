@@ -57,7 +57,7 @@ pub struct Started {
 /// directory that is already initialised or holds anything else.
 pub fn init(config: &Config, cluster: Option<&std::path::Path>) -> Result<Opened, StartError> {
     config.validate()?;
-    if config.store != StoreKind::Embedded {
+    if config.store == StoreKind::Memory {
         return Err(StartError::InitNeedsEmbedded);
     }
     data_dir::init(config, cluster, SystemClock.now_ms())
@@ -75,6 +75,9 @@ pub async fn run(
 ) -> Result<(), StartError> {
     config.validate()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // FoundationDB's client thread, for as long as the stores are used.
+    #[cfg(feature = "fdb")]
+    let _fdb_network = (config.store == StoreKind::Fdb).then(ledger_store_fdb::Network::start);
     let (opened, stores) = data_dir::open(&config, clock.now_ms())?;
     let Opened { meta, map, node } = opened;
     let me = map

@@ -170,9 +170,16 @@ struct Settings {
     /// gRPC listen address [default: 127.0.0.1:50051]
     #[arg(long, env = "LEDGER_LISTEN")]
     listen: Option<SocketAddr>,
-    /// Storage backend [default: embedded]. `memory` keeps nothing across restarts.
+    /// Storage backend [default: embedded]. `fdb`: FoundationDB (a ledgerd built with the
+    /// `fdb` feature, and --fdb-cluster-file). `memory` keeps nothing across restarts.
     #[arg(long, env = "LEDGER_STORE")]
     store: Option<StoreKind>,
+    /// With --store fdb: the cluster file of this region's FoundationDB cluster
+    #[arg(long, env = "LEDGER_FDB_CLUSTER_FILE")]
+    fdb_cluster_file: Option<PathBuf>,
+    /// With --store fdb: the ledger's subspace in that cluster [default: ledger]
+    #[arg(long, env = "LEDGER_FDB_CLUSTER_NAME")]
+    fdb_cluster_name: Option<String>,
     /// Most items per batch call [default: 8190]
     #[arg(long, env = "LEDGER_BATCH_SIZE_MAX")]
     batch_size_max: Option<usize>,
@@ -228,6 +235,12 @@ impl Settings {
         }
         if let Some(v) = self.store {
             config.store = v;
+        }
+        if let Some(v) = &self.fdb_cluster_file {
+            config.fdb.cluster_file.clone_from(v);
+        }
+        if let Some(v) = &self.fdb_cluster_name {
+            config.fdb.cluster_name.clone_from(v);
         }
         if let Some(v) = self.batch_size_max {
             config.batch_size_max = v;
@@ -369,6 +382,7 @@ async fn serve(config: Config) -> ExitCode {
         };
         let store = config.store;
         let data_dir = config.data_dir.clone();
+        let fdb = config.fdb.clone();
         let traces = if config.telemetry.otlp_endpoint.is_empty() {
             "off".to_string()
         } else {
@@ -380,6 +394,11 @@ async fn serve(config: Config) -> ExitCode {
         let result = ledger_server::run(config, None, shutdown, |started| {
             let store = match store {
                 StoreKind::Embedded => format!("embedded (redb) in {}", data_dir.display()),
+                StoreKind::Fdb => format!(
+                    "FoundationDB ({}, subspace {})",
+                    fdb.cluster_file.display(),
+                    fdb.cluster_name
+                ),
                 StoreKind::Memory => "memory (NOT durable)".into(),
             };
             // One summary line, also on stdout so scripts can wait for it.
