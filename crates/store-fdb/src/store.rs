@@ -114,40 +114,45 @@ impl FdbStore {
         }
     }
 
+    /// A scan in pages of at most [`SCAN_PAGE`] pairs, each in a transaction of its own, so a
+    /// long scan (a new leader loading its shard) never meets FoundationDB's 5 s limit on one
+    /// transaction. Pages read at different versions: scans serve a leader's own shard (no
+    /// one else writes it) and reads of committed state.
     async fn scan_async(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Pairs, Error> {
-        let (fdb_start, fdb_end) = self.space.range_of(start, end);
-        let mut trx = self.db.create_trx().map_err(io)?;
-        'attempt: loop {
-            let mut out = Vec::new();
-            let mut range = Some(RangeOption {
-                begin: KeySelector::first_greater_or_equal(fdb_start.clone()),
+        let (mut from, fdb_end) = self.space.range_of(start, end);
+        let mut out = Vec::new();
+        while out.len() < limit {
+            let option = RangeOption {
+                begin: KeySelector::first_greater_or_equal(from.clone()),
                 end: KeySelector::first_greater_or_equal(fdb_end.clone()),
+                limit: Some((limit - out.len()).min(SCAN_PAGE)),
                 mode: StreamingMode::WantAll,
                 ..RangeOption::default()
-            });
-            while let Some(mut option) = range.take() {
-                let wanted = limit.saturating_sub(out.len());
-                if wanted == 0 {
-                    break;
+            };
+            let mut trx = self.db.create_trx().map_err(io)?;
+            let page = loop {
+                match trx.get_range(&option, 1, true).await {
+                    Ok(page) => break page,
+                    Err(e) => trx = trx.on_error(e).await.map_err(io)?,
                 }
-                option.limit = Some(wanted.min(SCAN_PAGE));
-                let page = match trx.get_range(&option, 1, true).await {
-                    Ok(page) => page,
-                    Err(e) => {
-                        trx = trx.on_error(e).await.map_err(io)?;
-                        continue 'attempt;
-                    }
-                };
-                for kv in page.iter() {
-                    out.push((
-                        self.space.decode(kv.key()).map_err(io)?,
-                        kv.value().to_vec(),
-                    ));
-                }
-                range = option.next_range(&page);
+            };
+            let Some(last) = page.last().map(|kv| kv.key().to_vec()) else {
+                break;
+            };
+            for kv in page.iter() {
+                out.push((
+                    self.space.decode(kv.key()).map_err(io)?,
+                    kv.value().to_vec(),
+                ));
             }
-            return Ok(out);
+            if !page.more() {
+                break;
+            }
+            // The next page starts just after the last key read.
+            from = last;
+            from.push(0);
         }
+        Ok(out)
     }
 
     /// Refuses a batch FoundationDB would refuse, before it is sent.
