@@ -245,6 +245,27 @@ fn write_cluster(dir: &Path, ns: &Netns) -> Vec<(String, PathBuf)> {
     out
 }
 
+/// Every node's shard stores (two shards a node, as `write_cluster` lays them out), opened
+/// once the nodes are stopped.
+fn stores_of(
+    dir: &Path,
+    configs: &[(String, PathBuf)],
+) -> Vec<(ledger_domain::ShardId, ledger_store::Embedded)> {
+    let mut stores = Vec::new();
+    for (i, (id, _)) in configs.iter().enumerate() {
+        let shards = [2 * i as u32, 2 * i as u32 + 1];
+        let opened = ledger_store::open_shards_of(
+            &dir.join(id),
+            &shards,
+            ledger_store::Limits::default(),
+            Some(ledger_shard::keys::entry_group),
+        )
+        .unwrap();
+        stores.extend(shards.map(ledger_domain::ShardId).into_iter().zip(opened));
+    }
+    stores
+}
+
 fn account(id: &str) -> pb::Account {
     pb::Account {
         id: id.into(),
@@ -380,18 +401,7 @@ async fn a_partition_between_regions_fails_cleanly_and_everything_settles_after_
         "two-phase commits in flight 30 s after healing"
     );
     drop(nodes);
-    let mut stores = Vec::new();
-    for (i, (id, _)) in configs.iter().enumerate() {
-        let shards = [2 * i as u32, 2 * i as u32 + 1];
-        let opened = ledger_store::open_shards_of(
-            &dir.path().join(id),
-            &shards,
-            ledger_store::Limits::default(),
-            Some(ledger_shard::keys::entry_group),
-        )
-        .unwrap();
-        stores.extend(shards.map(ledger_domain::ShardId).into_iter().zip(opened));
-    }
+    let stores = stores_of(dir.path(), &configs);
     let refs: Vec<_> = stores
         .iter()
         .map(|(s, st)| (*s, st as &dyn Store))
@@ -534,18 +544,7 @@ async fn a_region_cut_off_from_the_home_spends_its_allowance_and_settles_after_h
     assert_eq!(ap.balance("ap-shop").await.unwrap().credits_posted, 210);
 
     drop(nodes);
-    let mut stores = Vec::new();
-    for (i, (id, _)) in configs.iter().enumerate() {
-        let shards = [2 * i as u32, 2 * i as u32 + 1];
-        let opened = ledger_store::open_shards_of(
-            &dir.path().join(id),
-            &shards,
-            ledger_store::Limits::default(),
-            Some(ledger_shard::keys::entry_group),
-        )
-        .unwrap();
-        stores.extend(shards.map(ledger_domain::ShardId).into_iter().zip(opened));
-    }
+    let stores = stores_of(dir.path(), &configs);
     let refs: Vec<_> = stores
         .iter()
         .map(|(s, st)| (*s, st as &dyn Store))

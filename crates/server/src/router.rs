@@ -363,25 +363,38 @@ impl Router {
         origin: Origin,
         span: &tracing::Span,
     ) -> Result<Vec<Answer>, ApiError> {
-        let candidates = if origin == Origin::Client && self.peers.is_some() {
-            self.quota_candidates(&transfers).await?
-        } else {
-            Vec::new()
-        };
+        let mut coordinators = self.coordinators(&transfers).await?;
+        if origin != Origin::Client || self.peers.is_none() {
+            return self.dispatch(transfers, coordinators, origin, span).await;
+        }
+        // Posted, without an expected debit version, coordinated in another region: its debit
+        // account is homed there.
+        let candidates: Vec<(usize, ShardId)> = transfers
+            .iter()
+            .zip(&coordinators)
+            .enumerate()
+            .filter_map(|(i, (t, coordinator))| {
+                let home = coordinator.shard()?;
+                let plain = t.kind == TransferKind::Posted && t.expected_debit_version.is_none();
+                if !plain || self.region_of(home) == self.region {
+                    return None;
+                }
+                Some((i, self.quota_shard(&self.region, &t.debit_account_id)?))
+            })
+            .collect();
         if candidates.is_empty() {
-            return self.create_transfers_routed(transfers, origin, span).await;
+            return self.dispatch(transfers, coordinators, origin, span).await;
         }
         let mut originals = Vec::with_capacity(candidates.len());
-        for &i in &candidates {
-            originals.push(transfers[i].clone());
+        for &(i, quota_shard) in &candidates {
+            originals.push((transfers[i].clone(), coordinators[i]));
             let account = &transfers[i].debit_account_id;
             transfers[i].debit_account_id = quota::quota_id(&self.region, account);
+            coordinators[i] = Coordinator::Shard(quota_shard);
         }
-        let mut answers = self
-            .create_transfers_routed(transfers, origin, span)
-            .await?;
-        let mut declined = (Vec::new(), Vec::new());
-        for (&i, original) in candidates.iter().zip(originals) {
+        let mut answers = self.dispatch(transfers, coordinators, origin, span).await?;
+        let mut declined = (Vec::new(), Vec::new(), Vec::new());
+        for (&(i, _), (original, coordinator)) in candidates.iter().zip(originals) {
             let answer = std::mem::replace(
                 &mut answers[i],
                 Answer::There(pb::TransferResult::default()),
@@ -393,6 +406,7 @@ impl Router {
                 {
                     declined.0.push(i);
                     declined.1.push(original);
+                    declined.2.push(coordinator);
                     continue;
                 }
                 Some(pb::transfer_result::Outcome::Transfer(t)) => {
@@ -408,39 +422,13 @@ impl Router {
         if !declined.0.is_empty() {
             metrics::counter!("ledger_quota_path_total", "path" => "fallback")
                 .increment(declined.0.len() as u64);
-            let (indices, transfers) = declined;
-            let more = self
-                .create_transfers_routed(transfers, origin, span)
-                .await?;
+            let (indices, transfers, coordinators) = declined;
+            let more = self.dispatch(transfers, coordinators, origin, span).await?;
             for (i, answer) in indices.into_iter().zip(more) {
                 answers[i] = answer;
             }
         }
         Ok(answers)
-    }
-
-    /// The transfers that may take the quota path: posted, without an expected debit version,
-    /// whose debit account is homed in another region.
-    async fn quota_candidates(&self, transfers: &[Transfer]) -> Result<Vec<usize>, ApiError> {
-        let plain = |t: &Transfer| {
-            t.kind == TransferKind::Posted
-                && t.expected_debit_version.is_none()
-                && quota::parse_quota_id(&t.debit_account_id).is_none()
-        };
-        let debits: Vec<Option<&str>> = transfers
-            .iter()
-            .map(|t| plain(t).then_some(t.debit_account_id.as_str()))
-            .collect();
-        if debits.iter().all(Option::is_none) {
-            return Ok(Vec::new());
-        }
-        let homes = self.homes(&debits, &[]).await?;
-        Ok(homes
-            .iter()
-            .enumerate()
-            .filter(|(_, home)| home.is_some_and(|h| self.region_of(h) != self.region))
-            .map(|(i, _)| i)
-            .collect())
     }
 
     /// The quota shard of `account` in `region`: the shard its id hashes to on the region's
@@ -461,14 +449,15 @@ impl Router {
         self.homes(&ids, &[]).await
     }
 
-    async fn create_transfers_routed(
+    /// Sends each transfer to its coordinating shard (`coordinators`, in order).
+    async fn dispatch(
         &self,
         transfers: Vec<Transfer>,
+        coordinators: Vec<Coordinator>,
         origin: Origin,
         span: &tracing::Span,
     ) -> Result<Vec<Answer>, ApiError> {
         let mut out: Vec<Option<Answer>> = (0..transfers.len()).map(|_| None).collect();
-        let coordinators = self.coordinators(&transfers).await?;
         // Counts first, so each shard's vectors are allocated once at their size (growing them
         // by doubling copied every transfer several times in a request of thousands).
         let mut counts: HashMap<ShardId, usize> = HashMap::new();

@@ -7,6 +7,8 @@
 //! transfer, a message is dropped and comes again (every quota message is resent until
 //! answered, and answered the same way twice).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use ledger_domain::{
     Account, AccountFlags, Balances, Change, Committed, EntryKind, NewAccount, ShardId, Side,
     Transfer, TransferRecord,
@@ -17,29 +19,52 @@ use crate::codec;
 use crate::keys;
 use crate::protocol::Message;
 use crate::quota::{
-    Allowance, Command, CommandError, CommandReply, MoveTo, Pending, QUOTAS_PER_ACCOUNT_MAX,
-    QuotaRecord, RegionView, SettleResult, Settlement, change_id, clearing_id, escrow_id,
-    parse_quota_id, quota_id,
+    Allowance, Command, CommandError, CommandReply, MoveTo, Pending, QUOTA_SKEW_MARGIN_MS,
+    QUOTAS_PER_ACCOUNT_MAX, QuotaRecord, RegionView, SettleResult, Settlement, change_id,
+    clearing_id, escrow_id, parse_quota_id, quota_id,
 };
 use crate::trace::{Role, TraceParent};
 
-/// Quota state an engine holds in memory, loaded when its term begins.
+/// Quota state an engine holds in memory, loaded when its term begins. Ticks run every batch,
+/// so what they look for is indexed: they touch only allowances with a change in flight,
+/// records due to close or with a close to report, and the first settlements per home.
 #[derive(Debug, Default)]
 pub(super) struct Quotas {
     /// Home side: (account, region) -> allowance.
-    pub allowances: std::collections::BTreeMap<(String, String), Allowance>,
-    /// When each allowance's pending change was last sent (not stored: a new term resends).
-    pub sent_ms: std::collections::BTreeMap<(String, String), u64>,
-    /// Quota side: account -> record.
-    pub records: std::collections::BTreeMap<String, QuotaRecord>,
-    /// When each record's close was last reported.
-    pub close_sent_ms: std::collections::BTreeMap<String, u64>,
-    /// Settlements not yet answered, by (account, seq).
-    pub outbox: std::collections::BTreeMap<(String, u64), Settlement>,
+    pub allowances: BTreeMap<(String, String), Allowance>,
+    /// Allowances whose change waits for its region, and when it was last sent (0: not yet
+    /// in this term).
+    pub sent_ms: BTreeMap<(String, String), u64>,
+    /// Quota side: account -> record ([`Engine::put_quota_record`] keeps the indexes below).
+    pub records: BTreeMap<String, QuotaRecord>,
+    /// Open records by the time they stop spending.
+    closing: BTreeSet<(u64, String)>,
+    /// Records with a close the home has not confirmed, and when it was last reported.
+    pub close_sent_ms: BTreeMap<String, u64>,
+    /// Settlements not yet answered, by (home shard, account, seq).
+    pub outbox: BTreeMap<(ShardId, String, u64), Settlement>,
     /// Home shards with a `Settle` in flight, and when it was sent.
-    pub settling: std::collections::BTreeMap<ShardId, u64>,
-    /// A quota record changed since the gauges were last set.
-    pub totals_changed: bool,
+    pub settling: BTreeMap<ShardId, u64>,
+    /// Sums over the records (limit, spent, unsettled) and their region, for the gauges;
+    /// changed since they were last reported.
+    totals: (u64, u64, u64),
+    region: String,
+    totals_changed: bool,
+}
+
+/// A record's part of the gauges: its limit (granted less given back), spent, and spent but
+/// not answered by the home.
+fn contribution(r: &QuotaRecord) -> (u64, u64, u64) {
+    (
+        r.granted.saturating_sub(r.returned),
+        r.spent,
+        r.spent.saturating_sub(r.settled).saturating_sub(r.refused),
+    )
+}
+
+/// When an open record stops spending (`None`: closed, or never granted).
+fn close_at(r: &QuotaRecord) -> Option<u64> {
+    (!r.closed && r.epoch > 0).then(|| r.expires_at_ms.saturating_sub(QUOTA_SKEW_MARGIN_MS))
 }
 
 /// Reasons a settlement is refused at home (the `reason` label of
@@ -143,8 +168,8 @@ impl Engine {
         let in_flight = self
             .quotas
             .outbox
-            .range((account_id.to_string(), 0)..)
-            .take_while(|((a, _), _)| a == account_id)
+            .range((record.home, account_id.to_string(), 0)..)
+            .take_while(|((_, a, _), _)| a == account_id)
             .map(|(_, s)| s.transfer.amount)
             .sum();
         Some(RegionView {
@@ -280,6 +305,7 @@ impl Engine {
         allowance.released += rest;
         allowance.written_off_through = allowance.epoch;
         allowance.pending = None;
+        self.quotas.sent_ms.remove(&key);
         // Best effort (not resent): a region that hears it stops spending under the epochs
         // written off; what it spent meanwhile is refused when it arrives.
         allowance.epoch += 1;
@@ -671,15 +697,9 @@ impl Engine {
     fn tick_allowances(&mut self) {
         let due: Vec<(String, String)> = self
             .quotas
-            .allowances
+            .sent_ms
             .iter()
-            .filter(|(_, a)| a.pending.is_some())
-            .filter(|(key, _)| {
-                self.quotas
-                    .sent_ms
-                    .get(*key)
-                    .is_none_or(|at| self.now_ms.saturating_sub(*at) >= self.options.retry_ms)
-            })
+            .filter(|(_, at)| self.now_ms.saturating_sub(**at) >= self.options.retry_ms)
             .map(|(key, _)| key.clone())
             .collect();
         for key in due {
@@ -834,7 +854,7 @@ impl Engine {
     fn on_settle_ack(&mut self, from: ShardId, results: Vec<SettleResult>) {
         self.quotas.settling.remove(&from);
         for result in results {
-            let key = (result.account_id.clone(), result.seq);
+            let key = (from, result.account_id.clone(), result.seq);
             if self.quotas.outbox.remove(&key).is_none() {
                 continue; // Answered before.
             }
@@ -859,34 +879,56 @@ impl Engine {
     fn put_quota_record(&mut self, record: QuotaRecord) {
         let key = keys::quota(self.shard, &record.account_id);
         self.batch.writes.put(key, codec::encode(&record));
-        self.quotas
+        self.index_record(&record);
+        let old = self
+            .quotas
             .records
             .insert(record.account_id.clone(), record);
-        self.quotas.totals_changed = true;
+        if let Some(old) = old {
+            self.unindex_record(&old);
+        }
+    }
+
+    /// Adds a record to the indexes the ticks and the gauges use.
+    fn index_record(&mut self, r: &QuotaRecord) {
+        let q = &mut self.quotas;
+        if let Some(at) = close_at(r) {
+            q.closing.insert((at, r.account_id.clone()));
+        }
+        if r.closed_returned > r.close_acked {
+            q.close_sent_ms.entry(r.account_id.clone()).or_insert(0);
+        } else {
+            q.close_sent_ms.remove(&r.account_id);
+        }
+        let (limit, spent, unsettled) = contribution(r);
+        q.totals.0 += limit;
+        q.totals.1 += spent;
+        q.totals.2 += unsettled;
+        q.region.clone_from(&r.region);
+        q.totals_changed = true;
+    }
+
+    /// Takes a replaced record out of the indexes (its account's entries are the new one's).
+    fn unindex_record(&mut self, old: &QuotaRecord) {
+        let q = &mut self.quotas;
+        if let Some(at) = close_at(old)
+            && q.records.get(&old.account_id).and_then(close_at) != Some(at)
+        {
+            q.closing.remove(&(at, old.account_id.clone()));
+        }
+        let (limit, spent, unsettled) = contribution(old);
+        q.totals.0 -= limit;
+        q.totals.1 -= spent;
+        q.totals.2 -= unsettled;
     }
 
     /// The quota gauges, once per batch that changed a record.
     fn report_quota_totals(&mut self) {
-        if !std::mem::take(&mut self.quotas.totals_changed) {
-            return;
+        if std::mem::take(&mut self.quotas.totals_changed) {
+            let (limit, spent, unsettled) = self.quotas.totals;
+            self.metrics
+                .quota_totals(&self.quotas.region, limit, spent, unsettled);
         }
-        let Some(region) = self
-            .quotas
-            .records
-            .values()
-            .next()
-            .map(|r| r.region.clone())
-        else {
-            return;
-        };
-        let (mut limit, mut spent, mut unsettled) = (0u64, 0u64, 0u64);
-        for r in self.quotas.records.values() {
-            limit = limit.saturating_add(r.granted.saturating_sub(r.returned));
-            spent = spent.saturating_add(r.spent);
-            unsettled = unsettled
-                .saturating_add(r.spent.saturating_sub(r.settled).saturating_sub(r.refused));
-        }
-        self.metrics.quota_totals(&region, limit, spent, unsettled);
     }
 
     /// Whether a transfer debiting the quota account `quota` may take the quota path now.
@@ -930,7 +972,7 @@ impl Engine {
         );
         self.quotas
             .outbox
-            .insert((record.account_id.clone(), seq), settlement);
+            .insert((record.home, record.account_id.clone(), seq), settlement);
         self.metrics.quota_spent.increment(1);
         self.metrics.outbox_depth(self.quotas.outbox.len());
         self.put_quota_record(record);
@@ -942,10 +984,9 @@ impl Engine {
         let retry = self.options.retry_ms;
         let expired: Vec<String> = self
             .quotas
-            .records
-            .values()
-            .filter(|r| !r.closed && r.epoch > 0 && !r.open_at(now))
-            .map(|r| r.account_id.clone())
+            .closing
+            .range(..(now.saturating_add(1), String::new()))
+            .map(|(_, account)| account.clone())
             .collect();
         for account_id in expired {
             let mut record = self.quotas.records[&account_id].clone();
@@ -971,15 +1012,10 @@ impl Engine {
         }
         let closes: Vec<Message> = self
             .quotas
-            .records
-            .values()
-            .filter(|r| r.closed_returned > r.close_acked)
-            .filter(|r| {
-                self.quotas
-                    .close_sent_ms
-                    .get(&r.account_id)
-                    .is_none_or(|at| now.saturating_sub(*at) >= retry)
-            })
+            .close_sent_ms
+            .iter()
+            .filter(|(_, at)| now.saturating_sub(**at) >= retry)
+            .map(|(account, _)| &self.quotas.records[account])
             .map(|r| Message::Closed {
                 account_id: r.account_id.clone(),
                 region: r.region.clone(),
@@ -999,19 +1035,20 @@ impl Engine {
     }
 
     /// One `Settle` per home shard with settlements waiting and none in flight (or one
-    /// unanswered for a retry interval): the oldest, in order, up to the batch bound.
+    /// unanswered for a retry interval): the oldest, in order, up to the batch bound. Touches
+    /// only the first settlements of each home (the outbox is ordered by home).
     fn send_settlements(&mut self) {
-        if self.quotas.outbox.is_empty() {
-            return;
-        }
         let now = self.now_ms;
-        let mut batches: std::collections::BTreeMap<ShardId, (String, Vec<Settlement>)> =
-            std::collections::BTreeMap::new();
-        for ((account_id, _), settlement) in &self.quotas.outbox {
-            let Some(record) = self.quotas.records.get(account_id) else {
-                continue;
-            };
-            let home = record.home;
+        let mut next = self.quotas.outbox.keys().next().map(|(home, _, _)| *home);
+        while let Some(home) = next {
+            let after = home.0.checked_add(1).map(ShardId);
+            next = after.and_then(|after| {
+                self.quotas
+                    .outbox
+                    .range((after, String::new(), 0)..)
+                    .next()
+                    .map(|((h, _, _), _)| *h)
+            });
             let busy = self
                 .quotas
                 .settling
@@ -1020,14 +1057,15 @@ impl Engine {
             if busy {
                 continue;
             }
-            let (_, entries) = batches
-                .entry(home)
-                .or_insert_with(|| (record.region.clone(), Vec::new()));
-            if entries.len() < self.options.settle_batch_max {
-                entries.push(settlement.clone());
-            }
-        }
-        for (home, (region, entries)) in batches {
+            let entries: Vec<Settlement> = self
+                .quotas
+                .outbox
+                .range((home, String::new(), 0)..)
+                .take_while(|((h, _, _), _)| *h == home)
+                .take(self.options.settle_batch_max)
+                .map(|(_, s)| s.clone())
+                .collect();
+            let region = self.quotas.region.clone();
             self.quotas.settling.insert(home, now);
             self.send(home, Message::Settle { region, entries });
         }
@@ -1081,18 +1119,21 @@ impl Engine {
         outbox: Vec<Settlement>,
     ) {
         for a in allowances {
-            self.quotas
-                .allowances
-                .insert((a.account_id.clone(), a.region.clone()), a);
+            let key = (a.account_id.clone(), a.region.clone());
+            if a.pending.is_some() {
+                self.quotas.sent_ms.insert(key.clone(), 0); // resent at the first tick
+            }
+            self.quotas.allowances.insert(key, a);
         }
         for r in records {
+            self.index_record(&r);
             self.quotas.records.insert(r.account_id.clone(), r);
         }
-        self.quotas.totals_changed = true;
         for s in outbox {
+            let home = self.quotas.records[&s.transfer.debit_account_id].home;
             self.quotas
                 .outbox
-                .insert((s.transfer.debit_account_id.clone(), s.seq), s);
+                .insert((home, s.transfer.debit_account_id.clone(), s.seq), s);
         }
     }
 }
