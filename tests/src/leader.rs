@@ -6,6 +6,7 @@ use std::sync::Arc;
 use ledger_domain::cluster::{ClusterMap, NodeInfo};
 use ledger_domain::{NewAccount, ShardId};
 use ledger_shard::engine::Reply;
+use ledger_shard::leaders::Leaders;
 use ledger_shard::node::Node;
 use ledger_shard::runtime::ShardHandle;
 use ledger_shard::{Options, SystemClock};
@@ -20,6 +21,7 @@ pub async fn with_two_accounts(store: Arc<dyn Store>, options: Options) -> (Node
         peer_address: String::new(),
     };
     let map = ClusterMap::single_node(1, 4, me).unwrap();
+    let leaders = Arc::new(Leaders::new(&map, "test", false));
     let node = Node::start(
         "test",
         map,
@@ -27,6 +29,7 @@ pub async fn with_two_accounts(store: Arc<dyn Store>, options: Options) -> (Node
         options,
         Arc::new(SystemClock),
         None,
+        leaders,
     )
     .unwrap();
     let shard = node.handle(ShardId(0)).expect("led here").clone();

@@ -21,6 +21,7 @@ use std::time::Duration;
 use ledger_domain::ShardId;
 use ledger_domain::cluster::{ClusterFile, NodeEntry, RegionEntry, ShardEntry};
 use ledger_shard::directory::Located;
+use ledger_shard::leaders::Leaders;
 use ledger_shard::node::{Node, Remote};
 use ledger_shard::protocol::{Attempt, Decision, Message};
 use ledger_shard::runtime::{BoxFuture, acquire_lease};
@@ -108,13 +109,16 @@ async fn decisions_sent(remote: &Recorder, at_least: usize) -> usize {
 async fn a_deposed_leader_answers_nothing_from_a_batch_without_writes() {
     let store = Arc::new(Memory::new());
     let remote = Arc::new(Recorder::default());
+    let map = two_nodes();
+    let leaders = Arc::new(Leaders::new(&map, "here", false));
     let node = Node::start(
         "here",
-        two_nodes(),
+        map,
         vec![(ShardId(0), store.clone() as Arc<dyn Store>)],
         Options::default(),
         Arc::new(SystemClock),
         Some(remote.clone() as Arc<dyn Remote>),
+        leaders,
     )
     .unwrap();
     let shard = node.handle(ShardId(0)).expect("led here").clone();

@@ -100,38 +100,81 @@ pub struct Opened {
 /// The stores of the shards this node leads, with their shard ids.
 pub type Stores = Vec<(ShardId, Arc<dyn Store>)>;
 
-pub fn open(config: &Config, now_ms: u64) -> Result<(Opened, Stores), StartError> {
-    let opened = match config.store {
-        StoreKind::Memory => {
+/// Stores the nodes of a region share, by shard: what FoundationDB gives every node of its
+/// region (tests share memory stores between nodes in one process).
+pub type SharedStores = Arc<dyn Fn(ShardId) -> Arc<dyn Store> + Send + Sync>;
+
+/// What `open` found: the metadata, map and node id; the stores of the shards this node may
+/// lead; and whether the nodes of its region share them (leadership then moves by lease).
+pub struct Opening {
+    pub opened: Opened,
+    pub stores: Stores,
+    pub shared: bool,
+}
+
+/// Opens the data directory and the stores: the shards the map gives this node, from its own
+/// files; or every shard of its region, from `shared` or FoundationDB (shared by the region's
+/// nodes).
+pub fn open(
+    config: &Config,
+    shared: Option<&SharedStores>,
+    now_ms: u64,
+) -> Result<Opening, StartError> {
+    let opened = match (config.store, shared) {
+        (_, Some(_)) | (StoreKind::Embedded | StoreKind::Fdb, None) => {
+            open_meta(config, None, now_ms)?
+        }
+        (StoreKind::Memory, None) => {
             let map = single_node_map(config, config.shards, Placement::VNODES_PER_SHARD_DEFAULT)?;
             let meta = meta_of(&map, config, now_ms);
             let stores = (0..meta.shard_count)
                 .map(|shard| (ShardId(shard), Arc::new(Memory::new()) as Arc<dyn Store>));
-            return Ok((
-                Opened {
+            return Ok(Opening {
+                opened: Opened {
                     meta,
                     map,
                     node: config.node_id.clone(),
                 },
-                stores.collect(),
-            ));
+                stores: stores.collect(),
+                shared: false,
+            });
         }
-        StoreKind::Embedded | StoreKind::Fdb => open_meta(config, None, now_ms)?,
     };
-    let led: Vec<u32> = opened
+    let region = opened
         .map
-        .shards_of(&opened.node)
-        .iter()
-        .map(|s| s.0)
+        .node(&opened.node)
+        .map(|n| n.region.clone())
+        .unwrap_or_default();
+    let of_region: Vec<u32> = (0..opened.map.shard_count())
+        .filter(|s| opened.map.shards[*s as usize].region == region)
         .collect();
-    let stores = match config.store {
-        StoreKind::Fdb => open_fdb_stores(config, &led)?,
-        _ => open_stores(config, &led)?,
+    let (stores, shared) = match (shared, config.store) {
+        (Some(shared), _) => {
+            let stores = of_region
+                .iter()
+                .map(|s| (ShardId(*s), shared(ShardId(*s))))
+                .collect();
+            (stores, true)
+        }
+        (None, StoreKind::Fdb) => (open_fdb_stores(config, &of_region)?, true),
+        (None, _) => {
+            let led: Vec<u32> = opened
+                .map
+                .shards_of(&opened.node)
+                .iter()
+                .map(|s| s.0)
+                .collect();
+            (open_stores(config, &led)?, false)
+        }
     };
-    Ok((opened, stores))
+    Ok(Opening {
+        opened,
+        stores,
+        shared,
+    })
 }
 
-/// The led shards' stores in this region's FoundationDB cluster (the cluster map and this
+/// The stores of the region's shards in its FoundationDB cluster (the cluster map and this
 /// node's metadata stay in the data directory). The client's network thread must be running
 /// (`ledger_store_fdb::Network`, started by `run`).
 #[cfg(feature = "fdb")]
@@ -388,7 +431,7 @@ mod tests {
         };
         config.fdb.cluster_file = cluster_file;
         config.validate().unwrap();
-        let refused = open(&config, 0).map(|_| ()).unwrap_err();
+        let refused = open(&config, None, 0).map(|_| ()).unwrap_err();
         assert!(matches!(refused, StartError::FdbNotBuilt), "{refused}");
         assert!(refused.to_string().contains("--features fdb"), "{refused}");
     }

@@ -27,11 +27,12 @@ use futures::FutureExt;
 use ledger_proto::ledger::internal::v1::peer_service_server::PeerServiceServer;
 use ledger_proto::pb::admin_service_server::AdminServiceServer;
 use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
+use ledger_shard::leaders::Leaders;
 use ledger_shard::node::{Node, Remote};
 use ledger_shard::{Clock, SystemClock};
 
 pub use config::{Config, ConfigError, StoreKind};
-pub use data_dir::{ClusterMeta, DATA_FORMAT, Opened, ShardInfo, StartError};
+pub use data_dir::{ClusterMeta, DATA_FORMAT, Opened, ShardInfo, SharedStores, StartError};
 
 /// How long a stopping node waits for its connections to finish before it stops anyway.
 pub const SHUTDOWN_DRAIN_MAX: std::time::Duration = std::time::Duration::from_secs(10);
@@ -73,13 +74,39 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_started: impl FnOnce(Started) + Send,
 ) -> Result<(), StartError> {
+    serve(config, listener, None, shutdown, on_started).await
+}
+
+/// As [`run`], with the stores of the node's region's shards taken from `shared`, which the
+/// region's nodes share (as they share FoundationDB): any node of the region may lead any of
+/// its shards, and the leases decide which does (docs/design/0005-foundationdb.md). The
+/// cluster map and the node's identity still come from the data directory.
+pub async fn run_shared(
+    config: Config,
+    listener: Option<TcpListener>,
+    shared: SharedStores,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_started: impl FnOnce(Started) + Send,
+) -> Result<(), StartError> {
+    serve(config, listener, Some(shared), shutdown, on_started).await
+}
+
+async fn serve(
+    config: Config,
+    listener: Option<TcpListener>,
+    shared: Option<SharedStores>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_started: impl FnOnce(Started) + Send,
+) -> Result<(), StartError> {
     config.validate()?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     // FoundationDB's client thread, for as long as the stores are used.
     #[cfg(feature = "fdb")]
     let _fdb_network = (config.store == StoreKind::Fdb).then(ledger_store_fdb::Network::start);
-    let (opened, stores) = data_dir::open(&config, clock.now_ms())?;
-    let Opened { meta, map, node } = opened;
+    let opening = data_dir::open(&config, shared.as_ref(), clock.now_ms())?;
+    let stores = opening.stores;
+    let Opened { meta, map, node } = opening.opened;
+    let leaders = Arc::new(Leaders::new(&map, &node, opening.shared));
     let me = map
         .node(&node)
         .cloned()
@@ -119,8 +146,14 @@ pub async fn run(
     };
     let peers = if cluster {
         let forward_timeout = std::time::Duration::from_millis(config.request_timeout_ms);
-        let peers = peer::PeerClients::start(&map, &node, &config.peer, forward_timeout)
-            .map_err(|e| serve_err(e.into()))?;
+        let peers = peer::PeerClients::start(
+            &map,
+            &node,
+            &config.peer,
+            forward_timeout,
+            Arc::clone(&leaders),
+        )
+        .map_err(|e| serve_err(e.into()))?;
         if config.peer.wan_delay_ms > 0 {
             tracing::info!(
                 wan_delay_ms = config.peer.wan_delay_ms,
@@ -139,7 +172,11 @@ pub async fn run(
     let audit = operator::AuditLog::open(&config.admin_audit_log())
         .map_err(|e| StartError::Serve(e.into()))?;
     let remote = peers.clone().map(|p| Arc::new(p) as Arc<dyn Remote>);
-    let shards_led = stores.len();
+    let shards_led = if opening.shared {
+        map.shards_of(&node).len()
+    } else {
+        stores.len()
+    };
     let node_id = node.clone();
     let node = Node::start(
         &node,
@@ -148,6 +185,7 @@ pub async fn run(
         config.shard.clone(),
         clock,
         remote,
+        leaders,
     )?;
     let node = Arc::new(node);
     let router = router::Router::new(Arc::clone(&node), peers, config.batch_size_max);

@@ -26,8 +26,8 @@ pub async fn run(router: &Router, shard: ShardId, wire: Wire) -> Result<Vec<pb::
         return run_here(router, shard, wire).await;
     }
     let peers = router.peers().ok_or_else(|| router.not_leader(shard))?;
-    let owner = &node.map().shards[shard.0 as usize].owner;
-    let response = peers.quota(owner, shard, wire).await?;
+    let leader = node.leaders().leader(shard);
+    let response = peers.quota(&leader, shard, wire).await?;
     Ok(response.quotas)
 }
 

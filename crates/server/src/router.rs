@@ -149,19 +149,23 @@ impl Router {
         })
     }
 
-    fn owner(&self, shard: ShardId) -> &str {
-        &self.node.map().shards[shard.0 as usize].owner
+    /// The node believed to lead `shard`: the map's owner, or with a shared store the lease
+    /// holder last heard of.
+    fn leader(&self, shard: ShardId) -> String {
+        self.node.leaders().leader(shard)
     }
 
-    /// The error for a forwarded command whose shard this node does not lead.
+    /// The error for a forwarded command whose shard this node does not lead, naming the node
+    /// believed to (none while this node's own term may be starting).
     pub fn not_leader(&self, shard: ShardId) -> ApiError {
-        let owner = self.owner(shard);
+        let leader = self.leader(shard);
         ApiError::NotLeader {
             shard: shard.0,
             leader: self
                 .node
                 .map()
-                .node(owner)
+                .node(&leader)
+                .filter(|n| n.id != self.node.id())
                 .map(|n| ledger_shard::runtime::LeaderHint {
                     node: n.id.clone(),
                     address: n.client_address.clone(),
@@ -194,7 +198,7 @@ impl Router {
             let directory = rings.directory(&account.id);
             if homes[i] != directory {
                 reservations
-                    .entry(self.owner(directory).to_string())
+                    .entry(self.leader(directory))
                     .or_default()
                     .push(i);
             }
@@ -217,7 +221,7 @@ impl Router {
         let mut creations: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for i in (0..accounts.len()).filter(|i| out[*i].is_none()) {
             creations
-                .entry(self.owner(homes[i]).to_string())
+                .entry(self.leader(homes[i]))
                 .or_default()
                 .push(i);
         }
@@ -491,7 +495,7 @@ impl Router {
                 return Err(self.not_leader(shard));
             } else {
                 let (all_indices, all_items) =
-                    remote.entry(self.owner(shard).to_string()).or_default();
+                    remote.entry(self.leader(shard)).or_default();
                 all_indices.extend(indices);
                 all_items.extend(items);
             }
@@ -700,7 +704,7 @@ impl Router {
                 }
                 None => {
                     let directory = self.node.rings().directory(id);
-                    let asked = ask.entry(self.owner(directory).to_string()).or_default();
+                    let asked = ask.entry(self.leader(directory)).or_default();
                     if !asked.contains(&id) {
                         asked.push(id);
                     }
@@ -724,9 +728,10 @@ impl Router {
         Ok(homes)
     }
 
-    /// Transfers and holds by id, on every shard of every node: this node's stores, and one
-    /// call to each other node, all at once. A node that does not answer makes the lookup
-    /// unavailable (never a false "not found").
+    /// Transfers and holds by id, on every shard: the stores this node reads, and one call to
+    /// each node believed to lead one of the others (it answers for every store it reads), all
+    /// at once. A node that does not answer makes the lookup unavailable (never a false "not
+    /// found").
     async fn find(
         &self,
         transfer_ids: Vec<String>,
@@ -734,14 +739,19 @@ impl Router {
     ) -> Result<Found, ApiError> {
         let mut found = Found::default();
         let (transfer_ids, hold_ids) = (&transfer_ids, &hold_ids);
+        let asked: std::collections::BTreeSet<String> = (0..self.node.shard_count())
+            .map(ShardId)
+            .filter(|s| self.node.store(*s).is_none())
+            .map(|s| self.leader(s))
+            .collect();
         let remote = self.peers.iter().flat_map(|peers| {
-            peers.nodes().map(move |node| {
+            asked.iter().map(move |node| {
                 let (transfer_ids, hold_ids) = (transfer_ids.clone(), hold_ids.clone());
                 async move { peers.find_transfers(node, transfer_ids, hold_ids).await }
             })
         });
         let remote = join_all(remote).await;
-        for shard in self.node.local_shards() {
+        for shard in self.node.readable_shards() {
             let store = self.node.store(shard).expect("led here");
             for id in transfer_ids {
                 if let Some((record, hold)) = read::transfer(&**store, shard, id)? {
@@ -773,15 +783,15 @@ impl Router {
         Ok(found)
     }
 
-    /// What this node's shards hold of `transfer_ids` and `hold_ids`, as stored (for another
-    /// node's lookup).
+    /// What the shards whose stores this node reads hold of `transfer_ids` and `hold_ids`, as
+    /// stored (for another node's lookup).
     pub fn find_here(
         &self,
         transfer_ids: &[String],
         hold_ids: &[String],
     ) -> Result<ipb::FindTransfersResponse, ApiError> {
         let mut response = ipb::FindTransfersResponse::default();
-        for shard in self.node.local_shards() {
+        for shard in self.node.readable_shards() {
             let store = self.node.store(shard).expect("led here");
             for id in transfer_ids {
                 let stored = store.get(&keys::transfer(shard, id)).map_err(internal)?;
@@ -834,10 +844,7 @@ impl Router {
                     out[i] = read::account(&**store, shard, id)?
                         .map(|a| wire::account(&a, shard.0, self.region_of(shard)));
                 }
-                None => remote
-                    .entry(self.owner(shard).to_string())
-                    .or_default()
-                    .push(i),
+                None => remote.entry(self.leader(shard)).or_default().push(i),
             }
         }
         let calls = remote.into_iter().map(|(node, items)| {
@@ -913,7 +920,7 @@ impl Router {
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<pb::Entry>, ApiError> {
-        if self.node.is_local(shard) {
+        if self.node.store(shard).is_some() {
             return self.entries_here(account_id, shard, from_version, limit);
         }
         let request = ipb::ReadEntriesRequest {
@@ -926,7 +933,7 @@ impl Router {
             limit: limit as u32,
         };
         self.peers_or_err()?
-            .read_entries(self.owner(shard), request)
+            .read_entries(&self.leader(shard), request)
             .await
     }
 

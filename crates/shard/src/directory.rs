@@ -12,6 +12,7 @@
 //! yet created may still be created with another home).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use foldhash::HashMap;
@@ -19,7 +20,10 @@ use serde::{Deserialize, Serialize};
 
 use ledger_domain::{Placement, ShardId};
 
+use ledger_store::Store;
+
 use crate::codec::{self, DecodeError};
+use crate::{ReadError, keys};
 
 /// A directory record: account `id` is homed on another shard than its directory shard.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -132,8 +136,10 @@ impl Rings {
 /// A node's knowledge of where accounts live.
 pub struct Directory {
     rings: Rings,
-    /// Indexed by shard: whether this node leads it (and so holds its records).
-    local: Vec<bool>,
+    /// Indexed by shard: whether this node leads it and holds its records. Fixed for a node
+    /// with stores of its own; with a shared store, set while this node's term lasts
+    /// ([`Directory::lead`]).
+    local: Vec<AtomicBool>,
     /// The forward records of the directory shards this node leads: every one of them.
     forwards: RwLock<HashMap<String, ShardId>>,
     /// Answers from other nodes, for accounts that exist.
@@ -146,6 +152,28 @@ impl std::fmt::Debug for Directory {
             .field("local", &self.local)
             .finish_non_exhaustive()
     }
+}
+
+/// The forward records `store` holds for directory shard `shard`: id and home.
+pub fn forwards_of(
+    store: &dyn Store,
+    shard: ShardId,
+    all: &Placement,
+) -> Result<Vec<(String, ShardId)>, ReadError> {
+    let (start, end) = keys::forwards(shard);
+    store
+        .scan(&start, &end, usize::MAX)?
+        .into_iter()
+        .map(|(key, value)| {
+            let (id, _) = ledger_store::key::read_str(&key, 6).ok_or_else(|| {
+                ReadError::Decode(codec::DecodeError {
+                    what: "forward key",
+                    reason: format!("{key:?}"),
+                })
+            })?;
+            Ok((id, Forward::decode(&value)?.home_on(all)))
+        })
+        .collect()
 }
 
 /// A directory shard's answer for an id.
@@ -162,7 +190,7 @@ impl Directory {
     pub fn new(rings: Rings, local: Vec<bool>, forwards: HashMap<String, ShardId>) -> Self {
         Self {
             rings,
-            local,
+            local: local.into_iter().map(AtomicBool::new).collect(),
             forwards: RwLock::new(forwards),
             cache: Mutex::new(HashMap::default()),
         }
@@ -173,7 +201,26 @@ impl Directory {
     }
 
     pub fn is_local(&self, shard: ShardId) -> bool {
-        self.local.get(shard.0 as usize).copied().unwrap_or(false)
+        self.local
+            .get(shard.0 as usize)
+            .is_some_and(|l| l.load(Ordering::Acquire))
+    }
+
+    /// This node began leading directory shard `shard` (a shared store): its forward records
+    /// are read again, for another leader may have written some since, and only then are its
+    /// ids answered from here. A term that has taken the lease fences every older leader, so
+    /// what it reads is complete.
+    pub fn lead(&self, store: &dyn Store, shard: ShardId) -> Result<(), ReadError> {
+        let found = forwards_of(store, shard, &self.rings.all)?;
+        self.forwards.write().expect("poisoned").extend(found);
+        self.local[shard.0 as usize].store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// This node's term for `shard` ended: its ids are asked of its next leader. The records
+    /// read stay (an account never moves).
+    pub fn follow(&self, shard: ShardId) {
+        self.local[shard.0 as usize].store(false, Ordering::Release);
     }
 
     /// The home of account `id` if this node knows it without asking another node: its

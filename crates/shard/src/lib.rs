@@ -8,6 +8,8 @@
 //!   group-commits each batch durably, and only then replies and sends messages.
 //! - [`node`]: the shards this process leads, their queues, and message delivery between
 //!   shards, here or on other nodes.
+//! - [`leaders`]: who leads each shard as a node believes (the map's owner, or with a shared
+//!   store the lease holder heard of).
 //! - [`directory`]: where an account lives (home and directory shards, forward records).
 //! - [`read`]: reads of committed state (balances, statements, transfers) straight from the
 //!   store, without going through the leader.
@@ -18,6 +20,7 @@ pub mod codec;
 pub mod directory;
 pub mod engine;
 pub mod keys;
+pub mod leaders;
 pub mod metrics;
 pub mod node;
 pub mod protocol;

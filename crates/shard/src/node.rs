@@ -5,7 +5,9 @@
 //! A single node leads every shard of its map and never needs another node. A node of a
 //! cluster leads the shards its map gives it; messages to other shards, and directory lookups
 //! for ids whose directory shard is elsewhere, go through the [`Remote`] the server gives it
-//! (docs/design/0002-cluster.md).
+//! (docs/design/0002-cluster.md). With a store the nodes of a region share, a node runs a
+//! leader for every shard of its region and the leases decide which node's leads ([`Leaders`],
+//! docs/design/0005-foundationdb.md).
 
 use std::sync::Arc;
 
@@ -16,11 +18,12 @@ use ledger_domain::cluster::ClusterMap;
 use ledger_store::Store;
 
 use crate::ReadError;
-use crate::directory::{Directory, Forward, Located, Rings};
+use crate::directory::{Directory, Located, Rings, forwards_of};
+use crate::leaders::Leaders;
 use crate::engine::Locate;
 use crate::protocol::Message;
 use crate::runtime::{BoxFuture, Peers, Runtime, ShardHandle, channel};
-use crate::{Clock, Options, codec, keys};
+use crate::{Clock, Options};
 
 /// What a node asks of the other nodes (the server's peer transport).
 pub trait Remote: Send + Sync + 'static {
@@ -36,11 +39,15 @@ struct NodePeers {
     handles: Vec<Option<ShardHandle>>,
     directory: Arc<Directory>,
     remote: Option<Arc<dyn Remote>>,
+    leaders: Arc<Leaders>,
 }
 
 impl Peers for NodePeers {
     fn send(&self, to: ShardId, from: ShardId, message: Message) {
-        match (&self.handles[to.0 as usize], &self.remote) {
+        let here = self.handles[to.0 as usize]
+            .as_ref()
+            .filter(|_| self.leaders.here(to));
+        match (here, &self.remote) {
             (Some(handle), _) => handle.deliver(from, message),
             (None, Some(remote)) => remote.send(to, from, message),
             (None, None) => {
@@ -79,6 +86,7 @@ pub struct Node {
     handles: Vec<Option<ShardHandle>>,
     stores: Vec<Option<Arc<dyn Store>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    leaders: Arc<Leaders>,
 }
 
 impl std::fmt::Debug for Node {
@@ -92,9 +100,11 @@ impl std::fmt::Debug for Node {
 
 impl Node {
     /// Starts one leader task per store on the current tokio runtime: call it from within
-    /// one. `stores` are the shards this node leads by the map; `remote` reaches the others
-    /// (none for a single node). Leaders share the runtime's threads with the gRPC server, so
-    /// a call reaches its shard and gets its answer without a thread switch.
+    /// one. `stores` are the shards this node may lead: those the map gives it, or with a
+    /// shared store ([`Leaders::shared`]) every shard of its region, whose leases decide which
+    /// node leads (the others wait, docs/design/0005-foundationdb.md). `remote` reaches the
+    /// other nodes (none for a single node). Leaders share the runtime's threads with the gRPC
+    /// server, so a call reaches its shard and gets its answer without a thread switch.
     pub fn start(
         node_id: &str,
         map: ClusterMap,
@@ -102,6 +112,7 @@ impl Node {
         options: Options,
         clock: Arc<dyn Clock>,
         remote: Option<Arc<dyn Remote>>,
+        leaders: Arc<Leaders>,
     ) -> Result<Node, ReadError> {
         let rings = Rings::of_map(&map);
         let count = map.shard_count() as usize;
@@ -109,20 +120,16 @@ impl Node {
         let mut forwards = HashMap::default();
         for (shard, store) in stores {
             assert!((shard.0 as usize) < count, "shard {shard} is in the map");
-            let (start, end) = keys::forwards(shard);
-            for (key, value) in store.scan(&start, &end, usize::MAX)? {
-                let (id, _) = ledger_store::key::read_str(&key, 6).ok_or_else(|| {
-                    ReadError::Decode(codec::DecodeError {
-                        what: "forward key",
-                        reason: format!("{key:?}"),
-                    })
-                })?;
-                let forward = Forward::decode(&value)?;
-                forwards.insert(id, forward.home_on(&rings.all));
+            // With a shared store, a term's start reads them (another node may lead first).
+            if !leaders.shared() {
+                forwards.extend(forwards_of(&*store, shard, &rings.all)?);
             }
             local_stores[shard.0 as usize] = Some(store);
         }
-        let local: Vec<bool> = local_stores.iter().map(Option::is_some).collect();
+        let local: Vec<bool> = local_stores
+            .iter()
+            .map(|s| s.is_some() && !leaders.shared())
+            .collect();
         let directory = Arc::new(Directory::new(rings, local, forwards));
         let mut handles: Vec<Option<ShardHandle>> = vec![None; count];
         let mut receivers = Vec::new();
@@ -137,6 +144,7 @@ impl Node {
             handles: handles.clone(),
             directory: Arc::clone(&directory),
             remote: remote.clone(),
+            leaders: Arc::clone(&leaders),
         });
         let locate: Locate = {
             let directory = Arc::clone(&directory);
@@ -153,6 +161,8 @@ impl Node {
                 peers: Arc::clone(&peers),
                 locate: Arc::clone(&locate),
                 rx,
+                leaders: Arc::clone(&leaders),
+                directory: Arc::clone(&directory),
             };
             tasks.push(tokio::spawn(runtime.run()));
         }
@@ -164,6 +174,7 @@ impl Node {
             handles,
             stores: local_stores,
             tasks,
+            leaders,
         })
     }
 
@@ -183,17 +194,31 @@ impl Node {
         self.map.shard_count()
     }
 
-    /// The shards this node leads.
+    /// The shards this node leads (or, before their terms begin, is to lead).
     pub fn local_shards(&self) -> impl Iterator<Item = ShardId> + '_ {
-        self.handles
+        (0..self.handles.len() as u32)
+            .map(ShardId)
+            .filter(|s| self.handle(*s).is_some())
+    }
+
+    /// The shards whose stores this node reads: those it leads, and with a shared store every
+    /// shard of its region.
+    pub fn readable_shards(&self) -> impl Iterator<Item = ShardId> + '_ {
+        self.stores
             .iter()
             .enumerate()
-            .filter(|(_, h)| h.is_some())
+            .filter(|(_, s)| s.is_some())
             .map(|(i, _)| ShardId(i as u32))
     }
 
+    /// Whether commands for `shard` go to this node's leader of it.
     pub fn is_local(&self, shard: ShardId) -> bool {
-        self.directory.is_local(shard)
+        self.handle(shard).is_some()
+    }
+
+    /// Who leads each shard, as this node believes.
+    pub fn leaders(&self) -> &Arc<Leaders> {
+        &self.leaders
     }
 
     /// The shard an account id lives on, if known without asking another node.
@@ -217,7 +242,8 @@ impl Node {
     /// record, or the account on the directory shard itself).
     pub fn located_here(&self, id: &str) -> Result<Option<Located>, ReadError> {
         let directory = self.directory.rings().directory(id);
-        let Some(store) = self.store(directory) else {
+        let Some(store) = self.store(directory).filter(|_| self.directory.is_local(directory))
+        else {
             return Ok(None);
         };
         if let Some(home) = self.directory.forward(id) {
@@ -236,17 +262,21 @@ impl Node {
         self.directory.remember(id, home);
     }
 
-    /// The queue of a shard this node leads.
+    /// The queue of a shard this node leads (or is to lead: its term may be starting).
     pub fn handle(&self, shard: ShardId) -> Option<&ShardHandle> {
-        self.handles.get(shard.0 as usize).and_then(Option::as_ref)
+        self.handles
+            .get(shard.0 as usize)
+            .and_then(Option::as_ref)
+            .filter(|_| self.leaders.here(shard))
     }
 
-    /// The store of a shard this node leads.
+    /// The store of a shard this node reads (see [`Node::readable_shards`]).
     pub fn store(&self, shard: ShardId) -> Option<&Arc<dyn Store>> {
         self.stores.get(shard.0 as usize).and_then(Option::as_ref)
     }
 
-    /// Stops every leader after its current batch, and waits for them.
+    /// Stops every leader after its current batch (a leader of a shared store then gives up
+    /// its lease), and waits for them.
     pub async fn shutdown(self) {
         for handle in self.handles.iter().flatten() {
             handle.stop().await;

@@ -21,12 +21,14 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status};
+use tonic_types::StatusExt;
 
 use ledger_domain::ShardId;
 use ledger_domain::cluster::ClusterMap;
 use ledger_proto::ledger::internal::v1 as ipb;
 use ledger_proto::ledger::internal::v1::peer_service_client::PeerServiceClient;
 use ledger_shard::directory::Located;
+use ledger_shard::leaders::Leaders;
 use ledger_shard::node::Remote;
 use ledger_shard::protocol::Message;
 use ledger_shard::runtime::BoxFuture;
@@ -73,6 +75,8 @@ pub struct PeerClients {
     /// A forwarded command may wait for a two-phase commit on the peer: it gets as long as
     /// the client's call could (`request_timeout_ms`).
     forward_timeout: Duration,
+    /// Who leads each shard: where messages and calls for it go.
+    leaders: Arc<Leaders>,
 }
 
 impl std::fmt::Debug for PeerClients {
@@ -92,8 +96,16 @@ impl PeerClients {
         local: &str,
         config: &PeerConfig,
         forward_timeout: Duration,
+        leaders: Arc<Leaders>,
     ) -> Result<Self, String> {
-        Self::start_with(map, local, config, forward_timeout, &Endpoint::connect_lazy)
+        Self::start_with(
+            map,
+            local,
+            config,
+            forward_timeout,
+            leaders,
+            &Endpoint::connect_lazy,
+        )
     }
 
     /// As [`PeerClients::start`], with each peer's channel made by `connect` from its
@@ -103,6 +115,7 @@ impl PeerClients {
         local: &str,
         config: &PeerConfig,
         forward_timeout: Duration,
+        leaders: Arc<Leaders>,
         connect: &dyn Fn(&Endpoint) -> Channel,
     ) -> Result<Self, String> {
         let region = map
@@ -140,6 +153,7 @@ impl PeerClients {
                 Arc::clone(&peer),
                 caller,
                 rx,
+                Arc::clone(&leaders),
                 config.deliver_batch_max,
                 call_timeout,
             ));
@@ -153,13 +167,16 @@ impl PeerClients {
             peers: Arc::new(peers),
             call_timeout,
             forward_timeout: forward_timeout.max(call_timeout),
+            leaders,
         })
     }
 
-    /// The peer that leads `shard`; `None` if this node leads it.
-    fn owner(&self, shard: ShardId) -> Option<&Arc<Peer>> {
-        let owner = &self.map.shards.get(shard.0 as usize)?.owner;
-        self.peers.get(owner)
+    /// The peer believed to lead `shard`; `None` if it is this node.
+    fn leader(&self, shard: ShardId) -> Option<&Arc<Peer>> {
+        if shard.0 >= self.map.shard_count() {
+            return None;
+        }
+        self.peers.get(&self.leaders.leader(shard))
     }
 
     fn peer(&self, node: &str) -> Result<&Arc<Peer>, ApiError> {
@@ -224,7 +241,33 @@ impl PeerClients {
                 peer.answered(true, String::new);
                 Ok(response.into_inner())
             }
-            Err(status) => Err(peer_error(peer, status, forwarded)),
+            Err(status) => {
+                self.learn(node, &status, forwarded);
+                Err(peer_error(peer, status, forwarded))
+            }
+        }
+    }
+
+    /// What a failed call says about who leads: a `NOT_LEADER` answer names the leader (kept
+    /// for the shard's next calls and messages); no answer at all moves this node's belief
+    /// in `node`'s shards on to the next node of their region.
+    fn learn(&self, node: &str, status: &Status, forwarded: bool) {
+        let info = status.get_error_details().error_info().cloned();
+        match info {
+            Some(info) if info.reason == crate::error::NOT_LEADER => {
+                let shard = info.metadata.get("shard").and_then(|s| s.parse().ok());
+                if let (Some(shard), Some(leader)) = (shard, info.metadata.get("leader_node")) {
+                    self.leaders.heard(ShardId(shard), leader);
+                }
+            }
+            Some(_) => {}
+            // A forwarded command out of time may be waiting for a two-phase commit there.
+            None if status.code() == Code::Unavailable
+                || (status.code() == Code::DeadlineExceeded && !forwarded) =>
+            {
+                self.leaders.unanswered(node);
+            }
+            None => {}
         }
     }
 
@@ -390,9 +433,9 @@ impl PeerClients {
         Ok(response.locations)
     }
 
-    /// The node that leads `shard`, by the map.
-    pub fn owner_of(&self, shard: ShardId) -> &str {
-        &self.map.shards[shard.0 as usize].owner
+    /// The node believed to lead `shard`.
+    pub fn leader_of(&self, shard: ShardId) -> String {
+        self.leaders.leader(shard)
     }
 }
 
@@ -455,8 +498,10 @@ fn peer_error(peer: &Peer, status: Status, forwarded: bool) -> ApiError {
 
 impl Remote for PeerClients {
     fn send(&self, to: ShardId, from: ShardId, message: Message) {
-        let Some(peer) = self.owner(to) else {
-            tracing::error!(%to, "a message for a shard of this node reached the peer transport");
+        let Some(peer) = self.leader(to) else {
+            // Led here after all (a term starting or just ended): the protocol resends.
+            metrics::counter!("ledger_peer_dropped_total", "peer" => self.local.clone(), "reason" => "led_here")
+                .increment(1);
             return;
         };
         let queued = Queued {
@@ -474,7 +519,7 @@ impl Remote for PeerClients {
     }
 
     fn locate(&self, directory: ShardId, id: String) -> BoxFuture<Option<Located>> {
-        let node = self.owner_of(directory).to_string();
+        let node = self.leader_of(directory);
         let this = self.clone();
         Box::pin(async move {
             let locations = this.locate(&node, vec![id]).await.ok()?;
@@ -493,6 +538,7 @@ async fn send_loop(
     peer: Arc<Peer>,
     caller: ipb::Caller,
     mut rx: mpsc::Receiver<Queued>,
+    leaders: Arc<Leaders>,
     batch_max: usize,
     timeout: Duration,
 ) {
@@ -536,9 +582,12 @@ async fn send_loop(
         let result = tokio::time::timeout(timeout, client.deliver(call)).await;
         latency.record(started.elapsed().as_secs_f64());
         match result {
-            Ok(Ok(_)) => {
+            Ok(Ok(response)) => {
                 sent.increment(count);
                 peer.answered(true, String::new);
+                for led in response.into_inner().not_led {
+                    leaders.heard(ShardId(led.shard), &led.node_id);
+                }
             }
             Ok(Err(status)) if status.code() == Code::InvalidArgument => {
                 // It answered, and refused what this node sent as malformed: a disagreement
@@ -550,10 +599,12 @@ async fn send_loop(
             Ok(Err(status)) => {
                 dropped.increment(count);
                 peer.answered(false, || status.message().to_string());
+                leaders.unanswered(&peer.id);
             }
             Err(_) => {
                 dropped.increment(count);
                 peer.answered(false, || "no answer in time".to_string());
+                leaders.unanswered(&peer.id);
             }
         }
     }

@@ -1,7 +1,8 @@
 //! The answering side of the node-to-node API (`ledger.internal.v1.PeerService`), on the
 //! node's peer address. Every call passes the gate ([`super::check_caller`]) first. Commands
 //! and reads apply to shards this node leads; anything else is refused with `NOT_LEADER` and
-//! the owner from the map, never passed on (a call is forwarded at most once).
+//! the leader it believes in (the map's owner, or with a shared store the lease holder), never
+//! passed on (a call is forwarded at most once).
 
 use tonic::{Request, Response, Status};
 
@@ -39,6 +40,7 @@ impl PeerService for PeerApi {
         let request = request.into_inner();
         self.check(request.caller.as_ref())?;
         let node = self.router.node();
+        let mut not_led: Vec<ipb::ShardLeader> = Vec::new();
         for envelope in request.messages {
             let Some(message) = envelope.message else {
                 return Err(Status::invalid_argument(
@@ -50,12 +52,20 @@ impl PeerService for PeerApi {
             let (from, to) = (ShardId(envelope.from_shard), ShardId(envelope.to_shard));
             match node.handle(to) {
                 Some(handle) => handle.deliver(from, message),
-                // Not ours (a map disagreement the gate did not catch): dropped; the sender
-                // resends and its node logs the refusal of its calls.
-                None => metrics::counter!("ledger_peer_misdelivered_total").increment(1),
+                // Not led here: dropped, and the sender told who leads (another node of the
+                // region, with a shared store); the protocol resends.
+                None => {
+                    metrics::counter!("ledger_peer_misdelivered_total").increment(1);
+                    if !not_led.iter().any(|l| l.shard == to.0) {
+                        not_led.push(ipb::ShardLeader {
+                            shard: to.0,
+                            node_id: node.leaders().leader(to),
+                        });
+                    }
+                }
             }
         }
-        Ok(Response::new(ipb::DeliverResponse {}))
+        Ok(Response::new(ipb::DeliverResponse { not_led }))
     }
 
     async fn forward_transfers(

@@ -18,6 +18,7 @@ use ledger_proto::ledger::internal::v1::peer_service_server::PeerServiceServer;
 use ledger_proto::pb;
 use ledger_proto::pb::ledger_service_client::LedgerServiceClient;
 use ledger_proto::pb::ledger_service_server::LedgerServiceServer;
+use ledger_shard::leaders::Leaders;
 use ledger_shard::node::{Node, Remote};
 use ledger_shard::{Clock, Options};
 use ledger_store::{Memory, Store};
@@ -108,9 +109,15 @@ async fn serve_node(id: &'static str, shard: ShardId) -> turmoil::Result {
         ..PeerConfig::default()
     };
     let forward_timeout = Duration::from_secs(2);
-    let peers = PeerClients::start_with(&map, id, &config, forward_timeout, &|endpoint| {
-        endpoint.connect_with_connector_lazy(connector::SimConnector)
-    })?;
+    let leaders = Arc::new(Leaders::new(&map, id, false));
+    let peers = PeerClients::start_with(
+        &map,
+        id,
+        &config,
+        forward_timeout,
+        Arc::clone(&leaders),
+        &|endpoint| endpoint.connect_with_connector_lazy(connector::SimConnector),
+    )?;
     let store: Arc<dyn Store> = Arc::new(Memory::new());
     let options = Options {
         prepare_timeout_ms: 1_000,
@@ -124,6 +131,7 @@ async fn serve_node(id: &'static str, shard: ShardId) -> turmoil::Result {
         options,
         Arc::new(SimClock::default()),
         Some(Arc::new(peers.clone()) as Arc<dyn Remote>),
+        leaders,
     )?;
     let router = Router::new(Arc::new(node), Some(peers), 1_000);
     let peer_api = Server::builder()

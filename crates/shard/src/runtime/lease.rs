@@ -55,6 +55,20 @@ pub fn acquire_lease(
     now_ms: u64,
     lease_ms: u64,
 ) -> Result<Lease, LeaseError> {
+    acquire_lease_after(store, shard, node, now_ms, lease_ms, 0)
+}
+
+/// As [`acquire_lease`], but another node's lease is refused until `grace_ms` after it expired:
+/// a node that is not the shard's preferred leader (the map's owner) leaves the owner the
+/// first chance to take it back.
+pub fn acquire_lease_after(
+    store: &dyn Store,
+    shard: ShardId,
+    node: &str,
+    now_ms: u64,
+    lease_ms: u64,
+    grace_ms: u64,
+) -> Result<Lease, LeaseError> {
     let key = keys::lease(shard);
     let current = store.get(&key).map_err(ReadError::from)?;
     let mut batch = WriteBatch::default();
@@ -65,7 +79,7 @@ pub fn acquire_lease(
         }
         Some(bytes) => {
             let lease = decode_lease(bytes)?;
-            if lease.node != node && lease.expires_at_ms > now_ms {
+            if lease.node != node && lease.expires_at_ms.saturating_add(grace_ms) > now_ms {
                 return Err(LeaseError::Held {
                     shard,
                     node: lease.node,
@@ -86,6 +100,25 @@ pub fn acquire_lease(
         .commit(&batch)
         .map_err(|_| LeaseError::Raced { shard })?;
     Ok(lease)
+}
+
+/// Gives up the lease of a stopping leader at `epoch`: it expires at once, so another node of
+/// the region takes the shard without waiting for it to lapse. Written only if the lease is
+/// still this term's (a newer leader's is left alone); whether it was.
+pub fn release(store: &dyn Store, shard: ShardId, node: &str, epoch: u64) -> bool {
+    let lease = Lease {
+        epoch,
+        node: node.to_string(),
+        expires_at_ms: 0,
+    };
+    let mut batch = WriteBatch::default();
+    batch.expect(
+        keys::lease(shard),
+        Expect::Prefix(codec::version_prefix(epoch)),
+    );
+    batch.put(keys::lease(shard), encode_lease(&lease));
+    // Refused: another node took the lease already (or the store failed: it lapses).
+    store.commit(&batch).is_ok()
 }
 
 /// Adds to `writes` the renewal of `engine`'s lease by `node` until `now_ms + lease_ms`,

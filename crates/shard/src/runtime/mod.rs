@@ -40,10 +40,12 @@ use ledger_domain::ShardId;
 use ledger_store::{Store, WriteBatch};
 
 pub use handle::{BoxFuture, Command, LeaderHint, Peers, ShardError, ShardHandle, channel};
-pub use lease::{Lease, LeaseError, acquire_lease, renew};
+pub use lease::{Lease, LeaseError, acquire_lease, acquire_lease_after, release, renew};
 pub use recovery::load;
 
+use crate::directory::Directory;
 use crate::engine::reads::{self, Read};
+use crate::leaders::Leaders;
 use crate::engine::{Engine, Input, Locate, Output, Reply, id_filter};
 use crate::metrics::RuntimeMetrics;
 use crate::trace::TraceParent;
@@ -60,6 +62,11 @@ pub struct Runtime {
     pub peers: Arc<dyn Peers>,
     pub locate: Locate,
     pub rx: mpsc::Receiver<Command>,
+    /// Where this node records whether it leads the shard, and who does when it does not.
+    pub leaders: Arc<Leaders>,
+    /// The node's directory: with a shared store, a term's start reads the shard's forward
+    /// records into it.
+    pub directory: Arc<Directory>,
 }
 
 /// A batch span links to at most this many callers' spans (a batch can carry thousands).
@@ -69,14 +76,28 @@ pub const LINKS_PER_BATCH_MAX: usize = 128;
 const TICK_MS: u64 = 20;
 /// How long a shard that cannot lead waits before it tries again.
 const LEAD_RETRY_MS: u64 = 200;
+/// With a shared store, a node that is not a shard's preferred leader (the map's owner) takes
+/// a lapsed lease only this long after it lapsed (at most; a quarter of the lease if shorter),
+/// and waits as long before its first try: the owner gets the first chance.
+pub const STANDBY_GRACE_MS_MAX: u64 = 1_000;
 
 impl Runtime {
     /// Runs leader terms until stopped: a task on the node's tokio runtime. It never blocks
     /// its thread: commits wait for the log's fsync as futures, and a term's start (reading
     /// the lease and loading the shard) runs on the blocking pool.
     pub async fn run(mut self) {
+        let shared = self.leaders.shared();
+        let standby = shared && self.leaders.owner(self.shard) != self.node;
+        let grace_ms = if standby {
+            (self.options.lease_ms / 4).min(STANDBY_GRACE_MS_MAX)
+        } else {
+            0
+        };
+        if standby && matches!(self.wait_to_lead(grace_ms).await, Term::Stopped) {
+            return;
+        }
         loop {
-            let start = self.term_start();
+            let start = self.term_start(grace_ms);
             let begun = match tokio::task::spawn_blocking(move || start.begin()).await {
                 Ok(begun) => begun,
                 Err(e) => {
@@ -87,20 +108,48 @@ impl Runtime {
             let engine = match begun {
                 Ok(engine) => engine,
                 Err(e) => {
-                    tracing::warn!(shard = %self.shard, error = %e, "cannot lead yet; retrying");
-                    if matches!(self.wait_to_lead().await, Term::Stopped) {
+                    if let LeaseError::Held { node, .. } = &e {
+                        // Another node leads: routine with a shared store.
+                        self.leaders.heard(self.shard, node);
+                        tracing::debug!(shard = %self.shard, error = %e, "another node leads; waiting");
+                    } else {
+                        tracing::warn!(shard = %self.shard, error = %e, "cannot lead yet; retrying");
+                    }
+                    if matches!(self.wait_to_lead(LEAD_RETRY_MS).await, Term::Stopped) {
                         return;
                     }
                     continue;
                 }
             };
+            let epoch = engine.epoch();
             // One line per shard: for debugging; ledgerd's start-up summary says it is serving.
-            tracing::debug!(shard = %self.shard, epoch = engine.epoch(), "leading");
+            if shared {
+                tracing::info!(shard = %self.shard, epoch, node = %self.node, "leading");
+            } else {
+                tracing::debug!(shard = %self.shard, epoch, "leading");
+            }
+            self.leaders.began(self.shard);
             if let Some(ids) = engine.id_filter() {
                 self.fill_id_filter(ids);
             }
-            match self.lead(engine).await {
-                Term::Stopped => return,
+            let ended = self.lead(engine).await;
+            self.leaders.ended(self.shard);
+            if shared {
+                self.directory.follow(self.shard);
+            }
+            match ended {
+                Term::Stopped => {
+                    if shared {
+                        // Another node of the region takes the shard at once.
+                        let (store, shard, node) =
+                            (Arc::clone(&self.store), self.shard, self.node.clone());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            lease::release(&*store, shard, &node, epoch)
+                        })
+                        .await;
+                    }
+                    return;
+                }
                 Term::SteppedDown(reason) => {
                     tracing::error!(shard = %self.shard, %reason, "stepping down; reloading");
                 }
@@ -111,8 +160,8 @@ impl Runtime {
     /// Between two tries to lead (another node holds the lease, or the store cannot be
     /// read): what is sent meanwhile is dropped, so its callers hear `Unavailable` at once,
     /// and a stop still stops.
-    async fn wait_to_lead(&mut self) -> Term {
-        let retry = tokio::time::sleep(Duration::from_millis(LEAD_RETRY_MS));
+    async fn wait_to_lead(&mut self, ms: u64) -> Term {
+        let retry = tokio::time::sleep(Duration::from_millis(ms));
         tokio::pin!(retry);
         loop {
             tokio::select! {
@@ -151,7 +200,7 @@ impl Runtime {
         }));
     }
 
-    fn term_start(&self) -> TermStart {
+    fn term_start(&self, grace_ms: u64) -> TermStart {
         TermStart {
             shard: self.shard,
             node: self.node.clone(),
@@ -159,6 +208,11 @@ impl Runtime {
             store: Arc::clone(&self.store),
             clock: Arc::clone(&self.clock),
             locate: Arc::clone(&self.locate),
+            grace_ms,
+            directory: self
+                .leaders
+                .shared()
+                .then(|| Arc::clone(&self.directory)),
         }
     }
 

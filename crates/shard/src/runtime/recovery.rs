@@ -8,7 +8,8 @@ use std::sync::Arc;
 use ledger_domain::{HoldStatus, ShardId};
 use ledger_store::Store;
 
-use super::lease::{LeaseError, acquire_lease};
+use super::lease::{LeaseError, acquire_lease_after};
+use crate::directory::Directory;
 use crate::engine::{CoordRecord, Engine, Locate, PreparedRecord, Recovered};
 use crate::quota::{Allowance, QuotaRecord, Settlement};
 use crate::{Clock, Options, ReadError, codec, keys};
@@ -84,6 +85,11 @@ pub(super) struct TermStart {
     pub(super) store: Arc<dyn Store>,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) locate: Locate,
+    /// How long after another node's lease lapsed this node may take it.
+    pub(super) grace_ms: u64,
+    /// With a shared store: the node's directory, which reads the shard's forward records once
+    /// the lease is taken.
+    pub(super) directory: Option<Arc<Directory>>,
 }
 
 impl TermStart {
@@ -100,14 +106,18 @@ impl TermStart {
         );
         let _recover = span.enter();
         let now = self.clock.now_ms();
-        let lease = acquire_lease(
+        let lease = acquire_lease_after(
             &*self.store,
             self.shard,
             &self.node,
             now,
             self.options.lease_ms,
+            self.grace_ms,
         )?;
         let recovered = load(&*self.store, self.shard)?;
+        if let Some(directory) = &self.directory {
+            directory.lead(&*self.store, self.shard)?;
+        }
         span.record("epoch", lease.epoch);
         span.record("accounts", recovered.accounts.len());
         span.record("coordinations", recovered.coordinations.len());
