@@ -220,10 +220,7 @@ impl Router {
         // 2. Create each account on its home shard, grouped by the node that leads it.
         let mut creations: BTreeMap<String, Vec<usize>> = BTreeMap::new();
         for i in (0..accounts.len()).filter(|i| out[*i].is_none()) {
-            creations
-                .entry(self.leader(homes[i]))
-                .or_default()
-                .push(i);
+            creations.entry(self.leader(homes[i])).or_default().push(i);
         }
         let calls = creations.into_iter().map(|(node, items)| {
             let accounts = &accounts;
@@ -494,8 +491,7 @@ impl Router {
             } else if origin == Origin::Forwarded {
                 return Err(self.not_leader(shard));
             } else {
-                let (all_indices, all_items) =
-                    remote.entry(self.leader(shard)).or_default();
+                let (all_indices, all_items) = remote.entry(self.leader(shard)).or_default();
                 all_indices.extend(indices);
                 all_items.extend(items);
             }

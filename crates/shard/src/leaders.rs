@@ -135,21 +135,33 @@ impl Leaders {
         state.leading.store(true, Ordering::Release);
     }
 
-    /// This node's runtime ended its term for `shard`: who leads is unknown until heard.
+    /// This node's runtime ended its term for `shard` (stopped, deposed, or its lease lapsed):
+    /// until it hears who leads, it guesses the next node of the region, which answers with
+    /// the leader if it is not. Alone in its region, it is the leader it waits for.
     pub fn ended(&self, shard: ShardId) {
         let state = &self.shards[shard.0 as usize];
-        state.leading.store(false, Ordering::Release);
         let mut believed = state.believed.lock().expect("poisoned");
-        if believed.as_deref() == Some(self.me.as_str()) {
-            *believed = None;
-        }
+        state.leading.store(false, Ordering::Release);
+        *believed = self.next_after(shard.0 as usize, &self.me);
+    }
+
+    /// The node of `shard`'s region after `node` (round and round), other than this one.
+    fn next_after(&self, shard: usize, node: &str) -> Option<String> {
+        let candidates = &self.candidates[shard];
+        let at = candidates.iter().position(|n| n == node).unwrap_or(0);
+        (1..=candidates.len())
+            .map(|step| &candidates[(at + step) % candidates.len()])
+            .find(|n| *n != node && **n != self.me)
+            .cloned()
     }
 
     /// Heard that `node` leads `shard` (its lease, or another node's hint). Ignored without a
     /// shared store (the owner is the only leader), for a node that cannot lead the shard,
-    /// and while this node leads it (its own term knows better).
+    /// and when it names this node: only its own runtime says when it leads (another node's
+    /// hint naming it is out of date, and believing it would keep commands here for a term
+    /// that is not running).
     pub fn heard(&self, shard: ShardId, node: &str) {
-        if !self.shared || !self.may_lead(shard, node) {
+        if !self.shared || node == self.me || !self.may_lead(shard, node) {
             return;
         }
         let state = &self.shards[shard.0 as usize];
@@ -158,7 +170,7 @@ impl Leaders {
         }
         let mut believed = state.believed.lock().expect("poisoned");
         if believed.as_deref() != Some(node) {
-            tracing::debug!(%shard, node, "leader heard of");
+            tracing::debug!(%shard, node, me = %self.me, "leader heard of");
             *believed = Some(node.to_string());
         }
     }
@@ -178,13 +190,9 @@ impl Leaders {
             if current != node {
                 continue;
             }
-            let candidates = &self.candidates[i];
-            let at = candidates.iter().position(|n| n == node).unwrap_or(0);
-            let next = (1..=candidates.len())
-                .map(|step| &candidates[(at + step) % candidates.len()])
-                .find(|n| *n != node && **n != self.me);
-            if let Some(next) = next {
-                *believed = Some(next.clone());
+            if let Some(next) = self.next_after(i, node) {
+                tracing::debug!(shard = i, node, next = %next, me = %self.me, "leader unanswered; trying the next node");
+                *believed = Some(next);
             }
         }
     }
@@ -253,19 +261,41 @@ owner = "us-1"
     fn with_a_shared_store_the_lease_holder_heard_of_leads() {
         let leaders = Leaders::new(&map(), "eu-2", true);
         let shard = ShardId(1);
-        assert_eq!(leaders.leader(shard), "eu-1", "the owner until heard otherwise");
+        assert_eq!(
+            leaders.leader(shard),
+            "eu-1",
+            "the owner until heard otherwise"
+        );
         assert!(!leaders.here(shard));
         leaders.heard(shard, "eu-3");
         assert_eq!(leaders.leader(shard), "eu-3");
         leaders.heard(shard, "us-1");
-        assert_eq!(leaders.leader(shard), "eu-3", "a node of another region cannot lead");
+        assert_eq!(
+            leaders.leader(shard),
+            "eu-3",
+            "a node of another region cannot lead"
+        );
+        leaders.heard(shard, "eu-2");
+        assert_eq!(
+            leaders.leader(shard),
+            "eu-3",
+            "only its own runtime says it leads"
+        );
         leaders.began(shard);
         assert!(leaders.here(shard) && leaders.leading(shard));
         leaders.heard(shard, "eu-1");
         assert_eq!(leaders.leader(shard), "eu-2", "its own term knows better");
         leaders.ended(shard);
-        assert_eq!(leaders.leader(shard), "eu-1", "unknown again: the owner");
+        assert_eq!(
+            leaders.leader(shard),
+            "eu-3",
+            "a guess: the next node but this one"
+        );
         assert!(!leaders.here(shard));
+        let alone = Leaders::new(&map(), "us-1", true);
+        alone.began(ShardId(2));
+        alone.ended(ShardId(2));
+        assert!(alone.here(ShardId(2)), "no other node to lead it");
     }
 
     #[test]

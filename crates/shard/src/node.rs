@@ -19,8 +19,8 @@ use ledger_store::Store;
 
 use crate::ReadError;
 use crate::directory::{Directory, Located, Rings, forwards_of};
-use crate::leaders::Leaders;
 use crate::engine::Locate;
+use crate::leaders::Leaders;
 use crate::protocol::Message;
 use crate::runtime::{BoxFuture, Peers, Runtime, ShardHandle, channel};
 use crate::{Clock, Options};
@@ -242,7 +242,9 @@ impl Node {
     /// record, or the account on the directory shard itself).
     pub fn located_here(&self, id: &str) -> Result<Option<Located>, ReadError> {
         let directory = self.directory.rings().directory(id);
-        let Some(store) = self.store(directory).filter(|_| self.directory.is_local(directory))
+        let Some(store) = self
+            .store(directory)
+            .filter(|_| self.directory.is_local(directory))
         else {
             return Ok(None);
         };

@@ -154,8 +154,14 @@ pub fn renew(
 /// memory, and what it would answer from it (a decision presumed, an acknowledgement of a
 /// decision it holds nothing for) may contradict what the new leader made durable.
 pub fn holds(store: &dyn Store, shard: ShardId, epoch: u64) -> Result<bool, ReadError> {
-    let Some(bytes) = store.get(&keys::lease(shard)).map_err(ReadError::from)? else {
+    let stored = store.get(&keys::lease(shard)).map_err(ReadError::from)?;
+    holds_in(stored.as_deref(), epoch)
+}
+
+/// Whether the stored lease `value` is at `epoch`.
+pub fn holds_in(value: Option<&[u8]>, epoch: u64) -> Result<bool, ReadError> {
+    let Some(bytes) = value else {
         return Ok(false);
     };
-    Ok(decode_lease(&bytes)?.epoch == epoch)
+    Ok(decode_lease(bytes)?.epoch == epoch)
 }

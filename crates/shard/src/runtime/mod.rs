@@ -29,6 +29,7 @@ pub(crate) mod lease;
 mod recovery;
 mod waiting;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,11 +46,11 @@ pub use recovery::load;
 
 use crate::directory::Directory;
 use crate::engine::reads::{self, Read};
-use crate::leaders::Leaders;
 use crate::engine::{Engine, Input, Locate, Output, Reply, id_filter};
+use crate::leaders::Leaders;
 use crate::metrics::RuntimeMetrics;
 use crate::trace::TraceParent;
-use crate::{Clock, Options};
+use crate::{Clock, Options, keys};
 use recovery::TermStart;
 use waiting::Waiting;
 
@@ -105,8 +106,8 @@ impl Runtime {
                     return;
                 }
             };
-            let engine = match begun {
-                Ok(engine) => engine,
+            let (engine, lease_until) = match begun {
+                Ok(begun) => begun,
                 Err(e) => {
                     if let LeaseError::Held { node, .. } = &e {
                         // Another node leads: routine with a shared store.
@@ -132,7 +133,7 @@ impl Runtime {
             if let Some(ids) = engine.id_filter() {
                 self.fill_id_filter(ids);
             }
-            let ended = self.lead(engine).await;
+            let ended = self.lead(engine, lease_until).await;
             self.leaders.ended(self.shard);
             if shared {
                 self.directory.follow(self.shard);
@@ -209,19 +210,18 @@ impl Runtime {
             clock: Arc::clone(&self.clock),
             locate: Arc::clone(&self.locate),
             grace_ms,
-            directory: self
-                .leaders
-                .shared()
-                .then(|| Arc::clone(&self.directory)),
+            directory: self.leaders.shared().then(|| Arc::clone(&self.directory)),
         }
     }
 
-    /// One leader term: batch after batch until it stops or steps down.
-    async fn lead(&mut self, mut engine: Engine) -> Term {
+    /// One leader term: batch after batch until it stops or steps down. `lease_until`: when
+    /// the lease the term began with expires.
+    async fn lead(&mut self, mut engine: Engine, lease_until: u64) -> Term {
         let mut term = TermState {
             waiting: Waiting::default(),
             metrics: RuntimeMetrics::new(self.shard),
             renewed_at: self.clock.now_ms(),
+            lease_until,
         };
         term.metrics.term(engine.epoch());
         // One timer for the whole term, re-armed only when it fires: a timer per wake-up cost
@@ -240,17 +240,20 @@ impl Runtime {
                 Ok(drained) => drained,
                 Err(stepped_down) => return stepped_down,
             };
-            if let Err(stepped_down) = self.fetch(&mut engine, &mut term.metrics).await {
+            let until = term.lease_until;
+            let fetched = self.within_lease(until, self.fetch(&mut engine, &mut term.metrics));
+            if let Err(stepped_down) = fetched.await {
                 return stepped_down;
             }
             if let Err(e) = engine.tick() {
                 return Term::SteppedDown(StepDown::Engine(e));
             }
-            if let Err(stepped_down) = self.fetch(&mut engine, &mut term.metrics).await {
+            let fetched = self.within_lease(until, self.fetch(&mut engine, &mut term.metrics));
+            if let Err(stepped_down) = fetched.await {
                 return stepped_down;
             }
             let mut output = engine.finish();
-            self.renew_lease_if_due(&engine, &mut output, now, &mut term.renewed_at);
+            let renewed = self.renew_lease_if_due(&engine, &mut output, now, &mut term.renewed_at);
             let span = self.batch_span(&engine, &output, drained.links, drained.inputs);
             term.metrics.queue_depth.set(self.rx.len() as f64);
             if drained.inputs > 0 {
@@ -260,20 +263,60 @@ impl Runtime {
             // Nothing to commit, so no commit to be fenced by: messages leave only while the
             // lease is still this term's (`lease::holds`).
             let unfenced = writes.is_empty() && !output.messages.is_empty();
-            if let Err(stepped_down) = self.commit(writes, &span, &mut term.metrics).await {
+            let committed = self.commit(writes, &span, &mut term.metrics);
+            if let Err(stepped_down) = self.within_lease(until, committed).await {
                 return stepped_down;
             }
+            if let Some(expires) = renewed {
+                term.lease_until = expires;
+            }
             if unfenced {
-                match lease::holds(&*self.store, self.shard, engine.epoch()) {
-                    Ok(true) => {}
-                    Ok(false) => return Term::SteppedDown(StepDown::Deposed),
-                    Err(e) => return Term::SteppedDown(StepDown::Lease(e)),
+                let held = self.within_lease(term.lease_until, self.holds(engine.epoch()));
+                if let Err(stepped_down) = held.await {
+                    return stepped_down;
                 }
             }
             self.deliver(&mut engine, output, &mut term);
             if drained.stop {
                 return Term::Stopped;
             }
+        }
+    }
+
+    /// Runs a step of a batch that waits for the store. With a shared store, a step that has
+    /// not finished when the term's lease expires (`until`, by this node's clock) ends the term:
+    /// another node of the region may lead by then, and this one must stop answering as the
+    /// leader (what the step would commit is fenced by the store in any case). Its callers hear
+    /// `Unavailable`; retrying with the same transfer ids is safe.
+    async fn within_lease(
+        &self,
+        until: u64,
+        step: impl Future<Output = Result<(), Term>>,
+    ) -> Result<(), Term> {
+        if !self.leaders.shared() {
+            return step.await;
+        }
+        let left = until.saturating_sub(self.clock.now_ms());
+        tokio::time::timeout(Duration::from_millis(left), step)
+            .await
+            .unwrap_or(Err(Term::SteppedDown(StepDown::Lapsed)))
+    }
+
+    /// Whether the shard's lease is still at `epoch` (`lease::holds`), read without blocking
+    /// the thread.
+    async fn holds(&self, epoch: u64) -> Result<(), Term> {
+        let read = self
+            .store
+            .get_many_async(vec![keys::lease(self.shard)])
+            .await;
+        let value = read
+            .map_err(|e| Term::SteppedDown(StepDown::Read(e)))?
+            .pop()
+            .flatten();
+        match lease::holds_in(value.as_deref(), epoch) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Term::SteppedDown(StepDown::Deposed)),
+            Err(e) => Err(Term::SteppedDown(StepDown::Lease(e))),
         }
     }
 
@@ -422,16 +465,17 @@ impl Runtime {
     }
 
     /// Adds the lease's renewal to the batch once a third of the lease has passed (with the
-    /// count of recorded transfer ids, which sizes the next term's first filter).
+    /// count of recorded transfer ids, which sizes the next term's first filter); returns
+    /// when the renewed lease expires.
     fn renew_lease_if_due(
         &self,
         engine: &Engine,
         output: &mut Output,
         now: u64,
         renewed_at: &mut u64,
-    ) {
+    ) -> Option<u64> {
         if now.saturating_sub(*renewed_at) < self.options.lease_ms / 3 {
-            return;
+            return None;
         }
         lease::renew(
             &mut output.writes,
@@ -442,6 +486,7 @@ impl Runtime {
             self.options.lease_ms,
         );
         *renewed_at = now;
+        Some(now + self.options.lease_ms)
     }
 
     /// The batch's span, linked to the sampled callers' spans and the phase spans it begins.
@@ -539,6 +584,8 @@ struct TermState {
     metrics: RuntimeMetrics,
     /// When the lease was last renewed.
     renewed_at: u64,
+    /// When the lease expires, by this node's clock, unless a renewal commits first.
+    lease_until: u64,
 }
 
 /// What woke the leader. Moved once per batch: boxing the command would cost an allocation.
@@ -602,6 +649,9 @@ enum StepDown {
     /// Reading the lease for such a batch failed.
     #[error("reading the lease failed: {0}")]
     Lease(#[source] crate::ReadError),
+    /// The lease expired while the store had not answered (a shared store).
+    #[error("the lease expired before the store answered")]
+    Lapsed,
 }
 
 #[derive(Debug)]

@@ -95,7 +95,8 @@ pub(super) struct TermStart {
 impl TermStart {
     /// Takes the lease and loads the shard, in a `shard.recover` span: the recovery spans of
     /// the coordinations and prepared legs it resumes link to it.
-    pub(super) fn begin(self) -> Result<Engine, LeaseError> {
+    /// Returns the engine and when the lease it took expires.
+    pub(super) fn begin(self) -> Result<(Engine, u64), LeaseError> {
         let span = tracing::info_span!(
             "shard.recover",
             shard = self.shard.0,
@@ -122,12 +123,13 @@ impl TermStart {
         span.record("accounts", recovered.accounts.len());
         span.record("coordinations", recovered.coordinations.len());
         span.record("prepared", recovered.prepared.len());
-        Ok(Engine::new(
+        let engine = Engine::new(
             self.shard,
             lease.epoch,
             self.options,
             self.locate,
             recovered,
-        ))
+        );
+        Ok((engine, lease.expires_at_ms))
     }
 }
