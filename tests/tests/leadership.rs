@@ -438,12 +438,17 @@ async fn shards_move_to_a_live_node_of_their_region_and_a_woken_leader_is_fenced
             ledger.count(&of_eu1[0], &of_eu2[0], 7);
         }
         Err(e) => {
-            // Not acknowledged: retried (safe with the same id), it is applied once.
+            // Not acknowledged (no leader, or out of time): retried with the same id, it is
+            // applied once.
             let code = e.status().map(tonic::Status::code);
             assert!(
                 matches!(
                     code,
-                    Some(tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)
+                    Some(
+                        tonic::Code::Unavailable
+                            | tonic::Code::DeadlineExceeded
+                            | tonic::Code::Cancelled
+                    )
                 ),
                 "{e}"
             );
