@@ -46,8 +46,11 @@ pub struct Started {
     pub meta: ClusterMeta,
     pub node: String,
     pub region: String,
-    /// The shards this node leads, and the nodes of its map.
+    /// The shards this node leads (with a shared store: those the map prefers it for), and the
+    /// nodes of its map.
     pub shards_led: usize,
+    /// The nodes of a region share its shards' stores: leases decide who leads.
+    pub shared: bool,
     pub nodes: usize,
     pub map_version: u64,
 }
@@ -222,6 +225,7 @@ async fn serve(
         node: node_id,
         region: me.region.clone(),
         shards_led,
+        shared: opening.shared,
         nodes: map.nodes.len(),
         map_version: map.version,
     });

@@ -402,9 +402,14 @@ async fn serve(config: Config) -> ExitCode {
                 StoreKind::Memory => "memory (NOT durable)".into(),
             };
             // One summary line, also on stdout so scripts can wait for it.
+            let leading = if started.shared {
+                "preferred leader of"
+            } else {
+                "leading"
+            };
             let cluster = match started.peer_listen {
                 Some(peer) => format!(
-                    "node {} in region {} (peers on {peer}), leading {} of {} shards, {} nodes, map version {}",
+                    "node {} in region {} (peers on {peer}), {leading} {} of {} shards, {} nodes, map version {}",
                     started.node,
                     started.region,
                     started.shards_led,
