@@ -171,7 +171,8 @@ impl AdminService for Admin {
                 ..Default::default()
             })
             .collect();
-        let mut answers = vec![(node.id().to_string(), Ok((map.version, shards_here(node)?)))];
+        let here = self.router.shards_here().await?;
+        let mut answers = vec![(node.id().to_string(), Ok((map.version, here)))];
         if let Some(peers) = self.router.peers() {
             let calls = peers.nodes().map(|id| async move {
                 let answer = peers.status(id).await.map(|s| (s.map_version, s.shards));

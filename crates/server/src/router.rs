@@ -18,6 +18,7 @@ use ledger_domain::{
 };
 use ledger_proto::ledger::internal::v1 as ipb;
 use ledger_proto::{self as wire, pb};
+use ledger_shard::directory::Located;
 use ledger_shard::engine::{Reply, TransferReply};
 use ledger_shard::node::Node;
 use ledger_shard::quota;
@@ -141,6 +142,22 @@ impl Router {
     /// The other nodes, for a node of a cluster.
     pub fn peers(&self) -> Option<&PeerClients> {
         self.peers.as_ref()
+    }
+
+    /// Runs `read`, a read of stores: at once for a node's own stores (embedded, memory: no
+    /// network), on the blocking pool for a store a region's nodes share (FoundationDB: a round
+    /// trip that must not hold one of the threads calls and leaders run on).
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Router) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        if !self.node.leaders().shared() {
+            return read(self);
+        }
+        let router = self.clone();
+        tokio::task::spawn_blocking(move || read(&router))
+            .await
+            .map_err(|e| ApiError::Internal(e.into()))?
     }
 
     fn peers_or_err(&self) -> Result<&PeerClients, ApiError> {
@@ -746,21 +763,9 @@ impl Router {
                 async move { peers.find_transfers(node, transfer_ids, hold_ids).await }
             })
         });
-        let remote = join_all(remote).await;
-        for shard in self.node.readable_shards() {
-            let store = self.node.store(shard).expect("led here");
-            for id in transfer_ids {
-                if let Some((record, hold)) = read::transfer(&**store, shard, id)? {
-                    found.keep(id.clone(), record, hold, shard);
-                }
-            }
-            for id in hold_ids {
-                if let Some(hold) = read::hold(&**store, shard, id)? {
-                    found.holds.insert(id.clone(), (hold, shard));
-                }
-            }
-        }
-        for answer in remote {
+        let here = self.find_here(transfer_ids.clone(), hold_ids.clone());
+        let (here, remote) = futures::join!(here, join_all(remote));
+        for answer in std::iter::once(here).chain(remote) {
             let answer = answer?;
             for f in answer.transfers {
                 let record = codec::decode("transfer", &f.record).map_err(internal)?;
@@ -781,14 +786,23 @@ impl Router {
 
     /// What the shards whose stores this node reads hold of `transfer_ids` and `hold_ids`, as
     /// stored (for another node's lookup).
-    pub fn find_here(
+    pub async fn find_here(
+        &self,
+        transfer_ids: Vec<String>,
+        hold_ids: Vec<String>,
+    ) -> Result<ipb::FindTransfersResponse, ApiError> {
+        self.read(move |router| router.find_in_stores(&transfer_ids, &hold_ids))
+            .await
+    }
+
+    fn find_in_stores(
         &self,
         transfer_ids: &[String],
         hold_ids: &[String],
     ) -> Result<ipb::FindTransfersResponse, ApiError> {
         let mut response = ipb::FindTransfersResponse::default();
         for shard in self.node.readable_shards() {
-            let store = self.node.store(shard).expect("led here");
+            let store = self.node.store(shard).expect("readable here");
             for id in transfer_ids {
                 let stored = store.get(&keys::transfer(shard, id)).map_err(internal)?;
                 if let Some(record) = stored {
@@ -832,32 +846,39 @@ impl Router {
             })
             .collect::<Result<_, _>>()?;
         let mut out = vec![None; ids.len()];
+        let mut here = Vec::new();
         let mut remote: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-        for (i, id) in ids.iter().enumerate() {
-            let shard = homes[i];
-            match self.node.store(shard) {
-                Some(store) => {
-                    out[i] = read::account(&**store, shard, id)?
-                        .map(|a| wire::account(&a, shard.0, self.region_of(shard)));
-                }
-                None => remote.entry(self.leader(shard)).or_default().push(i),
+        for (i, shard) in homes.iter().enumerate() {
+            match self.node.store(*shard) {
+                Some(_) => here.push(i),
+                None => remote.entry(self.leader(*shard)).or_default().push(i),
             }
         }
-        let calls = remote.into_iter().map(|(node, items)| {
-            let homes = &homes;
-            let wanted = items
+        let at = |items: &[usize]| -> Vec<ipb::AccountAt> {
+            items
                 .iter()
                 .map(|i| ipb::AccountAt {
                     account_id: ids[*i].clone(),
                     shard: homes[*i].0,
                 })
-                .collect();
+                .collect()
+        };
+        let local = {
+            let wanted = at(&here);
+            async move {
+                let found = self.accounts_here(wanted).await?;
+                Ok::<_, ApiError>((here, found))
+            }
+        };
+        let calls = remote.into_iter().map(|(node, items)| {
+            let wanted = at(&items);
             async move {
                 let found = self.peers_or_err()?.read_accounts(&node, wanted).await?;
                 Ok::<_, ApiError>((items, found))
             }
         });
-        for answer in join_all(calls).await {
+        let (local, remote) = futures::join!(local, join_all(calls));
+        for answer in std::iter::once(local).chain(remote) {
             let (items, found) = answer?;
             // The accounts found, by id; the ids asked may repeat.
             let found: HashMap<String, pb::Account> =
@@ -875,20 +896,29 @@ impl Router {
         Ok(accounts.pop().flatten())
     }
 
-    /// Accounts of shards this node leads, for another node's read.
-    pub fn accounts_here(&self, wanted: &[ipb::AccountAt]) -> Result<Vec<pb::Account>, ApiError> {
-        let mut out = Vec::new();
-        for at in wanted {
-            let shard = ShardId(at.shard);
-            let store = self
-                .node
-                .store(shard)
-                .ok_or_else(|| self.not_leader(shard))?;
-            if let Some(account) = read::account(&**store, shard, &at.account_id)? {
-                out.push(wire::account(&account, shard.0, self.region_of(shard)));
-            }
+    /// Accounts of shards whose stores this node reads (its own, or another node's read).
+    pub async fn accounts_here(
+        &self,
+        wanted: Vec<ipb::AccountAt>,
+    ) -> Result<Vec<pb::Account>, ApiError> {
+        if wanted.is_empty() {
+            return Ok(Vec::new());
         }
-        Ok(out)
+        self.read(move |router| {
+            let mut out = Vec::new();
+            for at in &wanted {
+                let shard = ShardId(at.shard);
+                let store = router
+                    .node
+                    .store(shard)
+                    .ok_or_else(|| router.not_leader(shard))?;
+                if let Some(account) = read::account(&**store, shard, &at.account_id)? {
+                    out.push(wire::account(&account, shard.0, router.region_of(shard)));
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// A transfer by id, with its hold if it made one.
@@ -917,7 +947,9 @@ impl Router {
         limit: usize,
     ) -> Result<Vec<pb::Entry>, ApiError> {
         if self.node.store(shard).is_some() {
-            return self.entries_here(account_id, shard, from_version, limit);
+            return self
+                .entries_here(account_id.to_string(), shard, from_version, limit)
+                .await;
         }
         let request = ipb::ReadEntriesRequest {
             caller: None,
@@ -933,23 +965,38 @@ impl Router {
             .await
     }
 
-    pub fn entries_here(
+    pub async fn entries_here(
         &self,
-        account_id: &str,
+        account_id: String,
         shard: ShardId,
         from_version: u64,
         limit: usize,
     ) -> Result<Vec<pb::Entry>, ApiError> {
-        let store = self
-            .node
-            .store(shard)
-            .ok_or_else(|| self.not_leader(shard))?;
-        Ok(
-            read::entries(&**store, shard, account_id, from_version, limit)?
-                .iter()
-                .map(wire::entry)
-                .collect(),
-        )
+        self.read(move |router| {
+            let store = router
+                .node
+                .store(shard)
+                .ok_or_else(|| router.not_leader(shard))?;
+            Ok(
+                read::entries(&**store, shard, &account_id, from_version, limit)?
+                    .iter()
+                    .map(wire::entry)
+                    .collect(),
+            )
+        })
+        .await
+    }
+
+    /// Where account `id` lives, if its directory shard is led here (another node's lookup).
+    pub async fn located_here(&self, id: String) -> Result<Option<Located>, ApiError> {
+        self.read(move |router| Ok(router.node.located_here(&id)?))
+            .await
+    }
+
+    /// The status of the shards this node leads, from their stores.
+    pub async fn shards_here(&self) -> Result<Vec<pb::ShardStatus>, ApiError> {
+        self.read(|router| crate::admin::shards_here(&router.node))
+            .await
     }
 }
 

@@ -147,7 +147,7 @@ impl PeerService for PeerApi {
         let node = self.router.node();
         let mut locations = Vec::with_capacity(request.account_ids.len());
         for id in request.account_ids {
-            let Some(located) = node.located_here(&id).map_err(ApiError::from)? else {
+            let Some(located) = self.router.located_here(id.clone()).await? else {
                 let directory = node.rings().directory(&id);
                 return Err(self.router.not_leader(directory).into());
             };
@@ -166,7 +166,7 @@ impl PeerService for PeerApi {
     ) -> Result<Response<ipb::ReadAccountsResponse>, Status> {
         let request = request.into_inner();
         self.check(request.caller.as_ref())?;
-        let accounts = self.router.accounts_here(&request.accounts)?;
+        let accounts = self.router.accounts_here(request.accounts).await?;
         Ok(Response::new(ipb::ReadAccountsResponse { accounts }))
     }
 
@@ -179,12 +179,15 @@ impl PeerService for PeerApi {
         let at = request
             .account
             .ok_or_else(|| Status::invalid_argument("account: missing"))?;
-        let entries = self.router.entries_here(
-            &at.account_id,
-            ShardId(at.shard),
-            request.from_version,
-            request.limit as usize,
-        )?;
+        let entries = self
+            .router
+            .entries_here(
+                at.account_id,
+                ShardId(at.shard),
+                request.from_version,
+                request.limit as usize,
+            )
+            .await?;
         Ok(Response::new(ipb::ReadEntriesResponse { entries }))
     }
 
@@ -203,7 +206,7 @@ impl PeerService for PeerApi {
         Ok(Response::new(ipb::StatusResponse {
             node_id: node.id().to_string(),
             map_version: node.map().version,
-            shards: crate::admin::shards_here(node)?,
+            shards: self.router.shards_here().await?,
         }))
     }
 
@@ -229,7 +232,8 @@ impl PeerService for PeerApi {
         self.check(request.caller.as_ref())?;
         let found = self
             .router
-            .find_here(&request.transfer_ids, &request.hold_ids)?;
+            .find_here(request.transfer_ids, request.hold_ids)
+            .await?;
         Ok(Response::new(found))
     }
 }
