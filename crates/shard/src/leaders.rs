@@ -36,6 +36,8 @@ pub struct Leaders {
     shared: bool,
     /// Indexed by shard: the map's owner.
     owners: Vec<String>,
+    /// Indexed by shard: whether this node is the owner (every call asks).
+    owned: Vec<bool>,
     /// Indexed by shard: the nodes of its region, in map order (who may lead it when shared).
     candidates: Vec<Vec<String>>,
     shards: Vec<Shard>,
@@ -45,7 +47,8 @@ impl Leaders {
     /// The leadership of every shard of `map` as node `me` sees it. `shared`: the nodes of a
     /// region share their shards' stores.
     pub fn new(map: &ClusterMap, me: &str, shared: bool) -> Self {
-        let owners = map.shards.iter().map(|s| s.owner.clone()).collect();
+        let owners: Vec<String> = map.shards.iter().map(|s| s.owner.clone()).collect();
+        let owned = owners.iter().map(|o| o == me).collect();
         let candidates = map
             .shards
             .iter()
@@ -61,6 +64,7 @@ impl Leaders {
             me: me.to_string(),
             shared,
             owners,
+            owned,
             candidates,
             shards: map.shards.iter().map(|_| Shard::default()).collect(),
         }
@@ -110,14 +114,14 @@ impl Leaders {
             return false;
         };
         if !self.shared {
-            return self.owners[shard.0 as usize] == self.me;
+            return self.owned[shard.0 as usize];
         }
         if state.leading.load(Ordering::Acquire) {
             return true;
         }
         match &*state.believed.lock().expect("poisoned") {
             Some(node) => *node == self.me,
-            None => self.owners[shard.0 as usize] == self.me,
+            None => self.owned[shard.0 as usize],
         }
     }
 
