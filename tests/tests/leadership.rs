@@ -20,6 +20,7 @@ use std::time::Duration;
 use ledger_client::{Client, pb};
 use ledger_domain::ShardId;
 use ledger_server::{Config, SharedStores};
+use ledger_shard::read;
 use ledger_store::{
     CommitError, CommitFuture, Error, Memory, Pairs, ReadFuture, Store, WriteBatch,
 };
@@ -190,6 +191,27 @@ async fn start(dir: &std::path::Path) -> (Vec<Running>, Vec<Arc<Memory>>) {
             })
         };
         running.push(serve(id, config, listener, shared, gate).await);
+        // Its own shards' leases before the next node starts: a standby that found one not
+        // yet taken would take it after its grace, and the test would start from there.
+        let owned: &[usize] = match id {
+            "eu-1" => &[0, 1],
+            "eu-2" => &[2, 3],
+            _ => &[4, 5],
+        };
+        for shard in owned {
+            let deadline = tokio::time::Instant::now() + SETTLE_MAX;
+            loop {
+                let lease = read::lease(&*stores[*shard], ShardId(*shard as u32)).unwrap();
+                if lease.is_some_and(|l| l.node == id) {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "{id} never led {shard}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
     }
     (running, stores)
 }
