@@ -74,18 +74,13 @@ impl Leaders {
         self.shared
     }
 
-    /// This node's id.
-    pub fn me(&self) -> &str {
-        &self.me
-    }
-
     /// The map's owner of `shard`: its preferred leader.
     pub fn owner(&self, shard: ShardId) -> &str {
         &self.owners[shard.0 as usize]
     }
 
     /// Whether `node` may lead `shard` (it is a node of the shard's region).
-    pub fn may_lead(&self, shard: ShardId, node: &str) -> bool {
+    fn may_lead(&self, shard: ShardId, node: &str) -> bool {
         self.candidates
             .get(shard.0 as usize)
             .is_some_and(|c| c.iter().any(|n| n == node))
@@ -125,18 +120,11 @@ impl Leaders {
         }
     }
 
-    /// Whether this node's runtime leads `shard` now.
-    pub fn leading(&self, shard: ShardId) -> bool {
-        self.shards
-            .get(shard.0 as usize)
-            .is_some_and(|s| s.leading.load(Ordering::Acquire))
-    }
-
     /// This node's runtime began a term for `shard`.
     pub fn began(&self, shard: ShardId) {
-        let state = &self.shards[shard.0 as usize];
-        *state.believed.lock().expect("poisoned") = Some(self.me.clone());
-        state.leading.store(true, Ordering::Release);
+        self.shards[shard.0 as usize]
+            .leading
+            .store(true, Ordering::Release);
     }
 
     /// This node's runtime ended its term for `shard` (stopped, deposed, or its lease lapsed):
@@ -286,7 +274,7 @@ owner = "us-1"
             "only its own runtime says it leads"
         );
         leaders.began(shard);
-        assert!(leaders.here(shard) && leaders.leading(shard));
+        assert!(leaders.here(shard));
         leaders.heard(shard, "eu-1");
         assert_eq!(leaders.leader(shard), "eu-2", "its own term knows better");
         leaders.ended(shard);

@@ -434,7 +434,7 @@ impl PeerClients {
     }
 
     /// The node believed to lead `shard`.
-    pub fn leader_of(&self, shard: ShardId) -> String {
+    fn leader_of(&self, shard: ShardId) -> String {
         self.leaders.leader(shard)
     }
 }
